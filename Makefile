@@ -1,0 +1,42 @@
+# depthlab: the commands a new user types.
+#   make quick   set up .venv and run the main job (every reproduction at laptop scale)
+#   make test    run the test suite
+#   make check   ruff format --check, ruff check, tests
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/quick
+JOBS ?= 2
+
+.PHONY: setup quick test check lint format bench clean
+
+$(BIN)/depthlab: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,tensorboard]"
+	@touch $@
+
+setup: $(BIN)/depthlab
+
+quick: setup
+	$(BIN)/depthlab run all --preset quick --jobs $(JOBS) --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+check: lint test
+
+bench: setup
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

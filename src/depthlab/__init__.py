@@ -1,0 +1,30 @@
+"""depthlab: training very deep networks with and without normalization.
+
+>>> import depthlab as dl
+>>> m = dl.create_model("resnet", depth=110, scheme="fixup", num_classes=10)
+>>> m = dl.create_model("mlp", depth=10_000, width=256, scheme="rezero")
+"""
+
+from depthlab.convert import convert
+from depthlab.models import MODELS, create_model, list_models
+from depthlab.nn import Bias, Gate, Residual, residual_blocks
+from depthlab.registry import DepthlabError
+from depthlab.schemes import SCHEMES, Scheme, get_scheme, list_schemes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODELS",
+    "SCHEMES",
+    "Bias",
+    "DepthlabError",
+    "Gate",
+    "Residual",
+    "Scheme",
+    "convert",
+    "create_model",
+    "get_scheme",
+    "list_models",
+    "list_schemes",
+    "residual_blocks",
+]

@@ -1,0 +1,55 @@
+"""Model registry: ``create_model(name, depth=..., scheme=..., **kw)``."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from depthlab.models.linear import LinearNet
+from depthlab.models.mlp import MLP
+from depthlab.models.resnet import BottleneckResNet, ResNet
+from depthlab.registry import DepthlabError, Registry
+
+MODELS: Registry[type[nn.Module]] = Registry("model")
+MODELS.register("mlp")(MLP)
+MODELS.register("resnet")(ResNet)
+MODELS.register("resnet-bottleneck")(BottleneckResNet)
+MODELS.register("linear")(LinearNet)
+
+
+def list_models() -> list[str]:
+    """Names of every registered model."""
+    return MODELS.names()
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword arguments model ``name`` accepts."""
+    sig = inspect.signature(MODELS.get(name).__init__)
+    return [p for p in sig.parameters if p != "self"]
+
+
+def create_model(name: str, **kwargs: object) -> nn.Module:
+    """Build a registered model: ``create_model("resnet", depth=110, scheme="fixup")``.
+
+    Every model takes ``depth`` and ``scheme`` (a name or a :class:`~depthlab.Scheme`), plus
+    ``scheme_options`` (a dict, e.g. ``{"alpha_init": "1/sqrt(d)"}``) and its own options.
+    """
+    cls = MODELS.get(name)
+    valid = model_options(name)
+    bad = [k for k in kwargs if k not in valid]
+    if bad:
+        raise DepthlabError(f"unknown option(s) {bad} for model '{name}'; valid: {', '.join(valid)}")
+    return cls(**kwargs)
+
+
+__all__ = [
+    "MODELS",
+    "MLP",
+    "BottleneckResNet",
+    "LinearNet",
+    "ResNet",
+    "create_model",
+    "list_models",
+    "model_options",
+]

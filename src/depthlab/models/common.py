@@ -1,0 +1,85 @@
+"""Shared pieces of depthlab's models: activations, default init, the block stack."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
+
+from depthlab.registry import DepthlabError, unknown_choice
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "linear": nn.Identity}
+GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "linear": 1.0}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise unknown_choice("activation", name, sorted(ACTIVATIONS))
+    return ACTIVATIONS[name]()
+
+
+def check_positive(**values: int) -> None:
+    """Refuse sizes ≤ 0 with a message naming the argument."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DepthlabError(f"{key} must be a positive integer, got {value!r}")
+
+
+def seq(*modules: nn.Module | None) -> nn.Sequential:
+    """``nn.Sequential`` of the given modules, dropping the ``None`` slots a scheme left empty."""
+    return nn.Sequential(*[m for m in modules if m is not None])
+
+
+class BlockStack(nn.Sequential):
+    """The residual blocks of a model, run in order; optional activation checkpointing.
+
+    With ``checkpoint_segments = s > 0`` the stack is split into s segments whose activations are
+    recomputed in the backward pass (``torch.utils.checkpoint``): memory O(s + depth/s) blocks
+    instead of O(depth), at the cost of one extra forward pass.
+    """
+
+    checkpoint_segments: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:
+            segments = min(self.checkpoint_segments, len(self))
+            return checkpoint_sequential(self, segments, x, use_reentrant=False)
+        for block in self:
+            x = block(x)
+        return x
+
+
+def default_init(model: nn.Module, gain: float) -> None:
+    """He/LeCun normal init of every conv and linear (``std = gain/√fan_in``), zero biases; every
+    other module with ``reset_parameters`` (norms, gates, scalar biases) is reset. The module
+    named ``classifier`` gets gain 1."""
+    head = getattr(model, "classifier", None)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                w = module.weight
+                fan_in = w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
+                g = 1.0 if module is head else gain
+                w.normal_(0.0, g / math.sqrt(fan_in))
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            elif isinstance(module, nn.modules.batchnorm._NormBase):
+                module.reset_running_stats()
+
+
+def materialize(model: nn.Module, device: torch.device | str | None = None) -> None:
+    """Allocate a model built on the ``meta`` device (construction without the cost of torch's own
+    per-layer init, which depthlab overwrites anyway)."""
+    device = torch.device(device or "cpu")
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                new = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = nn.Parameter(new, requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)

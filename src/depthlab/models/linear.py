@@ -1,0 +1,104 @@
+"""Deep linear networks with the initialisations of the degeneracy literature."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from depthlab.models.common import BlockStack, check_positive
+from depthlab.registry import DepthlabError
+from depthlab.schemes import Scheme, get_scheme
+
+INITS = ("standard", "orthogonal", "identity", "fold:k")
+
+
+def fold_(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Orhan & Pitkow's "Fold k" degeneracy: copy the upper half of the matrix onto its lower
+    half, k times over (each fold halves the block that is copied), so the matrix is 2^k stacked
+    copies of its top ``n/2^k`` rows and its rank drops to ``n/2^k``."""
+    n = weight.shape[0]
+    rows = n // 2**k
+    if rows < 1:
+        raise DepthlabError(f"fold:{k} needs at least 2^{k} rows, the matrix has {n}")
+    with torch.no_grad():
+        top = weight[:rows].clone()
+        reps = -(-n // rows)  # ceil
+        weight.copy_(top.repeat(reps, 1)[:n])
+    return weight
+
+
+def parse_init(init: str) -> tuple[str, int]:
+    m = re.fullmatch(r"fold:(\d+)", init)
+    if m:
+        return "fold", int(m.group(1))
+    if init in ("standard", "orthogonal", "identity"):
+        return init, 0
+    raise DepthlabError(f"unknown init '{init}' for 'linear'; choose one of: {', '.join(INITS)}")
+
+
+class LinearNet(nn.Module):
+    """A deep linear network ``y = W_L … W_1 x`` of square ``width × width`` matrices.
+
+    With ``scheme="noskip"`` (default) each layer is ``x ↦ W x``; with ``plain`` each is
+    ``x ↦ x + W x`` (skip connections, which break the degeneracy of the product; Orhan & Pitkow
+    2018, "Skip Connections Eliminate Singularities", arXiv 1701.09175). Inits:
+
+    * ``standard``: ``W ~ N(0, 1/width)`` (variance preserving);
+    * ``orthogonal``: random orthogonal ``W`` (``W Wᵀ = I``; Saxe et al. 2013, arXiv 1312.6120);
+    * ``identity``: ``W = I``;
+    * ``fold:k``: standard, then folded k times (:func:`fold_`), rank ``width/2^k``.
+    """
+
+    def __init__(
+        self,
+        depth: int = 30,
+        scheme: str | Scheme = "noskip",
+        width: int = 64,
+        init: str = "standard",
+        scheme_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive(depth=depth, width=width)
+        self.init_kind, self.fold_k = parse_init(init)
+        self.init = init
+        self.depth, self.width = depth, width
+        self.init_gain = 1.0
+        self.config = dict(depth=depth, width=width, init=init)  # constructor arguments but the scheme
+        self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
+        self.blocks = BlockStack(
+            *[
+                s.residual(nn.Linear(width, width, bias=False), width, "features", depth)
+                for _ in range(depth)
+            ]
+        )
+        self.reset_parameters()
+
+    def layers(self) -> list[nn.Linear]:
+        """The weight matrices W_1 … W_L in forward order."""
+        return [blk.branch for blk in self.blocks]
+
+    def weights(self) -> list[torch.Tensor]:
+        return [layer.weight for layer in self.layers()]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for layer in self.layers():
+                w = layer.weight
+                if self.init_kind == "orthogonal":
+                    nn.init.orthogonal_(w)
+                elif self.init_kind == "identity":
+                    w.copy_(torch.eye(self.width))
+                else:
+                    w.normal_(0.0, self.width**-0.5)
+                    if self.init_kind == "fold":
+                        fold_(w, self.fold_k)
+            for module in self.modules():
+                if module is not self and not isinstance(module, nn.Linear):
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+        self.scheme.initialize(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x.flatten(1))

@@ -1,0 +1,80 @@
+"""Residual multilayer perceptron (ReZero's deep fully connected networks; SkipInit's deep linear
+ResNet when ``activation="linear"``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from depthlab.models.common import (
+    GAINS,
+    BlockStack,
+    check_positive,
+    default_init,
+    materialize,
+    seq,
+)
+from depthlab.models.common import activation as make_act
+from depthlab.schemes import Scheme, get_scheme
+
+
+class MLP(nn.Module):
+    """``stem → depth × block → final norm → σ → classifier`` on flattened inputs.
+
+    Each block is pre-activation: ``f(x) = W σ(norm(x))`` wrapped by the scheme,
+    e.g. ReZero ``x + α·W σ(x)``; ``noskip`` gives a plain fully connected net ``W σ(x)``.
+    Layers are He-initialised (``std = gain/√fan_in``; gain √2 for ReLU, 1 for linear).
+    """
+
+    def __init__(
+        self,
+        depth: int = 8,
+        scheme: str | Scheme = "plain",
+        width: int = 256,
+        in_dim: int = 64,
+        num_classes: int = 10,
+        activation: str = "relu",
+        scheme_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive(depth=depth, width=width, in_dim=in_dim, num_classes=num_classes)
+        act = activation
+        make_act(act)  # validate before building
+        self.config = dict(depth=depth, width=width, in_dim=in_dim, num_classes=num_classes, activation=activation)  # constructor arguments but the scheme
+        self.scheme = get_scheme(scheme, **(scheme_options or {}))
+        self.depth, self.width, self.activation = depth, width, act
+        self.init_gain = GAINS[act]
+        s = self.scheme
+        with torch.device("meta"):
+            self.stem = nn.Linear(in_dim, width)
+            self.blocks = BlockStack(
+                *[
+                    s.residual(
+                        seq(
+                            s.norm(width, "features"),
+                            make_act(act),
+                            s.bias(),
+                            nn.Linear(width, width, bias=s.layer_bias),
+                            s.scale(),
+                            s.bias(),
+                        ),
+                        width,
+                        "features",
+                        depth,
+                    )
+                    for _ in range(depth)
+                ]
+            )
+            self.head = seq(s.final_norm(width, "features"), make_act(act))
+            self.classifier = nn.Linear(width, num_classes)
+        materialize(self)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        default_init(self, self.init_gain)
+        self.scheme.initialize(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x.flatten(1))  # (N, width)
+        x = self.blocks(x)
+        return self.classifier(self.head(x))

@@ -1,0 +1,393 @@
+"""Residual schemes: the one place where BatchNorm, LayerNorm, SkipInit, ReZero, Fixup, … differ.
+
+A model builds every residual block by asking its scheme for
+
+(a) ``norm``        the normalization layer inside the branch (pre-activation position), or none;
+(b) ``gate``        the scalar that multiplies the branch output (fixed, learnable, or none);
+(c) ``skip_mult``   the constant on the skip path, and ``post_norm`` after the sum;
+(d) ``bias``/``scale``  scalar biases and a scalar multiplier inside the branch (Fixup);
+    ``layer_bias``  whether convs/linears carry their own bias vectors;
+(e) ``final_norm``  the norm before the classifier head (pre-activation nets);
+and, once the model is built, ``initialize(model)`` applies the model-level rules (Fixup's
+rescaling and zero classifier, DeepNorm's β). Models never test a scheme's name.
+
+Add a scheme by subclassing :class:`Scheme` (a dataclass; its fields are its options) and
+registering it with ``@SCHEMES.register()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from depthlab.nn.norm import create_norm
+from depthlab.nn.residual import Residual, residual_blocks, weight_layers
+from depthlab.nn.scalars import Bias, Gate
+from depthlab.registry import DepthlabError, Registry
+
+SCHEMES: Registry[type[Scheme]] = Registry("scheme")
+
+
+@dataclass
+class Scheme:
+    """Base class: the plain residual block ``y = x + f(x)`` with no norm and no gate."""
+
+    name: ClassVar[str] = "base"
+    #: whether conv/linear layers inside branches carry bias vectors
+    layer_bias: ClassVar[bool] = True
+
+    # -- construction hooks --------------------------------------------------------------
+    def norm(self, num_features: int, layout: str) -> nn.Module | None:
+        """Normalization inside the branch, before each activation (pre-activation order)."""
+        return None
+
+    def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        """Normalization applied to the residual stream before the head."""
+        return None
+
+    def post_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        """Normalization applied after the residual sum."""
+        return None
+
+    def gate(self, num_blocks: int) -> nn.Module | None:
+        """The scalar multiplying the branch output of one block."""
+        return None
+
+    def skip_mult(self, num_blocks: int) -> float:
+        """The constant multiplying the skip path (0 = no skip connection)."""
+        return 1.0
+
+    def bias(self) -> nn.Module | None:
+        """A scalar bias placed before each weight layer and activation (Fixup), or none."""
+        return None
+
+    def scale(self) -> nn.Module | None:
+        """A scalar multiplier at the end of each branch (Fixup), or none."""
+        return None
+
+    def residual(
+        self,
+        branch: nn.Module,
+        num_features: int,
+        layout: str,
+        num_blocks: int,
+        shortcut: nn.Module | None = None,
+    ) -> Residual:
+        """Wrap ``branch`` into a residual block of this scheme."""
+        return Residual(
+            branch,
+            gate=self.gate(num_blocks),
+            skip_mult=self.skip_mult(num_blocks),
+            shortcut=shortcut,
+            post=self.post_norm(num_features, layout),
+        )
+
+    def identity_at_init(self) -> bool:
+        """True when every residual block with an identity shortcut is the identity at init."""
+        return False
+
+    # -- model-level initialisation -------------------------------------------------------
+    def initialize(self, model: nn.Module) -> None:
+        """Apply the scheme's initialisation rules to a freshly initialised model."""
+
+    @property
+    def options(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.name}({opts})" if opts else self.name
+
+
+@SCHEMES.register()
+@dataclass
+class Plain(Scheme):
+    """``y = x + f(x)``: the unnormalized residual block with α = 1.
+
+    Its output variance doubles per block at initialisation, which is why it fails at depth
+    (De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the Identity Function
+    in Deep Networks", arXiv 2002.10444, Table 2).
+    """
+
+    name: ClassVar[str] = "plain"
+
+
+@SCHEMES.register()
+@dataclass
+class NoSkip(Scheme):
+    """``y = f(x)``: no skip connection at all, a plain feed-forward stack."""
+
+    name: ClassVar[str] = "noskip"
+
+    def skip_mult(self, num_blocks: int) -> float:
+        return 0.0
+
+
+@SCHEMES.register()
+@dataclass
+class Scaled(Scheme):
+    """``y = (x + f(x)) / √2``: variance-preserving merge without normalization.
+
+    De & Smith 2020 (arXiv 2002.10444, Table 2) show this is not enough to train very deep
+    networks: every path is still weighted equally, so the effective depth stays ~depth/2.
+    """
+
+    name: ClassVar[str] = "scaled"
+
+    def gate(self, num_blocks: int) -> nn.Module | None:
+        return Gate(1 / math.sqrt(2), learnable=False)
+
+    def skip_mult(self, num_blocks: int) -> float:
+        return 1 / math.sqrt(2)
+
+
+@SCHEMES.register()
+@dataclass
+class BatchNorm(Scheme):
+    """BatchNorm inside each branch in pre-activation order (ResNet-V2 / Wide-ResNet).
+
+    ``f(x) = W₂ σ(BN(W₁ σ(BN(x))))`` with a final BN-σ before the head. Ioffe & Szegedy 2015
+    (arXiv 1502.03167); He et al. 2016 "Identity Mappings in Deep Residual Networks"
+    (arXiv 1603.05027). At initialisation the skip variance before block i is ≈ i and each branch
+    outputs ≈ unit variance, so branch i is downscaled by ~1/√i (De & Smith 2020, arXiv 2002.10444).
+    """
+
+    name: ClassVar[str] = "batchnorm"
+    layer_bias: ClassVar[bool] = False
+
+    def norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return create_norm("batchnorm", num_features, layout)
+
+    def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return create_norm("batchnorm", num_features, layout)
+
+
+@SCHEMES.register()
+@dataclass
+class LayerNorm(Scheme):
+    """LayerNorm, placed inside the branch (``pre``: ``x + f(LN(x))``, final LN before the head)
+    or after the sum (``post``: ``LN(x + f(x))``, the original Transformer).
+
+    Ba et al. 2016 (arXiv 1607.06450); Xiong et al. 2020 "On Layer Normalization in the
+    Transformer Architecture" (arXiv 2002.04745) for the placements. For conv activations the
+    LayerNorm normalizes each sample over (C, H, W) (``GroupNorm(1, C)``).
+    """
+
+    name: ClassVar[str] = "layernorm"
+    placement: str = "pre"
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("pre", "post"):
+            raise DepthlabError(
+                f"layernorm placement must be 'pre' or 'post', got {self.placement!r}"
+            )
+
+    def norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return create_norm("layernorm", num_features, layout) if self.placement == "pre" else None
+
+    def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return self.norm(num_features, layout)
+
+    def post_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        if self.placement == "post":
+            return create_norm("layernorm", num_features, layout)
+        return None
+
+
+@SCHEMES.register()
+@dataclass
+class PreNorm(LayerNorm):
+    """Pre-LN: ``x + f(LN(x))`` with a final LayerNorm (Xiong et al. 2020, arXiv 2002.04745)."""
+
+    name: ClassVar[str] = "prenorm"
+    placement: str = "pre"
+
+
+@SCHEMES.register()
+@dataclass
+class PostNorm(LayerNorm):
+    """Post-LN: ``LN(x + f(x))``, the original Transformer (Vaswani et al. 2017, arXiv 1706.03762)."""
+
+    name: ClassVar[str] = "postnorm"
+    placement: str = "post"
+
+
+def _alpha_value(alpha_init: float | str, num_blocks: int) -> float:
+    if isinstance(alpha_init, str):
+        if alpha_init.replace(" ", "") in ("1/sqrt(d)", "1/sqrt(depth)"):
+            return 1 / math.sqrt(num_blocks)
+        try:
+            return float(alpha_init)
+        except ValueError:
+            raise DepthlabError(
+                f"alpha_init must be a number or '1/sqrt(d)', got {alpha_init!r}"
+            ) from None
+    return float(alpha_init)
+
+
+@dataclass
+class _GatedScheme(Scheme):
+    alpha_init: float | str = 0.0
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        _alpha_value(self.alpha_init, 1)  # validate early
+
+    def identity_at_init(self) -> bool:
+        return not isinstance(self.alpha_init, str) and float(self.alpha_init) == 0.0
+
+    def gate(self, num_blocks: int) -> nn.Module | None:
+        return Gate(_alpha_value(self.alpha_init, num_blocks), learnable=self.learnable)
+
+
+@SCHEMES.register()
+@dataclass
+class SkipInit(_GatedScheme):
+    """SkipInit: ``y = x + α·f(x)`` with one learnable scalar α per block, no normalization.
+
+    De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+    Deep Networks" (arXiv 2002.10444). α is initialised to 0 (or to ``"1/sqrt(d)"`` with d the
+    number of residual blocks), and convolutions/linears get biases in place of BN's β.
+    """
+
+    name: ClassVar[str] = "skipinit"
+
+
+@SCHEMES.register()
+@dataclass
+class ReZero(_GatedScheme):
+    """ReZero: ``x_{i+1} = x_i + α_i·F(x_i)`` with α_i = 0 at initialisation, learnable.
+
+    Bachlechner et al. 2020, "ReZero is All You Need: Fast Convergence at Large Depth"
+    (arXiv 2003.04887). Every block is the identity at initialisation, so the input-output
+    Jacobian is the identity (dynamical isometry). In Transformers the official code shares one α
+    per layer across its sublayers (``per_sublayer=False``).
+    """
+
+    name: ClassVar[str] = "rezero"
+    per_sublayer: bool = False
+
+
+@SCHEMES.register()
+@dataclass
+class Fixup(Scheme):
+    """Fixup: residual learning without normalization (Zhang, Dauphin & Ma 2019, arXiv 1901.09321).
+
+    1. Zero-initialise the classifier and the last weight layer of every residual branch.
+    2. He-initialise the other branch layers (``std = √2/√fan_in`` for ReLU) and multiply them by
+       ``L^(-1/(2m-2))``, with L the number of residual branches and m the weight layers per
+       branch (basic block m=2 → L^-1/2; bottleneck m=3 → L^-1/4).
+    3. Add a scalar multiplier (init 1) at the end of each branch and scalar biases (init 0)
+       before each convolution, linear layer and activation. The reference code trains these
+       scalars at lr/10 (``TrainConfig.scalar_lr_mult``).
+
+    Branches with a single weight layer (m=1) only get rule 1.
+    """
+
+    name: ClassVar[str] = "fixup"
+    layer_bias: ClassVar[bool] = False
+
+    def bias(self) -> nn.Module | None:
+        return Bias()
+
+    def identity_at_init(self) -> bool:
+        return True
+
+    def scale(self) -> nn.Module | None:
+        return Gate(1.0, learnable=True)
+
+    def initialize(self, model: nn.Module) -> None:
+        blocks = residual_blocks(model)
+        num_branches = len(blocks)
+        gain = getattr(model, "init_gain", math.sqrt(2.0))
+        with torch.no_grad():
+            for blk in blocks:
+                layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
+                m = len(layers)
+                for layer in layers[:-1]:
+                    he_std = gain / math.sqrt(_fan_in(layer))
+                    layer.weight.normal_(0.0, he_std * num_branches ** (-1.0 / (2 * m - 2)))
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+                if layers:
+                    layers[-1].weight.zero_()
+                    if layers[-1].bias is not None:
+                        layers[-1].bias.zero_()
+            head = getattr(model, "classifier", None) or getattr(model, "fc", None)
+            if head is not None:
+                head.weight.zero_()
+                if head.bias is not None:
+                    head.bias.zero_()
+
+
+@SCHEMES.register()
+@dataclass
+class DeepNorm(Scheme):
+    """DeepNorm: ``x_{l+1} = LN(α·x_l + f(x_l))`` with branch weights Xavier-initialised × β.
+
+    Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers" (arXiv 2203.00555). For an
+    encoder-only stack of N layers (2N residual sublayers) ``α = (2N)^(1/4)``, ``β = (8N)^(-1/4)``;
+    in terms of L residual blocks (L = 2N) that is ``α = L^(1/4)``, ``β = (4L)^(-1/4)``, which is
+    what non-Transformer models use. β applies to the value/output projections and the
+    feed-forward layers (not queries and keys).
+    """
+
+    name: ClassVar[str] = "deepnorm"
+
+    @staticmethod
+    def alpha(num_blocks: int) -> float:
+        return float(num_blocks) ** 0.25
+
+    @staticmethod
+    def beta(num_blocks: int) -> float:
+        return float(4 * num_blocks) ** -0.25
+
+    def skip_mult(self, num_blocks: int) -> float:
+        return self.alpha(num_blocks)
+
+    def post_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return create_norm("layernorm", num_features, layout)
+
+    def initialize(self, model: nn.Module) -> None:
+        blocks = residual_blocks(model)
+        beta = self.beta(len(blocks))
+        with torch.no_grad():
+            for blk in blocks:
+                layers = getattr(blk, "deepnorm_layers", None) or weight_layers(blk.branch)
+                for layer in layers:
+                    nn.init.xavier_normal_(layer.weight, gain=beta)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+
+
+def _fan_in(layer: nn.Module) -> int:
+    w = layer.weight
+    return w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
+
+
+def list_schemes() -> list[str]:
+    """Names of every registered scheme."""
+    return SCHEMES.names()
+
+
+def get_scheme(scheme: str | Scheme, **options: object) -> Scheme:
+    """Resolve a scheme name (plus options) or pass a :class:`Scheme` through.
+
+    >>> get_scheme("skipinit", alpha_init="1/sqrt(d)")
+    """
+    if isinstance(scheme, Scheme):
+        if options:
+            return dataclasses.replace(scheme, **options)
+        return scheme
+    cls = SCHEMES.get(scheme)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    bad = [k for k in options if k not in valid]
+    if bad:
+        choices = ", ".join(valid) if valid else "(this scheme takes no options)"
+        raise DepthlabError(f"unknown option(s) {bad} for scheme '{scheme}'; valid: {choices}")
+    return cls(**options)
