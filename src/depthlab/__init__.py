@@ -6,14 +6,22 @@
 """
 
 from depthlab.convert import convert
+from depthlab.data import DATASETS, create_dataset, list_datasets
 from depthlab.models import MODELS, create_model, list_models
 from depthlab.nn import Bias, Gate, Residual, residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.schemes import SCHEMES, Scheme, get_scheme, list_schemes
+from depthlab.train import History, TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DATASETS",
+    "History",
+    "TrainConfig",
+    "create_dataset",
+    "list_datasets",
+    "train",
     "MODELS",
     "SCHEMES",
     "Bias",

@@ -91,6 +91,11 @@ class Scheme:
         """True when every residual block with an identity shortcut is the identity at init."""
         return False
 
+    def shares_layer_gate(self) -> bool:
+        """True when the sublayers of one Transformer layer (attention, feed-forward) share one
+        gate module instead of getting one each (ReZero's official code)."""
+        return False
+
     # -- model-level initialisation -------------------------------------------------------
     def initialize(self, model: nn.Module) -> None:
         """Apply the scheme's initialisation rules to a freshly initialised model."""
@@ -272,6 +277,9 @@ class ReZero(_GatedScheme):
     name: ClassVar[str] = "rezero"
     per_sublayer: bool = False
 
+    def shares_layer_gate(self) -> bool:
+        return not self.per_sublayer
+
 
 @SCHEMES.register()
 @dataclass
@@ -304,9 +312,10 @@ class Fixup(Scheme):
     def initialize(self, model: nn.Module) -> None:
         blocks = residual_blocks(model)
         num_branches = len(blocks)
-        gain = getattr(model, "init_gain", math.sqrt(2.0))
+        model_gain = getattr(model, "init_gain", math.sqrt(2.0))
         with torch.no_grad():
             for blk in blocks:
+                gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
                 layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
                 m = len(layers)
                 for layer in layers[:-1]:

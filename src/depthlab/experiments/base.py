@@ -171,3 +171,21 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
         if v is not None and math.isfinite(v) and v <= target:
             return float(s)
     return math.inf
+
+
+def train(model: Any, data: Any, **train_config: Any) -> Any:
+    """``depthlab.train(model, data, TrainConfig(**train_config))`` on the CPU, quietly."""
+    from depthlab.train import TrainConfig
+    from depthlab.train import train as dl_train
+
+    train_config.setdefault("device", "cpu")
+    return dl_train(model, data, TrainConfig(**train_config), quiet=True)
+
+
+def finite(x: Any) -> float:
+    """``float(x)``, with None/inf mapped to NaN (for JSON/CSV records)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan

@@ -9,6 +9,7 @@ from torch import nn
 from depthlab.models.linear import LinearNet
 from depthlab.models.mlp import MLP
 from depthlab.models.resnet import BottleneckResNet, ResNet
+from depthlab.models.transformer import TransformerBlock, TransformerLM
 from depthlab.registry import DepthlabError, Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
@@ -16,6 +17,7 @@ MODELS.register("mlp")(MLP)
 MODELS.register("resnet")(ResNet)
 MODELS.register("resnet-bottleneck")(BottleneckResNet)
 MODELS.register("linear")(LinearNet)
+MODELS.register("transformer-lm")(TransformerLM)
 
 
 def list_models() -> list[str]:
@@ -49,6 +51,8 @@ __all__ = [
     "BottleneckResNet",
     "LinearNet",
     "ResNet",
+    "TransformerBlock",
+    "TransformerLM",
     "create_model",
     "list_models",
     "model_options",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "linear": nn.Identity}
@@ -27,9 +28,11 @@ def check_positive(**values: int) -> None:
             raise DepthlabError(f"{key} must be a positive integer, got {value!r}")
 
 
-def seq(*modules: nn.Module | None) -> nn.Sequential:
-    """``nn.Sequential`` of the given modules, dropping the ``None`` slots a scheme left empty."""
-    return nn.Sequential(*[m for m in modules if m is not None])
+def seq(*modules: nn.Module | None) -> Branch:
+    """A :class:`~depthlab.nn.Branch` (an ``nn.Sequential`` that fuses scalar gates and biases
+    into the weight layer before them) of the given modules, dropping the ``None`` slots a scheme
+    left empty."""
+    return Branch(*[m for m in modules if m is not None])
 
 
 class BlockStack(nn.Sequential):

@@ -1,0 +1,69 @@
+"""``depthlab run NAME|all --preset P --out DIR [--set k=v] [--jobs N]``: run reproductions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from depthlab.io import parse_overrides
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a reproduction (or all of them) and write its report",
+        description="Run experiment NAME (or 'all') at a preset scale. Writes OUT/NAME/"
+        "{config.yaml,records.csv,summary.json,*.png,report.md}; 'all' also writes "
+        "OUT/report.md and OUT/report.html. Finished cells are cached in OUT/NAME/cells/, so "
+        "an interrupted run resumes. `depthlab list` shows the experiments.",
+    )
+    p.add_argument("name", help="experiment name, or 'all'")
+    p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/PRESET)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set steps=200 --set depths=[10,100]",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from depthlab.experiments import runner
+    from depthlab.report.render import claims_table_text
+
+    overrides = parse_overrides(args.overrides)
+    out = args.out or f"runs/{args.preset}"
+    t0 = time.perf_counter()
+    results = runner.run(
+        args.name,
+        preset=args.preset,
+        out=out,
+        overrides=overrides,
+        jobs=args.jobs,
+        log=lambda s: print(s, flush=True),
+    )
+    wall = time.perf_counter() - t0
+    print()
+    print(
+        "per-experiment wall time: " + ", ".join(f"{r.name} {r.wall_time_s:.1f}s" for r in results)
+    )
+    print(f"total wall time: {wall:.1f}s")
+    print()
+    print(claims_table_text(results))
+    where = (
+        f"{out}/report.md and {out}/report.html"
+        if len(results) > 1
+        else (f"{out}/{results[0].name}/report.md")
+    )
+    print(f"report: {where}")
+    failed = [r.name for r in results if r.error]
+    if failed:
+        print(f"failed experiments: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

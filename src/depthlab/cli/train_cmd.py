@@ -1,0 +1,276 @@
+"""``depthlab train``: train one model on one data set and write the run folder.
+
+    depthlab train --model resnet --depth 56 --scheme fixup --data digits --steps 500 --out runs/x
+    depthlab train --config f.yaml --set lr=0.05 --set model.width=512 --set scheme_options.alpha_init=0.1
+    depthlab train --out runs/x --resume            # continue from runs/x/checkpoint.pt
+
+The resolved configuration has four sections, the same in ``--config`` files, in the written
+``config.yaml`` and in ``--set section.key=value``: ``model`` (name and constructor options),
+``scheme_options`` (options of the scheme), ``data`` (name and data set options) and ``train``
+(:class:`~depthlab.TrainConfig` fields, also settable as bare keys: ``--set lr=0.1``).
+Precedence: defaults < saved config (``--resume``) < ``--config`` < flags < ``--set``.
+Everything is validated before the output folder is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthlab.data import DATASETS, create_dataset, dataset_options
+from depthlab.io import load_yaml, parse_value, write_yaml
+from depthlab.models import create_model, model_options
+from depthlab.registry import DepthlabError
+from depthlab.schemes import SCHEMES
+from depthlab.train import checkpoint as ckpt
+from depthlab.train.config import TrainConfig
+from depthlab.train.loop import train
+
+SECTIONS = ("model", "scheme_options", "data", "train")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", ckpt.FILENAME, "tb")
+
+# flag dest -> (section, key)
+FLAG_KEYS = {
+    "model": ("model", "name"),
+    "depth": ("model", "depth"),
+    "width": ("model", "width"),
+    "scheme": ("model", "scheme"),
+    "data": ("data", "name"),
+    "data_dir": ("data", "data_dir"),
+    "steps": ("train", "steps"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "optimizer": ("train", "optimizer"),
+    "schedule": ("train", "schedule"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "eval_every": ("train", "eval_every"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a data set; writes config.yaml, metrics.jsonl, checkpoint, summary",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="model name (depthlab list models); default mlp")
+    p.add_argument("--depth", type=int, help="model depth")
+    p.add_argument("--width", type=int, help="model width (mlp/linear: units; resnet: multiplier k)")
+    p.add_argument("--scheme", help="residual scheme (depthlab list schemes)")
+    p.add_argument("--data", help="data set: digits (default), cifar10, synthetic, bytes")
+    p.add_argument("--data-dir", help="data folder (cifar10: holds cifar-10-batches-py)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", help="sgd | adam | adamw | adagrad")
+    p.add_argument("--schedule", help="constant | step | cosine | linear")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--config", help="YAML file with sections model, scheme_options, data, train")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override: train field (lr=0.1), model.width=512, scheme_options.alpha_init=0.1, "
+        "data.flat=true",
+    )
+    p.add_argument("--out", help="run folder (default runs/<model>-<scheme>-<data>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
+    p.set_defaults(func=run)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, _, name = key.partition(".")
+        return section, name
+    return "train", key
+
+
+def _valid_keys(cfg: dict[str, dict[str, Any]]) -> list[str]:
+    model, data = cfg["model"].get("name", "mlp"), cfg["data"].get("name", "digits")
+    scheme_name = cfg["model"].get("scheme")
+    keys = [f"model.{k}" for k in ["name", *model_options(model)] if k != "scheme_options"]
+    if scheme_name is None:
+        scheme_name = _default_scheme(model)
+    if isinstance(scheme_name, str) and scheme_name in SCHEMES:
+        keys += [f"scheme_options.{f.name}" for f in dataclasses.fields(SCHEMES.get(scheme_name))]
+    keys += [f"data.{k}" for k in ["name", *dataset_options(data)]]
+    keys += [*TrainConfig.field_names(), *[f"train.{k}" for k in TrainConfig.field_names()]]
+    return keys
+
+
+def _default_scheme(model: str) -> str:
+    import inspect
+
+    from depthlab.models import MODELS
+
+    default = inspect.signature(MODELS.get(model).__init__).parameters.get("scheme")
+    return default.default if default is not None else "plain"
+
+
+def _merge(cfg: dict[str, dict[str, Any]], more: dict[str, Any], source: str) -> None:
+    for section, values in more.items():
+        if section not in SECTIONS:
+            raise DepthlabError(
+                f"unknown section '{section}' in {source}; valid sections: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise DepthlabError(f"section '{section}' in {source} must be a mapping of key: value")
+        cfg[section].update(values)
+
+
+def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The merged configuration (not yet validated against the registries)."""
+    cfg: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if args.resume:
+        if not args.out:
+            raise DepthlabError("--resume needs --out, the run folder to continue")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise DepthlabError(f"--resume: {saved} does not exist; is {args.out} a run folder?")
+        _merge(cfg, load_yaml(saved), str(saved))
+    if args.config:
+        _merge(cfg, load_yaml(args.config), args.config)
+    for dest, (section, key) in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            cfg[section][key] = value
+    overrides = []
+    for item in args.set:
+        if "=" not in item:
+            raise DepthlabError(f"--set expects key=value, got {item!r}")
+        key, _, text = item.partition("=")
+        overrides.append((key.strip(), parse_value(text)))
+    for key, value in overrides:  # names first: they decide which other keys are valid
+        if key in ("model.name", "model.scheme", "data.name"):
+            section, name = _split_key(key)
+            cfg[section][name] = value
+    cfg["model"].setdefault("name", "mlp")
+    cfg["data"].setdefault("name", "digits")
+    valid = _valid_keys(cfg)
+    for key, value in overrides:
+        if key not in valid:
+            raise DepthlabError(f"unknown key '{key}' in --set; valid keys: {', '.join(valid)}")
+        section, name = _split_key(key)
+        cfg[section][name] = value
+    return cfg
+
+
+def build(cfg: dict[str, dict[str, Any]]):
+    """Data set, model and TrainConfig from a resolved configuration (all validation here)."""
+    data_opts = dict(cfg["data"])
+    data_name = data_opts.pop("name")
+    DATASETS.get(data_name)
+    dataset = create_dataset(data_name, **data_opts)
+    model_kw = dict(cfg["model"])
+    model_name = model_kw.pop("name")
+    options = model_options(model_name)
+    hints = dataset.model_hints()
+    if "in_dim" in options or "in_channels" in options:
+        hints.pop("width", None)  # "width" is a hint only for square models without input size
+    for key, value in hints.items():
+        if key in options and key not in model_kw:
+            model_kw[key] = value
+    if cfg["scheme_options"]:
+        model_kw["scheme_options"] = dict(cfg["scheme_options"])
+    tcfg = TrainConfig.from_dict(dict(cfg["train"]))
+    model = create_model(model_name, **model_kw)
+    x, _ = next(iter(dataset.test_batches(2)))
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(x[:2])
+            model.train(was)
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).splitlines()[0][:200]
+        raise DepthlabError(
+            f"model '{model_name}' does not accept inputs of data set '{data_name}' "
+            f"(shape {tuple(x.shape[1:])}): {first}; check the model options"
+        ) from None
+    return dataset, model_name, model, tcfg
+
+
+def resolved_config(cfg, model_name, model, dataset, tcfg) -> dict[str, Any]:
+    data = dict(cfg["data"])
+    return {
+        "model": {"name": model_name, "scheme": model.scheme.name, **model.config},
+        "scheme_options": dict(model.scheme.options),
+        "data": data,
+        "train": tcfg.to_dict(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    dataset, model_name, model, tcfg = build(cfg)
+    out = Path(args.out or f"runs/{model_name}-{model.scheme.name}-{dataset.name}")
+    if args.resume:
+        path = out / ckpt.FILENAME
+        payload = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(payload["metadata"], model, path)
+        del payload
+    elif out.exists() and any((out / f).exists() for f in RUN_FILES):
+        raise DepthlabError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    created = not out.exists()
+    resolved = resolved_config(cfg, model_name, model, dataset, tcfg)
+    try:
+        if is_main:
+            write_yaml(out / "config.yaml", resolved)
+        hist = train(model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=args.resume)
+    except BaseException:
+        if is_main and not args.resume:
+            _cleanup(out, created)
+        raise
+    if is_main and not args.quiet:
+        print(summary_table(hist.summary, out))
+    return 0
+
+
+def _cleanup(out: Path, created: bool) -> None:
+    """Remove what this command wrote (the whole folder if it created it)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def summary_table(summary: dict[str, Any], out: Path) -> str:
+    """The run summary as a two-column text table."""
+    rows = [("run", str(out))]
+    keys = ("final_train_loss", "test_loss", "test_accuracy", "test_bpb", "steps", "epochs")
+    for key in keys:
+        if summary.get(key) is not None:
+            v = summary[key]
+            rows.append((key, f"{v:.4g}" if isinstance(v, float) else str(v)))
+    div = summary.get("diverged")
+    rows.append(("diverged", f"yes, at step {summary.get('diverged_step')}" if div else "no"))
+    for key, fmt in (("wall_time_s", "{:.1f}"), ("steps_per_s", "{:.2f}"), ("examples_per_s", "{:.0f}")):
+        if summary.get(key) is not None:
+            rows.append((key, fmt.format(summary[key])))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])

@@ -1,0 +1,393 @@
+"""Run experiments: cells in parallel processes, each cached by the hash of its config.
+
+Layout of one experiment's output folder ``OUT/NAME/``::
+
+    config.yaml        the resolved config (preset + --set overrides)
+    cells/<hash>.json  one finished cell: {"experiment", "cell", "records", "wall_time_s"}
+    records.csv        every record of every cell
+    summary.json       claims, timing, cell counts
+    *.png, report.md   figures and the experiment's report
+
+A cell file is written atomically when its cell finishes, so a sweep that is killed leaves only
+complete cell files; re-running it recomputes only the cells whose file is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from depthlab.experiments.base import (
+    Claim,
+    Experiment,
+    apply_overrides,
+    config_dict,
+    get_experiment,
+    list_experiments,
+)
+from depthlab.io import atomic_write_text, write_json, write_yaml
+from depthlab.registry import DepthlabError, unknown_choice
+
+
+@dataclass
+class ExperimentResult:
+    """What one experiment run produced."""
+
+    name: str
+    preset: str
+    config: dict[str, Any]
+    records: pd.DataFrame
+    claims: list[Claim]
+    figures: list[Path]
+    out_dir: Path
+    wall_time_s: float = 0.0
+    cells: int = 0
+    cached_cells: int = 0
+    error: str | None = None
+    title: str = ""
+    paper: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cell_hash(name: str, version: int, cell: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over the experiment name, its version and the cell's JSON."""
+    blob = json.dumps({"experiment": name, "version": version, "cell": cell}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
+    return out_dir / "cells" / f"{cell_hash(exp.name, exp.version, cell)}.json"
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell(module: str, name: str, cell: dict[str, Any]) -> tuple[list[dict], float]:
+    """Worker entry point: import the experiment's module (registers it), run one cell."""
+    from depthlab.experiments.base import EXPERIMENTS
+
+    importlib.import_module(module)
+    exp = EXPERIMENTS.get(name)()
+    t0 = time.perf_counter()
+    records = exp.run_cell(dict(cell))
+    return records, time.perf_counter() - t0
+
+
+def _save_cell(path: Path, exp: Experiment, cell: dict, records: list[dict], wall: float) -> None:
+    payload = {"experiment": exp.name, "cell": cell, "records": records, "wall_time_s": wall}
+    atomic_write_text(path, json.dumps(payload, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def _load_cell(path: Path) -> list[dict] | None:
+    try:
+        return json.loads(path.read_text())["records"]
+    except (OSError, ValueError, KeyError):
+        return None  # missing or corrupt: recompute
+
+
+def run_cells(
+    exp: Experiment,
+    cells: list[dict[str, Any]],
+    out_dir: Path,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], int]:
+    """Run every cell whose cache file is missing; return (all records in cell order, #cached).
+
+    With ``jobs > 1`` cells run in ``jobs`` spawned processes with
+    ``torch.set_num_threads(max(1, cores // jobs))`` each.
+    """
+    results: dict[int, list[dict]] = {}
+    todo: list[int] = []
+    for i, cell in enumerate(cells):
+        cached = _load_cell(_cell_path(out_dir, exp, cell))
+        if cached is None:
+            todo.append(i)
+        else:
+            results[i] = cached
+    n_cached = len(results)
+    total = len(cells)
+    done = n_cached
+    if n_cached:
+        log(f"  [{exp.name}] {n_cached}/{total} cells cached")
+
+    def finish(i: int, records: list[dict], wall: float) -> None:
+        nonlocal done
+        _save_cell(_cell_path(out_dir, exp, cells[i]), exp, cells[i], records, wall)
+        results[i] = records
+        done += 1
+        label = " ".join(f"{k}={v}" for k, v in cells[i].items() if k != "seed")
+        log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}")
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            t0 = time.perf_counter()
+            records = exp.run_cell(dict(cells[i]))
+            finish(i, records, time.perf_counter() - t0)
+        return _merge(cells, results), n_cached
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = mp.get_context("spawn")
+        module = type(exp).__module__
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(todo)),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(threads,),
+        ) as pool:
+            pending = {pool.submit(_run_cell, module, exp.name, cells[i]): i for i in todo}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        i = pending.pop(fut)
+                        records, wall = fut.result()
+                        finish(i, records, wall)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    return _merge(cells, results), n_cached
+
+
+def _merge(cells: list[dict], results: dict[int, list[dict]]) -> list[dict]:
+    """Every record prefixed with its cell's fields, in cell order."""
+    return [{**cell, **rec} for i, cell in enumerate(cells) for rec in results[i]]
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work starts."""
+    out = Path(out)
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DepthlabError(f"--out {out}: {probe} exists and is not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DepthlabError(f"--out {out}: {probe} is not writable; choose a folder you can write")
+    if out.exists():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=".probe.")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise DepthlabError(
+                f"--out {out} is not writable ({e.strerror}); choose another folder"
+            ) from None
+
+
+def resolve(names: list[str] | str, preset: str, overrides: dict[str, Any]) -> list[tuple]:
+    """Validate names, preset and overrides for every experiment before anything runs.
+
+    With several experiments (``all``), a key is applied where the experiment has it and refused
+    only if no experiment has it. Returns ``[(experiment, config), ...]``.
+    """
+    if names == "all" or names == ["all"]:
+        names = list_experiments()
+    elif isinstance(names, str):
+        names = [names]
+    exps = [get_experiment(n) for n in names]
+    for e in exps:
+        if preset not in e.presets:
+            raise unknown_choice(f"preset of experiment '{e.name}'", preset, list(e.presets))
+    if len(exps) > 1:
+        known = {k for e in exps for k in e.keys()}
+        bad = [k for k in overrides if k not in known]
+        if bad:
+            raise DepthlabError(
+                f"unknown key(s) {', '.join(bad)} in --set; no experiment has them; valid keys: "
+                f"{', '.join(sorted(known))}"
+            )
+        return [
+            (
+                e,
+                apply_overrides(
+                    e.presets[preset],
+                    {k: v for k, v in overrides.items() if k in e.keys()},
+                    where=f"experiment '{e.name}'",
+                ),
+            )
+            for e in exps
+        ]
+    return [(exps[0], exps[0].config(preset, overrides))]
+
+
+def finalize(
+    exp: Experiment, cfg: Any, preset: str, df: pd.DataFrame, out_dir: Path, **info: Any
+) -> ExperimentResult:
+    """Figures, claims, records.csv, summary.json and report.md from an experiment's records."""
+    from depthlab.report.render import render_experiment_md, save_figures
+
+    figures = save_figures(exp, df, cfg, out_dir)
+    claims = exp.claims(df, cfg) if len(df) else []
+    result = ExperimentResult(
+        name=exp.name,
+        preset=preset,
+        config=config_dict(cfg),
+        records=df,
+        claims=claims,
+        figures=figures,
+        out_dir=out_dir,
+        title=exp.title,
+        paper=exp.paper,
+        **info,
+    )
+    atomic_write_text(out_dir / "records.csv", df.to_csv(index=False))
+    write_json(out_dir / "summary.json", summary_dict(result))
+    atomic_write_text(out_dir / "report.md", render_experiment_md(result))
+    return result
+
+
+def summary_dict(r: ExperimentResult) -> dict[str, Any]:
+    return {
+        "experiment": r.name,
+        "title": r.title,
+        "paper": r.paper,
+        "preset": r.preset,
+        "config": r.config,
+        "claims": [c.__dict__ for c in r.claims],
+        "figures": [p.name for p in r.figures],
+        "records": len(r.records),
+        "cells": r.cells,
+        "cached_cells": r.cached_cells,
+        "wall_time_s": round(r.wall_time_s, 2),
+        "error": r.error,
+    }
+
+
+def run_experiment(
+    exp: Experiment,
+    cfg: Any,
+    preset: str,
+    out_dir: Path,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """Run one experiment into ``out_dir`` (resuming from its cached cells)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(
+        out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
+    )
+    cells = exp.cells(cfg)
+    log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+    records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log)
+    df = pd.DataFrame.from_records(records)
+    wall = time.perf_counter() - t0
+    result = finalize(
+        exp, cfg, preset, df, out_dir, wall_time_s=wall, cells=len(cells), cached_cells=n_cached
+    )
+    log(f"[{exp.name}] done in {wall:.1f}s: {len(df)} records, {len(result.figures)} figures")
+    return result
+
+
+def run(
+    names: list[str] | str,
+    preset: str = "quick",
+    out: str | Path = "runs/quick",
+    overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+    keep_going: bool = True,
+) -> list[ExperimentResult]:
+    """Run experiments into ``out/NAME/``; with several, also write ``out/report.md|html``.
+
+    Every name, the preset, the overrides and the output folder are checked before anything is
+    written. With ``keep_going``, an experiment that raises is recorded as an error row and the
+    others still run.
+    """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise DepthlabError(f"--jobs must be a positive integer, got {jobs!r}")
+    plan = resolve(names, preset, overrides or {})
+    out = Path(out)
+    check_writable(out)
+    combined = len(plan) > 1
+    results = []
+    for exp, cfg in plan:
+        try:
+            results.append(run_experiment(exp, cfg, preset, out / exp.name, jobs=jobs, log=log))
+        except (KeyboardInterrupt, DepthlabError):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
+            if not keep_going or not combined:
+                raise
+            tb = traceback.format_exc(limit=3)
+            log(f"[{exp.name}] FAILED: {type(e).__name__}: {e}")
+            print(tb, file=sys.stderr)
+            results.append(
+                ExperimentResult(
+                    name=exp.name,
+                    preset=preset,
+                    config=config_dict(cfg),
+                    records=pd.DataFrame(),
+                    claims=[],
+                    figures=[],
+                    out_dir=out / exp.name,
+                    error=f"{type(e).__name__}: {e}",
+                    title=exp.title,
+                    paper=exp.paper,
+                )
+            )
+    if combined:
+        from depthlab.report.render import write_combined
+
+        write_combined(results, out)
+    return results
+
+
+def load_result(folder: Path) -> ExperimentResult:
+    """Re-build an experiment's result from ``config.yaml`` and ``records.csv`` (re-rendering
+    figures, claims and report.md)."""
+    from depthlab.io import load_yaml
+
+    folder = Path(folder)
+    meta = load_yaml(folder / "config.yaml")
+    name, preset = meta.pop("experiment", None), meta.pop("preset", "quick")
+    if name is None:
+        raise DepthlabError(f"{folder / 'config.yaml'} names no experiment")
+    exp = get_experiment(name)
+    cfg = apply_overrides(exp.presets.get(preset, exp.presets["quick"]), meta, where=str(folder))
+    csv = folder / "records.csv"
+    if not csv.is_file():
+        raise DepthlabError(f"{csv} is missing; re-run `depthlab run {name}` to produce it")
+    df = pd.read_csv(csv)
+    old = {}
+    if (folder / "summary.json").is_file():
+        old = json.loads((folder / "summary.json").read_text())
+    return finalize(
+        exp,
+        cfg,
+        preset,
+        df,
+        folder,
+        wall_time_s=float(old.get("wall_time_s", math.nan)),
+        cells=int(old.get("cells", 0)),
+        cached_cells=int(old.get("cached_cells", 0)),
+    )

@@ -1,0 +1,183 @@
+"""``transformer-jacobian``: input-output Jacobian spectra of deep Transformers (Bachlechner et
+al. 2020, "ReZero is All You Need", arXiv 2003.04887, Fig. 5).
+
+For the residual stack ``h ↦ blocks(h)`` of a byte LM (on the embedded sequence, ``(T·C)``
+inputs and outputs per example), the singular values of the Jacobian ``∂ blocks(h) / ∂ h``
+measure signal propagation: a network is dynamically isometric when they all sit near 1. ReZero
+blocks are the identity at init, so its Jacobian is the identity at any depth, while Post-LN
+stacks spread (and, with depth, collapse) their spectra. We compute the spectra at init and after
+a short training run, via :func:`depthlab.jacobian_spectrum`, for Post-LN encoders of depth 4,
+12 and 64 and a 64-layer ReZero stack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, fmt, train, verdict
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = ("postnorm-4", "postnorm-12", "postnorm-64", "rezero-64")
+    d_model: int = 32
+    nhead: int = 2
+    context: int = 16  # Jacobian size per example: (context·d_model)²
+    examples: int = 2  # sequences whose Jacobians are decomposed
+    steps: int = 60  # training steps before the "trained" spectrum (0: init only)
+    batch_size: int = 16
+    lr: float = 0.001  # Adam
+    seed: int = 0
+
+
+@EXPERIMENTS.register()
+class TransformerJacobian(Experiment):
+    name = "transformer-jacobian"
+    title = "Jacobian singular values of Post-LN (depth 4/12/64) vs 64-layer ReZero stacks"
+    paper = "Bachlechner et al. 2020, arXiv 2003.04887, Fig. 5"
+    columns = ("model", "scheme", "depth", "phase", "example", "index", "singular_value", "log10_sv")
+    Config = Config
+    presets = {
+        "smoke": Config(
+            models=("postnorm-2", "postnorm-8", "rezero-8"), d_model=16, context=8, examples=1,
+            steps=5, batch_size=4,
+        ),  # fmt: skip
+        "quick": Config(),
+        "full": Config(
+            models=("postnorm-4", "postnorm-12", "postnorm-64", "postnorm-128", "rezero-64",
+                    "rezero-128"),
+            d_model=128, nhead=4, context=32, examples=8, steps=2000,
+        ),  # fmt: skip
+    }
+
+    def cells(self, cfg: Config) -> list[dict]:
+        return [
+            {
+                "model": m, "d_model": cfg.d_model, "nhead": cfg.nhead, "context": cfg.context,
+                "examples": cfg.examples, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                "lr": cfg.lr, "seed": cfg.seed,
+            }  # fmt: skip
+            for m in cfg.models
+        ]
+
+    def run_cell(self, cell: dict) -> list[dict]:
+        import torch
+
+        import depthlab as dl
+        from depthlab.data import create_dataset
+        from depthlab.diagnostics import jacobian_spectrum
+
+        scheme, depth = cell["model"].rsplit("-", 1)
+        depth = int(depth)
+        torch.manual_seed(cell["seed"])
+        data = create_dataset("bytes", context=cell["context"])
+        model = dl.create_model(
+            "transformer-lm", depth=depth, d_model=cell["d_model"], nhead=cell["nhead"],
+            context=cell["context"], scheme=scheme,
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(cell["seed"])
+        tokens = torch.randint(0, 256, (cell["examples"], cell["context"]), generator=g)
+
+        def spectrum(phase: str) -> list[dict]:
+            model.eval()
+            with torch.no_grad():
+                h = model.embed(tokens)  # (B, T, C)
+            df = jacobian_spectrum(model.blocks, h.detach(), method="dense")
+            model.train()
+            sv = df["singular_value"].to_numpy(float)
+            return [
+                {
+                    "scheme": scheme,
+                    "depth": depth,
+                    "phase": phase,
+                    "example": int(e),
+                    "index": int(i),
+                    "singular_value": float(s),
+                    "log10_sv": math.log10(s) if s > 0 else -math.inf,
+                }
+                for e, i, s in zip(df["example"], df["index"], sv, strict=True)
+            ]
+
+        out = spectrum("init")
+        if cell["steps"] > 0:
+            train(
+                model, data, steps=cell["steps"], batch_size=cell["batch_size"], optimizer="adam",
+                lr=cell["lr"], seed=cell["seed"], divergence_factor=None,
+            )  # fmt: skip
+            out += spectrum("trained")
+        return out
+
+    def figures(self, df: pd.DataFrame, cfg: Config, out_dir: Path) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        from depthlab.report.render import save_fig
+
+        phases = list(dict.fromkeys(df["phase"]))
+        fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
+        lo = max(-6.0, float(df["log10_sv"].replace(-np.inf, np.nan).min()))
+        hi = float(df["log10_sv"].max())
+        bins = np.linspace(lo, max(hi, lo + 1e-3), 50)
+        for ax, ph in zip(axes[0], phases, strict=True):
+            for m, g in df[df["phase"] == ph].groupby("model", sort=False):
+                vals = g["log10_sv"].clip(lower=lo)
+                ax.hist(vals, bins=bins, histtype="step", density=True, label=m)
+            ax.set_title(f"Jacobian singular values ({ph})")
+            ax.set_xlabel("log10 singular value")
+            ax.legend(fontsize=7)
+        return [save_fig(fig, out_dir / "transformer_jacobian.png")]
+
+    @staticmethod
+    def summary(df: pd.DataFrame) -> pd.DataFrame:
+        """Per model × phase: mean and std of log10 σ, and the share of σ within [1/2, 2]."""
+        rows = []
+        for (m, ph), g in df.groupby(["model", "phase"], sort=False):
+            lg = g["log10_sv"].replace(-np.inf, -300.0).to_numpy(float)
+            rows.append(
+                {
+                    "model": m,
+                    "phase": ph,
+                    "mean_log10_sv": float(lg.mean()),
+                    "std_log10_sv": float(lg.std()),
+                    "share_within_2": float(np.mean(np.abs(lg) <= math.log10(2.0))),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
+        s = self.summary(df[df["phase"] == "init"]).set_index("model")
+        rz = [m for m in s.index if m.startswith("rezero")]
+        pn = [m for m in s.index if m.startswith("postnorm")]
+        if not rz or not pn:
+            return []
+        deep_pn = max(pn, key=lambda m: int(m.rsplit("-", 1)[1]))
+        shallow_pn = min(pn, key=lambda m: int(m.rsplit("-", 1)[1]))
+        r = s.loc[rz[-1]]
+        ok = r["share_within_2"] > 0.99 and s.loc[deep_pn, "share_within_2"] < 0.5
+        spread_grows = s.loc[deep_pn, "std_log10_sv"] > s.loc[shallow_pn, "std_log10_sv"]
+
+        def desc(m: str) -> str:
+            return (
+                f"{m}: {fmt(100 * s.loc[m, 'share_within_2'], 3)}% of σ in [½,2], "
+                f"mean log10σ {fmt(s.loc[m, 'mean_log10_sv'], 2)}"
+            )
+
+        measured = "at init: " + "; ".join(desc(m) for m in s.index)
+        if "trained" in set(df["phase"]):
+            t = self.summary(df[df["phase"] == "trained"]).set_index("model")
+            measured += f"; after {cfg.steps} steps: " + ", ".join(
+                f"{m} {fmt(100 * t.loc[m, 'share_within_2'], 3)}% in [½,2]" for m in t.index
+            )
+        return [
+            Claim(
+                claim="ReZero's input-output Jacobian stays dynamically isometric (σ ≈ 1) while "
+                "deep Post-LN Transformers' spectra spread and collapse",
+                paper="ReZero σ ≈ 1; Post-LN 64 layers far from 1 (Fig. 5)",
+                measured=measured,
+                verdict=verdict(ok and spread_grows, partly=ok or spread_grows),
+            )
+        ]

@@ -1,0 +1,233 @@
+"""Deep Transformers under every scheme: the block, and a byte-level language model.
+
+Dimension legend for the shape comments:
+
+    B  batch     T  sequence length (≤ context)     C  model width d_model     V  vocabulary (256)
+
+A Transformer layer is two residual sublayers, each a :class:`~depthlab.nn.Residual` whose
+branch the scheme dresses (norm, scalar bias, gate, scale, post-sum norm):
+
+    attention     x ← post(s·x + g·[scale ∘ Attn ∘ bias ∘ norm](x))
+    feed-forward  x ← post(s·x + g·[scale ∘ W₂ ∘ bias ∘ σ ∘ W₁ ∘ bias ∘ norm](x))
+
+which gives Post-LN (Vaswani et al. 2017, arXiv 1706.03762), Pre-LN (Xiong et al. 2020,
+arXiv 2002.04745), ReZero (Bachlechner et al. 2020, arXiv 2003.04887; one α per layer shared by
+both sublayers unless ``per_sublayer=True``), SkipInit (De & Smith 2020, arXiv 2002.10444),
+Fixup (Zhang et al. 2019, arXiv 1901.09321; no LayerNorm, a scalar shift before and a scalar
+multiplier after each sublayer; with L residual sublayers the attention branch counts m = 4
+weight layers — query, key, value He-initialised × L^(-1/(2·4-2)) = L^(-1/6), output projection
+zero — and the feed-forward branch m = 2 — W₁ × L^(-1/2), W₂ zero) and DeepNorm (Wang et al.
+2022, arXiv 2203.00555; ``LN(α·x + f(x))``, α = (2N)^(1/4), Xavier β = (8N)^(-1/4) on W₁, W₂,
+v_proj, out_proj). Every other registered scheme builds and runs through the same hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthlab.models.common import BlockStack, check_positive, default_init, materialize, seq
+from depthlab.nn.transformer import MultiHeadAttention, check_heads
+from depthlab.registry import DepthlabError, unknown_choice
+from depthlab.schemes import Scheme, get_scheme
+
+#: feed-forward activations and their He gains (Fixup's W₁ init)
+FF_ACTIVATIONS = {"relu": (nn.ReLU, math.sqrt(2.0)), "gelu": (nn.GELU, math.sqrt(2.0))}
+#: the ReZero authors' embedding init (PyTorch's word_language_model example): U(-0.1, 0.1)
+EMBED_INIT_RANGE = 0.1
+
+
+class TransformerBlock(BlockStack):
+    """One Transformer layer, batch-first ``(B, T, C) -> (B, T, C)``: an attention
+    :class:`~depthlab.nn.Residual` (``self.attn``) then a feed-forward one (``self.ff``).
+
+    ``num_blocks`` is the number of residual sublayers in the whole stack (2 × layers), the L
+    that scheme rules depend on (DeepNorm's α, SkipInit's ``1/sqrt(d)``). A standalone block is
+    initialised as a stack of one layer (L = 2); :class:`TransformerLM` re-initialises its whole
+    stack with the true L.
+
+    Weight layers are LeCun-normal (``std = 1/√fan_in``) with zero biases before the scheme's
+    rules apply. Each sublayer declares what scheme rules need: ``init_gain`` (Fixup's He gain:
+    1 for the attention projections, √2 for the ReLU/GELU feed-forward) and ``deepnorm_layers``
+    (v_proj and out_proj: DeepNorm leaves queries and keys alone).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        scheme: str | Scheme = "prenorm",
+        causal: bool = False,
+        *,
+        activation: str = "relu",
+        num_blocks: int = 2,
+        scheme_options: dict | None = None,
+    ) -> None:
+        check_heads(d_model, nhead)
+        ff = 4 * d_model if dim_feedforward is None else dim_feedforward
+        check_positive(dim_feedforward=ff, num_blocks=num_blocks)
+        if not 0.0 <= dropout < 1.0:
+            raise DepthlabError(f"dropout must be in [0, 1), got {dropout!r}")
+        if activation not in FF_ACTIVATIONS:
+            raise unknown_choice("activation", activation, sorted(FF_ACTIVATIONS))
+        s = get_scheme(scheme, **(scheme_options or {}))
+        act, act_gain = FF_ACTIVATIONS[activation]
+        tokens = "tokens"
+
+        def drop() -> nn.Module | None:
+            return nn.Dropout(dropout) if dropout > 0 else None
+
+        attn = MultiHeadAttention(d_model, nhead, dropout, bias=s.layer_bias, causal=causal)
+        attn_res = s.residual(
+            seq(s.norm(d_model, tokens), s.bias(), attn, drop(), s.scale()),
+            d_model,
+            tokens,
+            num_blocks,
+        )
+        ff_res = s.residual(
+            seq(
+                s.norm(d_model, tokens),
+                s.bias(),
+                nn.Linear(d_model, ff, bias=s.layer_bias),
+                act(),
+                drop(),
+                s.bias(),
+                nn.Linear(ff, d_model, bias=s.layer_bias),
+                drop(),
+                s.scale(),
+            ),
+            d_model,
+            tokens,
+            num_blocks,
+        )
+        if s.shares_layer_gate() and attn_res.gate is not None:
+            ff_res.gate = attn_res.gate  # one α per layer, the same module in both sublayers
+        attn_res.init_gain, ff_res.init_gain = 1.0, act_gain
+        attn_res.deepnorm_layers = [attn.v_proj, attn.out_proj]
+        super().__init__(OrderedDict(attn=attn_res, ff=ff_res))
+        self.scheme = s
+        self.init_gain = 1.0
+        self.d_model, self.nhead, self.causal = d_model, nhead, causal
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        default_init(self, 1.0)
+        self.scheme.initialize(self)
+
+
+class TransformerLM(nn.Module):
+    """Byte-level (or any small-vocabulary) causal Transformer language model:
+
+    ``tokens (B, T) -> embed = E[tokens] + P[:T] -> depth × TransformerBlock -> final norm
+    -> logits (B, T, V)``,
+
+    logits ``h Eᵀ`` with ``tied=True`` or ``h Wᵀ`` with a separate head ``classifier``
+    (untied, the default). ``model.blocks`` is the flat stack of the 2·depth residual sublayers
+    (attention, feed-forward, attention, …), a map ``(B, T, C) -> (B, T, C)`` on the embedded
+    sequence ``model.embed(tokens)``; ``model.final_norm`` is the scheme's norm before the head.
+
+    Initialisation: token and position embeddings ``U(-0.1, 0.1)`` for every scheme (the small
+    uniform init the ReZero authors use — large embeddings would swamp identity-initialised
+    blocks of unnormalized schemes, and normalized ones are insensitive to it), LeCun-normal
+    weight layers, then the scheme's model-level rules. Fixup zeroes the untied head; with
+    ``tied=True`` there is no separate head to zero (zeroing it would zero the embedding).
+    """
+
+    def __init__(
+        self,
+        depth: int = 6,
+        scheme: str | Scheme = "prenorm",
+        d_model: int = 128,
+        nhead: int = 4,
+        context: int = 128,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        tied: bool = False,
+        activation: str = "relu",
+        vocab_size: int = 256,
+        scheme_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive(depth=depth, context=context, vocab_size=vocab_size)
+        check_heads(d_model, nhead)
+        ff = 4 * d_model if dim_feedforward is None else dim_feedforward
+        self.config = dict(
+            depth=depth,
+            d_model=d_model,
+            nhead=nhead,
+            context=context,
+            dim_feedforward=ff,
+            dropout=dropout,
+            tied=tied,
+            activation=activation,
+            vocab_size=vocab_size,
+        )  # constructor arguments but the scheme
+        self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
+        self.depth, self.d_model, self.context, self.tied = depth, d_model, context, bool(tied)
+        self.init_gain = 1.0
+        num_blocks = 2 * depth
+        with torch.device("meta"):
+            self.token_embedding = nn.Embedding(vocab_size, d_model)
+            self.pos_embedding = nn.Embedding(context, d_model)
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            layers = [
+                TransformerBlock(
+                    d_model,
+                    nhead,
+                    ff,
+                    dropout,
+                    s,
+                    causal=True,
+                    activation=activation,
+                    num_blocks=num_blocks,
+                )
+                for _ in range(depth)
+            ]
+            self.blocks = BlockStack(*[sub for layer in layers for sub in layer])
+            self.final_norm = seq(s.final_norm(d_model, "tokens"))
+            self.classifier = None if tied else nn.Linear(d_model, vocab_size, bias=False)
+        materialize(self)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        default_init(self, self.init_gain)
+        with torch.no_grad():
+            for emb in (self.token_embedding, self.pos_embedding):
+                emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
+        self.scheme.initialize(self)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
+        if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+            raise DepthlabError(
+                f"transformer-lm takes integer token ids of shape (B, T), got dtype {tokens.dtype}"
+            )
+        if tokens.dim() != 2:
+            raise DepthlabError(
+                f"transformer-lm takes token ids of shape (B, T), got shape {tuple(tokens.shape)}"
+            )
+        T = tokens.shape[1]
+        if T > self.context:
+            raise DepthlabError(
+                f"sequence length {T} exceeds the model's context {self.context}; "
+                f"build the model with context >= {T} or feed shorter windows"
+            )
+        pos = torch.arange(T, device=tokens.device)
+        x = self.token_embedding(tokens.long()) + self.pos_embedding(pos)  # (B, T, C)
+        return self.dropout(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on the residual stream: final norm, then ``(B, T, C) -> (B, T, V)``."""
+        h = self.final_norm(h)
+        if self.classifier is None:
+            return F.linear(h, self.token_embedding.weight)
+        return self.classifier(h)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.blocks(self.embed(tokens)))  # (B, T, V)

@@ -1,0 +1,343 @@
+"""The training loop: ``train(model, data, config) -> History``.
+
+Conventions. Iteration ``i`` (0-based) draws the batch of step i, measures its loss with the
+weights after i updates, then updates. The record of step i holds that training loss and lr and,
+at evaluation steps (``i % eval_every == 0``), the test metrics measured before the update; a
+final record at ``step = total`` holds the test metrics of the trained model.
+
+Divergence is a result, not a crash: if the (all-reduced) training loss of step i is NaN/inf or
+exceeds ``divergence_factor ×`` the loss of step 0, the run stops before updating and
+``History.diverged_step = i``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthlab.data import Dataset, create_dataset
+from depthlab.data.base import generator
+from depthlab.io import write_json
+from depthlab.nn.residual import residual_blocks
+from depthlab.registry import DepthlabError
+from depthlab.train import checkpoint as ckpt
+from depthlab.train import distributed as dd
+from depthlab.train.config import TrainConfig
+from depthlab.train.logger import RunLogger
+from depthlab.train.optim import lr_factor, make_optimizer, set_lr
+
+LN2 = math.log(2.0)
+Callback = Callable[[int, nn.Module, "History"], Any]
+
+
+@dataclass
+class History:
+    """What a run produced: per-step ``records``, the divergence flag and a ``summary``."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    diverged: bool = False
+    diverged_step: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: TrainConfig | None = None
+
+    def frame(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records)
+
+    def last(self, key: str) -> Any:
+        """The latest value of ``key`` over the records (None if never logged)."""
+        for r in reversed(self.records):
+            if key in r:
+                return r[key]
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DepthlabError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DepthlabError("device 'mps' requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compute_loss(out: torch.Tensor, y: torch.Tensor, task: str, smoothing: float) -> torch.Tensor:
+    """Cross-entropy (classification; over the last dim for ``lm``) or mean squared error."""
+    if task == "regression":
+        return F.mse_loss(out, y)
+    if task == "lm":
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(out, y, label_smoothing=smoothing)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    info: dd.DistInfo = dd.DistInfo(),
+) -> dict[str, float]:
+    """Test metrics in eval mode: ``test_loss`` and ``test_accuracy`` (classification), ``test_bpb``
+    = nats/ln 2 per byte (lm), or the mean squared error (regression). Ranks split the batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for k, (x, y) in enumerate(dataset.test_batches(batch_size)):
+        if k % info.world_size != info.rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        out = model(x).float()
+        if dataset.task == "regression":
+            loss_sum += F.mse_loss(out, y, reduction="sum").item()
+            count += y.numel()
+            continue
+        logits = out.reshape(-1, out.shape[-1])
+        target = y.reshape(-1)
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    loss_sum, correct, count = dd.all_reduce_sum([loss_sum, correct, count], info, device)
+    model.train(was_training)
+    loss = loss_sum / max(count, 1.0)
+    if dataset.task == "regression":
+        return {"test_loss": loss}
+    if dataset.task == "lm":
+        return {"test_loss": loss, "test_bpb": loss / LN2}
+    return {"test_loss": loss, "test_accuracy": correct / max(count, 1.0)}
+
+
+def add_dropout(model: nn.Module, p: float) -> list:
+    """Dropout on every residual branch output (before its gate), as forward hooks."""
+    if p <= 0:
+        return []
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise DepthlabError("dropout > 0 needs a model built from residual blocks; set dropout=0")
+
+    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        return F.dropout(out, p, module.training)
+
+    return [blk.branch.register_forward_hook(hook) for blk in blocks]
+
+
+def _mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """mixup (Zhang et al. 2017, arXiv 1710.09412): ``x' = λx + (1-λ)x[π]``, λ ~ Beta(α, α),
+    π a random permutation; both drawn from step ``(seed, step)``. Returns x', y[π], λ."""
+    lam = float(np.random.default_rng([seed, 5, step]).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=generator(seed, 5, step))
+    return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
+def train(
+    model: nn.Module,
+    data: str | Dataset = "digits",
+    config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    callbacks: Iterable[Callback] = (),
+    quiet: bool = True,
+    resume: bool = False,
+) -> History:
+    """Train ``model`` on ``data`` (a data set name or :class:`~depthlab.data.Dataset`).
+
+    With ``out_dir``, rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``),
+    ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and ``summary.json``;
+    ``resume=True`` continues from ``out_dir/checkpoint.pt``. Under ``torchrun`` the run is
+    data-parallel (see :mod:`depthlab.train.distributed`). ``callbacks`` are called as
+    ``cb(step, model, history)`` after each evaluation.
+    """
+    cfg = config or TrainConfig()
+    dataset = create_dataset(data) if isinstance(data, str) else data
+    if resume and out_dir is None:
+        raise DepthlabError("resume=True needs the out_dir that holds the checkpoint")
+    device = resolve_device(cfg.device)
+    info = dd.setup(device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    hooks: list = []
+    try:
+        hooks = add_dropout(model, cfg.dropout)
+        return _run(model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume)
+    finally:
+        for h in hooks:
+            h.remove()
+        dd.teardown(info)
+
+
+def _run(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    info: dd.DistInfo,
+    out_dir: str | Path | None,
+    callbacks: list[Callback],
+    quiet: bool,
+    resume: bool,
+) -> History:
+    seed_everything(cfg.seed)
+    total = cfg.total_steps(dataset.steps_per_epoch(cfg.batch_size))
+    hist = History(config=cfg)
+    payload, start, wall0, init_loss = None, 0, 0.0, None
+    if resume:
+        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
+        payload = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(payload["metadata"], model, path)
+        model.load_state_dict(payload["model"])
+        meta = payload["metadata"]
+        start, wall0, init_loss = int(meta["step"]), float(meta["wall_time_s"]), meta["initial_loss"]
+        hist.records = [r for r in meta["records"] if r["step"] < start]
+        hist.diverged, hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
+    model.to(device)
+    if cfg.checkpointing:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not hasattr(blocks, "checkpoint_segments"):
+            raise DepthlabError(
+                "checkpointing > 0 needs a depthlab model with .blocks (a BlockStack); set 0"
+            )
+        blocks.checkpoint_segments = cfg.checkpointing
+    net = dd.wrap(model, info, device, cfg.sync_bn)
+    optimizer = make_optimizer(model, cfg)
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        ckpt.set_rng_state(payload["rng"])
+    if cfg.compile:
+        net = torch.compile(net)
+    logger = RunLogger(out_dir, total, start, quiet, info.is_main, hist.records)
+
+    def save(step: int, wall: float) -> None:
+        if out_dir is None or not info.is_main:
+            return
+        meta = {
+            "wall_time_s": wall,
+            "initial_loss": init_loss,
+            "records": hist.records,
+            "diverged": hist.diverged,
+            "diverged_step": hist.diverged_step,
+            "config": cfg.to_dict(),
+            "dataset": dataset.name,
+        }
+        ckpt.save_checkpoint(Path(out_dir) / ckpt.FILENAME, model, optimizer, step, meta)
+
+    def log(rec: dict[str, Any]) -> None:
+        hist.records.append(rec)
+        logger.log(rec)
+
+    def run_eval(step: int, rec: dict[str, Any]) -> None:
+        rec.update(evaluate(model, dataset, cfg.eval_batch_size, device, info))
+        rec["eval"] = True
+
+    t_start = time.perf_counter()
+    train_time, steps_run, step = 0.0, 0, start
+    net.train()
+    try:
+        while step < total and not hist.diverged:
+            rec: dict[str, Any] = {"step": step}
+            evaluated = cfg.eval_every > 0 and step % cfg.eval_every == 0
+            if evaluated:
+                run_eval(step, rec)
+            t0 = time.perf_counter()
+            lr = set_lr(optimizer, lr_factor(step, total, cfg))
+            x, y = dataset.train_batch(step, cfg.batch_size, cfg.seed)
+            y_b, lam = None, 1.0
+            if cfg.mixup > 0 and dataset.task == "classification":
+                x, y_b, lam = _mixup(x, y, cfg.mixup, cfg.seed, step)
+                y_b = dd.shard(y_b, info).to(device)
+            x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
+            out = net(x)
+            loss = compute_loss(out, y, dataset.task, cfg.label_smoothing)
+            if y_b is not None:
+                loss = lam * loss + (1 - lam) * compute_loss(
+                    out, y_b, dataset.task, cfg.label_smoothing
+                )
+            stats = [loss.item(), 0.0]
+            if dataset.task == "classification":
+                stats[1] = (out.detach().argmax(-1) == y).float().mean().item()
+            g_loss, g_acc = (v / info.world_size for v in dd.all_reduce_sum(stats, info, device))
+            if step == 0 or init_loss is None:
+                init_loss = g_loss
+            bad = not math.isfinite(g_loss) or (
+                cfg.divergence_factor is not None
+                and math.isfinite(init_loss)
+                and g_loss > cfg.divergence_factor * init_loss
+            )
+            rec.update({"train_loss": g_loss, "lr": lr})
+            if dataset.task == "classification" and y_b is None:
+                rec["train_accuracy"] = g_acc
+            if bad:
+                hist.diverged, hist.diverged_step = True, step
+                rec["diverged"] = True
+                log(rec)
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                gn = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                rec["grad_norm"] = float(gn)
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            steps_run += 1
+            step += 1
+            if evaluated or (step - 1) % cfg.log_every == 0:
+                log(rec)
+            logger.progress(1, g_loss, cfg.batch_size / max(dt, 1e-9))
+            if evaluated:
+                for cb in callbacks:
+                    cb(step - 1, model, hist)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save(step, wall0 + time.perf_counter() - t_start)
+        final = {"step": step}
+        run_eval(step, final)
+        log(final)
+        for cb in callbacks:
+            cb(step, model, hist)
+        wall = wall0 + time.perf_counter() - t_start
+        save(step, wall)
+    finally:
+        logger.close()
+    n_train = dataset.num_train()
+    hist.summary = {
+        "final_train_loss": hist.last("train_loss"),
+        "test_loss": final.get("test_loss"),
+        "diverged": hist.diverged,
+        "diverged_step": hist.diverged_step,
+        "steps": step,
+        "total_steps": total,
+        "epochs": step * cfg.batch_size / n_train,
+        "wall_time_s": wall,
+        "steps_per_s": steps_run / train_time if train_time > 0 else None,
+        "examples_per_s": steps_run * cfg.batch_size / train_time if train_time > 0 else None,
+        "world_size": info.world_size,
+        "device": str(device),
+        "dataset": dataset.name,
+        "task": dataset.task,
+        "num_params": int(sum(p.numel() for p in model.parameters())),
+    }
+    for key in ("test_accuracy", "test_bpb"):
+        if key in final:
+            hist.summary[key] = final[key]
+    if out_dir is not None and info.is_main:
+        write_json(Path(out_dir) / "summary.json", hist.summary)
+    return hist

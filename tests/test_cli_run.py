@@ -1,0 +1,101 @@
+"""`depthlab run | list | report`: outputs, re-rendering, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from depthlab.cli import main
+from depthlab.experiments import list_experiments
+
+REAL = [n for n in list_experiments() if not n.startswith("test-")]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "nope", "--preset", "smoke"], "unknown experiment 'nope'; choose one of: "),
+        (["run", "path-varience", "--preset", "smoke"], "did you mean 'path-variance'"),
+        (["run", "path-variance", "--preset", "huge"], "unknown preset of experiment"),
+        (["run", "all", "--preset", "huge"], "choose one of: smoke, quick, full"),
+        (["run", "path-variance", "--preset", "smoke", "--set", "depthz=3"], "valid keys: depths"),
+        (["run", "all", "--preset", "smoke", "--set", "bogus=1"], "no experiment has them"),
+        (["run", "path-variance", "--preset", "smoke", "--set", "short=x"], "must be an integer"),
+        (["run", "path-variance", "--preset", "smoke", "--set", "short"], "expects key=value"),
+        (["run", "path-variance", "--preset", "smoke", "--jobs", "0"], "--jobs must be a positive"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 2
+    assert message in err
+    assert err.startswith("depthlab run: error: ") and err.count("\n") == 1  # one line, no traceback
+    assert not out.exists()
+
+
+def test_unwritable_out_exits_2_and_writes_nothing(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "runs"
+    code, _, err = run_cli(capsys, "run", "path-variance", "--preset", "smoke", "--out", str(out))
+    assert code == 2 and "is not a folder" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_run_writes_every_output_and_report_rerenders_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(
+        capsys, "run", "path-variance", "--preset", "smoke", "--out", str(out),
+        "--set", "depths=[10,1000]",
+    )  # fmt: skip
+    assert code == 0
+    d = out / "path-variance"
+    for name in ("config.yaml", "records.csv", "summary.json", "report.md", "path_variance.png"):
+        assert (d / name).is_file(), name
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["depths"] == [10, 1000] and cfg["preset"] == "smoke"
+    df = pd.read_csv(d / "records.csv")
+    assert sorted(df["depth"].unique()) == [10, 1000]
+    assert len(list((d / "cells").glob("*.json"))) == 6  # 2 depths × 3 variants
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["claims"][0]["verdict"] == "reproduced"
+    # progress per cell, then the claim-vs-measured table last
+    assert "[path-variance] cell 6/6" in stdout
+    table = stdout.split("total wall time:")[1]
+    assert "experiment" in table and "verdict" in table and "reproduced" in table
+    report = (d / "report.md").read_text()
+    assert "| experiment | paper's claim |" in report and "![path_variance](path_variance.png)" in report
+
+    (d / "report.md").unlink()
+    (d / "path_variance.png").unlink()
+    code, stdout, _ = run_cli(capsys, "report", str(d))
+    assert code == 0
+    assert (d / "report.md").read_text() == report
+    assert (d / "path_variance.png").stat().st_size > 1000
+    code, stdout, _ = run_cli(capsys, "report", str(out))  # a run folder: combined report
+    assert code == 0 and (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == 2 and "no experiment results" in err
+
+
+def test_list_shows_models_schemes_and_every_experiment(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for section in ("models:", "schemes:", "experiments"):
+        assert section in out
+    for name in [*REAL, "mlp", "resnet", "rezero", "fixup"]:
+        assert f"  {name} " in out
+    assert len(REAL) == 9

@@ -1,0 +1,151 @@
+"""The experiment runner: cells cached by config hash, resume after a kill, parallel workers.
+
+A fake experiment registered here counts its executions with marker files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from depthlab.experiments import EXPERIMENTS, Claim, Experiment
+from depthlab.experiments.runner import cell_hash, run
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class CountConfig:
+    n: int = 6  # number of cells
+    log: str = ""  # folder for execution markers
+    scale: float = 1.0
+
+
+@EXPERIMENTS.register()
+class CountCells(Experiment):
+    name = "test-count-cells"
+    title = "counts executions"
+    columns = ("i", "value")
+    Config = CountConfig
+    presets = {"smoke": CountConfig()}
+
+    def cells(self, cfg):
+        return [{"i": i, "log": cfg.log, "scale": cfg.scale} for i in range(cfg.n)]
+
+    def run_cell(self, cell):
+        phase = os.environ.get("DEPTHLAB_TEST_PHASE", "x")
+        Path(cell["log"], f"{cell['i']}.{phase}").write_text(str(os.getpid()))
+        if os.environ.get("DEPTHLAB_TEST_KILL_AT") == str(cell["i"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard kill mid-sweep
+        return [{"value": cell["i"] * cell["scale"]}, {"value": -cell["i"]}]
+
+    def claims(self, df, cfg):
+        ok = bool(
+            (df.groupby("i")["value"].max() == df.groupby("i")["i"].first() * cfg.scale).all()
+        )
+        return [
+            Claim(
+                "values are i·scale",
+                "i·scale",
+                f"{len(df)} records",
+                "reproduced" if ok else "not reproduced",
+            )
+        ]
+
+
+def markers(log: Path, phase: str) -> list[int]:
+    return sorted(int(p.name.split(".")[0]) for p in log.glob(f"*.{phase}"))
+
+
+def test_killed_sweep_resumes_and_recomputes_only_missing_cells(tmp_path, monkeypatch):
+    log, out = tmp_path / "log", tmp_path / "out"
+    log.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        import test_runner
+        from depthlab.experiments.runner import run
+        run("test-count-cells", preset="smoke", out={str(out)!r},
+            overrides={{"log": {str(log)!r}}}, log=lambda s: None)
+        """
+    )
+    env = {**os.environ, "DEPTHLAB_TEST_PHASE": "first", "DEPTHLAB_TEST_KILL_AT": "3"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert markers(log, "first") == [0, 1, 2, 3]
+    cells_dir = out / "test-count-cells" / "cells"
+    assert len(list(cells_dir.glob("*.json"))) == 3  # cell 3 died before its file was written
+    assert not list(cells_dir.glob(".*.tmp"))  # no half-written cell files
+    assert not (out / "test-count-cells" / "records.csv").exists()
+
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "second")
+    (result,) = run("test-count-cells", "smoke", out, {"log": str(log)}, log=lambda s: None)
+    assert markers(log, "second") == [3, 4, 5]  # only the missing cells ran
+    assert result.cached_cells == 3 and result.cells == 6
+    df = pd.read_csv(out / "test-count-cells" / "records.csv")
+    assert list(df["i"]) == [i for i in range(6) for _ in range(2)]  # cell order kept
+    assert list(df["value"][::2]) == [float(i) for i in range(6)]
+    assert result.claims[0].verdict == "reproduced"
+
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "third")
+    run("test-count-cells", "smoke", out, {"log": str(log)}, log=lambda s: None)
+    assert markers(log, "third") == []  # a re-run reuses every finished cell
+
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "fourth")
+    run("test-count-cells", "smoke", out, {"log": str(log), "scale": 2.0}, log=lambda s: None)
+    assert markers(log, "fourth") == list(range(6))  # a changed config is a new cell
+    summary = json.loads((out / "test-count-cells" / "summary.json").read_text())
+    assert summary["cells"] == 6 and summary["cached_cells"] == 0
+
+
+def test_parallel_workers_run_each_missing_cell_once(tmp_path, monkeypatch):
+    log, out = tmp_path / "log", tmp_path / "out"
+    log.mkdir()
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "par")
+    monkeypatch.syspath_prepend(str(HERE))  # spawned workers import this module by name
+    (r,) = run(
+        "test-count-cells", "smoke", out, {"log": str(log), "n": 4}, jobs=2, log=lambda s: None
+    )
+    assert markers(log, "par") == [0, 1, 2, 3]
+    pids = {p.read_text() for p in log.glob("*.par")}
+    assert str(os.getpid()) not in pids  # ran in worker processes
+    assert list(r.records["value"][::2]) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_cell_hash_depends_on_name_version_and_every_field():
+    base = cell_hash("a", 1, {"x": 1, "y": "s"})
+    assert base == cell_hash("a", 1, {"y": "s", "x": 1})  # key order does not matter
+    assert (
+        len(
+            {
+                base,
+                cell_hash("b", 1, {"x": 1, "y": "s"}),
+                cell_hash("a", 2, {"x": 1, "y": "s"}),
+                cell_hash("a", 1, {"x": 2, "y": "s"}),
+            }
+        )
+        == 4
+    )
+
+
+def test_bad_overrides_and_presets_are_refused_before_writing(tmp_path):
+    from depthlab import DepthlabError
+
+    out = tmp_path / "out"
+    with pytest.raises(DepthlabError, match="unknown key.*nope.*valid keys: n, log, scale"):
+        run("test-count-cells", "smoke", out, {"nope": 1})
+    with pytest.raises(DepthlabError, match="must be an integer"):
+        run("test-count-cells", "smoke", out, {"n": "many"})
+    with pytest.raises(DepthlabError, match="unknown preset.*choose one of: smoke"):
+        run("test-count-cells", "quick", out)
+    assert not out.exists()
