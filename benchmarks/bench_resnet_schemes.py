@@ -1,13 +1,14 @@
 """Train-step throughput of a CIFAR ResNet-56 under each residual scheme, side by side.
 
-    .venv/bin/python benchmarks/bench_resnet_schemes.py                # batch 128, 6 timed steps x 3
-    .venv/bin/python benchmarks/bench_resnet_schemes.py --steps 2 --repeats 1 --batch 32   # quick
+    .venv/bin/python benchmarks/bench_resnet_schemes.py  # batch 128, 3x6 timed steps per scheme
+    .venv/bin/python benchmarks/bench_resnet_schemes.py --steps 2 --repeats 1 --batch 32  # quick
 
-Every scheme's model is built once; then, for each repeat, each scheme runs ``--warmup`` untimed
-and ``--steps`` timed SGD steps (forward, cross-entropy, backward, optimizer step) on one fixed
-random batch, in a rotated order so that drift in machine load is spread over the schemes. The
-table reports the median images/s over repeats, the spread (min-max), and the ratios to
-``batchnorm`` and to ``plain`` measured in the same run.
+Every scheme's model is built once and warmed up (``--warmup`` steps); then the schemes take
+turns, one SGD step (forward, cross-entropy, backward, optimizer step on one fixed random batch)
+each per round, in a rotated order, for ``--repeats x --steps`` rounds, so that drift in machine
+load is spread over all schemes. The table reports images/s from the median wall-clock step time
+and, beside it, from the median CPU time of the process (less sensitive to other processes on a
+shared machine), each with its ratios to ``batchnorm`` and to ``plain`` measured in the same run.
 
 Targets (issue 2): every normalization-free scheme >= 1.25x the ``batchnorm`` throughput, and the
 scheme machinery (gates, scalar biases) costs <= 5% over ``plain`` (ratio vs plain >= 0.95).
@@ -58,29 +59,40 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         runs[name] = (model.train(), opt)
 
-    rates: dict[str, list[float]] = {name: [] for name in schemes}
-    for rep in range(args.repeats):
-        order = schemes[rep % len(schemes) :] + schemes[: rep % len(schemes)]
-        for name in order:
-            model, opt = runs[name]
-            for _ in range(args.warmup):
-                train_step(model, opt, x, y)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, opt, x, y)
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
+    for name in schemes:  # warm-up: allocator, oneDNN kernel selection
+        for _ in range(args.warmup):
+            train_step(*runs[name], x, y)
+    wall: dict[str, list[float]] = {name: [] for name in schemes}
+    cpu: dict[str, list[float]] = {name: [] for name in schemes}
+    for step in range(args.repeats * args.steps):  # one step per scheme per round, rotated order
+        k = step % len(schemes)
+        for name in schemes[k:] + schemes[:k]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(*runs[name], x, y)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
-    med = {name: statistics.median(r) for name, r in rates.items()}
+    # images/s from the median step time: robust to load spikes from other processes
+    rate = {name: args.batch / statistics.median(t) for name, t in wall.items()}
+    cpu_rate = {name: args.batch / statistics.median(t) for name, t in cpu.items()}
     print(
         f"ResNet-{args.depth} (CIFAR 3x32x32), batch {args.batch}, SGD train step, "
-        f"{torch.get_num_threads()} threads, {args.repeats}x{args.steps} timed steps per scheme"
+        f"{torch.get_num_threads()} threads, {args.repeats * args.steps} timed steps per scheme "
+        "(interleaved), median step time"
     )
-    print(f"{'scheme':<10} {'images/s':>9} {'min-max':>13} {'vs batchnorm':>13} {'vs plain':>9}")
+    header = ["scheme", "images/s", "vs batchnorm", "vs plain", "img/CPU-s", "vs bn", "vs plain"]
+    print(
+        f"{header[0]:<10} {header[1]:>9} {header[2]:>13} {header[3]:>9}   "
+        f"{header[4]:>9} {header[5]:>7} {header[6]:>9}"
+    )
     for name in schemes:
-        lo, hi = min(rates[name]), max(rates[name])
-        vs_bn = f"{med[name] / med['batchnorm']:.2f}x" if "batchnorm" in med else "-"
-        vs_plain = f"{med[name] / med['plain']:.3f}x" if "plain" in med else "-"
-        print(f"{name:<10} {med[name]:>9.1f} {lo:>6.1f}-{hi:<6.1f} {vs_bn:>13} {vs_plain:>9}")
+        cells = []
+        for r in (rate, cpu_rate):
+            vs_bn = f"{r[name] / r['batchnorm']:.2f}x" if "batchnorm" in r else "-"
+            vs_plain = f"{r[name] / r['plain']:.3f}x" if "plain" in r else "-"
+            cells.append((r[name], vs_bn, vs_plain))
+        (a, b, c), (d, e, f) = cells
+        print(f"{name:<10} {a:>9.1f} {b:>13} {c:>9}   {d:>9.1f} {e:>7} {f:>9}")
     return 0
 
 

@@ -7,6 +7,7 @@
 
 from depthlab.convert import convert
 from depthlab.data import DATASETS, create_dataset, list_datasets
+from depthlab.experiments import EXPERIMENTS, list_experiments, run_experiments
 from depthlab.models import MODELS, create_model, list_models
 from depthlab.nn import Bias, Gate, Residual, residual_blocks
 from depthlab.registry import DepthlabError
@@ -17,6 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DATASETS",
+    "EXPERIMENTS",
+    "list_experiments",
+    "run_experiments",
     "History",
     "TrainConfig",
     "create_dataset",

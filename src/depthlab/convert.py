@@ -6,7 +6,7 @@ import copy
 
 from torch import nn
 
-from depthlab.nn.residual import Residual, residual_blocks
+from depthlab.nn.residual import Branch, Residual, residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.schemes import Scheme, get_scheme
 
@@ -44,9 +44,29 @@ def _is_torch_resnet_block(module: nn.Module) -> bool:
     )
 
 
+def _num_features(norm: nn.Module) -> int:
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels
+    if isinstance(norm, nn.LayerNorm):
+        return norm.normalized_shape[0]
+    return norm.num_features
+
+
+def _norm_like(s: Scheme, old: nn.Module | None, num_features: int) -> nn.Module | None:
+    """The scheme's norm in place of the model's norm ``old``: ``old`` itself when it is already
+    of that kind (keeps its trained statistics), a fresh one, or None (removed)."""
+    new = s.norm(num_features, "channels")
+    if new is not None and old is not None and type(old) is type(new):
+        return old
+    return new
+
+
 def _convert_block(block: nn.Module, s: Scheme, num_blocks: int) -> Residual:
     """A torchvision/timm ``BasicBlock`` or ``Bottleneck`` (post-activation, ResNet v1/v1.5)
-    as ``relu(shortcut(x) + gate · f(x))`` with the scheme's norms, biases and multipliers."""
+    as ``relu(shortcut(x) + gate · f(x))`` with the scheme's norms, biases and multipliers:
+
+    ``f = [b] conv1 [norm] [b] relu [b] conv2 [norm] ... [·s] [b]``.
+    """
     for extra in ("se", "aa", "drop_block", "drop_path"):
         sub = getattr(block, extra, None)
         if sub is not None and not isinstance(sub, nn.Identity):
@@ -54,23 +74,25 @@ def _convert_block(block: nn.Module, s: Scheme, num_blocks: int) -> Residual:
                 f"cannot convert a block with a '{extra}' module ({type(sub).__name__}); "
                 "only plain BasicBlock/Bottleneck ResNets are supported"
             )
-    convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+    names = ["1", "2"] + (["3"] if hasattr(block, "conv3") else [])
     layers: list[nn.Module | None] = []
-    for i, conv in enumerate(convs):
-        last = i == len(convs) - 1
-        layers += [s.bias(), _with_bias(conv, s.layer_bias), s.norm(conv.out_channels, "channels")]
-        if last:
+    for i, k in enumerate(names):
+        conv = getattr(block, f"conv{k}")
+        norm = _norm_like(s, getattr(block, f"bn{k}", None), conv.out_channels)
+        layers += [s.bias(), _with_bias(conv, s.layer_bias and norm is None), norm]
+        if i == len(names) - 1:
             layers += [s.scale(), s.bias()]
         else:
-            layers += [s.bias(), nn.ReLU(inplace=False)]
-    branch = nn.Sequential(*[m for m in layers if m is not None])
+            layers += [s.bias(), nn.ReLU(inplace=True)]
+    branch = Branch(*[m for m in layers if m is not None])
     shortcut = None
     if getattr(block, "downsample", None) is not None:
-        ds = [m for m in block.downsample if not isinstance(m, _NORMS)]
-        if s.norm(1, "channels") is not None:  # keep the projection's norm for BN schemes
-            ds = list(block.downsample)
-        shortcut = nn.Sequential(*ds)
-    c_out = convs[-1].out_channels
+        ds = [
+            _norm_like(s, m, _num_features(m)) if isinstance(m, _NORMS) else m
+            for m in block.downsample
+        ]
+        shortcut = nn.Sequential(*[m for m in ds if m is not None])
+    c_out = getattr(block, f"conv{names[-1]}").out_channels
     res = s.residual(branch, c_out, "channels", num_blocks, shortcut)
     res.post = nn.Sequential(res.post, nn.ReLU()) if res.post is not None else nn.ReLU()
     return res
@@ -111,10 +133,11 @@ def convert(model: nn.Module, scheme: str | Scheme, inplace: bool = False, **opt
         )
     for parent, name, child in parents:
         setattr(parent, name, _convert_block(child, s, len(parents)))
-    keep_bn = s.norm(1, "channels") is not None
-    if not keep_bn and isinstance(getattr(target, "bn1", None), _NORMS):
-        target.bn1 = s.bias() or nn.Identity()
-        if s.layer_bias and isinstance(getattr(target, "conv1", None), nn.Conv2d):
+    stem_bn = getattr(target, "bn1", None)
+    if isinstance(stem_bn, _NORMS):  # the stem: conv1 -> bn1 -> relu
+        norm = _norm_like(s, stem_bn, _num_features(stem_bn))
+        target.bn1 = norm or s.bias() or nn.Identity()
+        if norm is None and s.layer_bias and isinstance(getattr(target, "conv1", None), nn.Conv2d):
             target.conv1 = _with_bias(target.conv1, True)
     s.initialize(target)
     return target

@@ -223,16 +223,22 @@ class PostNorm(LayerNorm):
 
 
 def _alpha_value(alpha_init: float | str, num_blocks: int) -> float:
+    """The initial gate value: a finite number, or ``"1/sqrt(d)"`` with d the number of blocks."""
+    hint = "alpha_init must be a finite number or '1/sqrt(d)' (d = number of residual blocks)"
     if isinstance(alpha_init, str):
         if alpha_init.replace(" ", "") in ("1/sqrt(d)", "1/sqrt(depth)"):
             return 1 / math.sqrt(num_blocks)
         try:
-            return float(alpha_init)
+            value = float(alpha_init)
         except ValueError:
-            raise DepthlabError(
-                f"alpha_init must be a number or '1/sqrt(d)', got {alpha_init!r}"
-            ) from None
-    return float(alpha_init)
+            raise DepthlabError(f"{hint}, got {alpha_init!r}") from None
+    elif isinstance(alpha_init, (int, float)) and not isinstance(alpha_init, bool):
+        value = float(alpha_init)
+    else:
+        raise DepthlabError(f"{hint}, got {alpha_init!r}")
+    if not math.isfinite(value):
+        raise DepthlabError(f"{hint}, got {alpha_init!r}")
+    return value
 
 
 @dataclass
@@ -244,7 +250,7 @@ class _GatedScheme(Scheme):
         _alpha_value(self.alpha_init, 1)  # validate early
 
     def identity_at_init(self) -> bool:
-        return not isinstance(self.alpha_init, str) and float(self.alpha_init) == 0.0
+        return _alpha_value(self.alpha_init, 2) == 0.0  # "1/sqrt(d)" is never 0
 
     def gate(self, num_blocks: int) -> nn.Module | None:
         return Gate(_alpha_value(self.alpha_init, num_blocks), learnable=self.learnable)
@@ -389,14 +395,12 @@ def get_scheme(scheme: str | Scheme, **options: object) -> Scheme:
 
     >>> get_scheme("skipinit", alpha_init="1/sqrt(d)")
     """
-    if isinstance(scheme, Scheme):
-        if options:
-            return dataclasses.replace(scheme, **options)
-        return scheme
-    cls = SCHEMES.get(scheme)
+    cls = type(scheme) if isinstance(scheme, Scheme) else SCHEMES.get(scheme)
     valid = [f.name for f in dataclasses.fields(cls)]
     bad = [k for k in options if k not in valid]
     if bad:
         choices = ", ".join(valid) if valid else "(this scheme takes no options)"
-        raise DepthlabError(f"unknown option(s) {bad} for scheme '{scheme}'; valid: {choices}")
+        raise DepthlabError(f"unknown option(s) {bad} for scheme '{cls.name}'; valid: {choices}")
+    if isinstance(scheme, Scheme):
+        return dataclasses.replace(scheme, **options) if options else scheme
     return cls(**options)

@@ -1,7 +1,8 @@
 """``depthlab train``: train one model on one data set and write the run folder.
 
     depthlab train --model resnet --depth 56 --scheme fixup --data digits --steps 500 --out runs/x
-    depthlab train --config f.yaml --set lr=0.05 --set model.width=512 --set scheme_options.alpha_init=0.1
+    depthlab train --config f.yaml --set lr=0.05 --set model.width=512 \
+        --set scheme_options.alpha_init=0.1
     depthlab train --out runs/x --resume            # continue from runs/x/checkpoint.pt
 
 The resolved configuration has four sections, the same in ``--config`` files, in the written
@@ -64,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="model name (depthlab list models); default mlp")
     p.add_argument("--depth", type=int, help="model depth")
-    p.add_argument("--width", type=int, help="model width (mlp/linear: units; resnet: multiplier k)")
+    p.add_argument(
+        "--width", type=int, help="model width (mlp/linear: units; resnet: multiplier k)"
+    )
     p.add_argument("--scheme", help="residual scheme (depthlab list schemes)")
     p.add_argument("--data", help="data set: digits (default), cifar10, synthetic, bytes")
     p.add_argument("--data-dir", help="data folder (cifar10: holds cifar-10-batches-py)")
@@ -165,7 +168,11 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     valid = _valid_keys(cfg)
     for key, value in overrides:
         if key not in valid:
-            raise DepthlabError(f"unknown key '{key}' in --set; valid keys: {', '.join(valid)}")
+            shown = [k for k in valid if not k.startswith("train.")]
+            raise DepthlabError(
+                f"unknown key '{key}' in --set; valid keys: {', '.join(shown)} "
+                f"(training fields may also be written train.KEY)"
+            )
         section, name = _split_key(key)
         cfg[section][name] = value
     return cfg
@@ -220,16 +227,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     dataset, model_name, model, tcfg = build(cfg)
     out = Path(args.out or f"runs/{model_name}-{model.scheme.name}-{dataset.name}")
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     if args.resume:
         path = out / ckpt.FILENAME
         payload = ckpt.load_checkpoint(path)
         ckpt.check_compatible(payload["metadata"], model, path)
         del payload
-    elif out.exists() and any((out / f).exists() for f in RUN_FILES):
+    elif is_main and out.exists() and any((out / f).exists() for f in RUN_FILES):
         raise DepthlabError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
-    is_main = int(os.environ.get("RANK", "0")) == 0
     created = not out.exists()
     resolved = resolved_config(cfg, model_name, model, dataset, tcfg)
     try:
@@ -268,7 +275,11 @@ def summary_table(summary: dict[str, Any], out: Path) -> str:
             rows.append((key, f"{v:.4g}" if isinstance(v, float) else str(v)))
     div = summary.get("diverged")
     rows.append(("diverged", f"yes, at step {summary.get('diverged_step')}" if div else "no"))
-    for key, fmt in (("wall_time_s", "{:.1f}"), ("steps_per_s", "{:.2f}"), ("examples_per_s", "{:.0f}")):
+    for key, fmt in (
+        ("wall_time_s", "{:.1f}"),
+        ("steps_per_s", "{:.2f}"),
+        ("examples_per_s", "{:.0f}"),
+    ):
         if summary.get(key) is not None:
             rows.append((key, fmt.format(summary[key])))
     width = max(len(k) for k, _ in rows)

@@ -66,7 +66,9 @@ class Dataset:
         return hints
 
     def describe(self) -> str:
-        return f"{self.name} ({self.task}, input {tuple(self.input_shape)}, {self.num_train()} train)"
+        return (
+            f"{self.name} ({self.task}, input {tuple(self.input_shape)}, {self.num_train()} train)"
+        )
 
     def __repr__(self) -> str:
         return f"<Dataset {self.describe()}>"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +56,8 @@ def read_file(path: str | Path, max_bytes: int | None = None) -> bytes:
     if not p.is_file():
         raise DepthlabError(
             f"bytes data file {p} does not exist; pass path= a text file (e.g. enwik8 from "
-            f"http://mattmahoney.net/dc/enwik8.zip, unzipped) or leave it unset for the stdlib corpus"
+            f"http://mattmahoney.net/dc/enwik8.zip, unzipped), or leave it unset for the "
+            f"stdlib corpus"
         )
     with open(p, "rb") as f:
         return f.read() if max_bytes is None else f.read(max_bytes)
@@ -91,7 +91,9 @@ class Bytes(Dataset):
         if not isinstance(context, int) or context <= 0:
             raise DepthlabError(f"context must be a positive integer, got {context!r}")
         if eval_split not in SPLITS:
-            raise DepthlabError(f"eval_split must be one of {', '.join(SPLITS)}, got {eval_split!r}")
+            raise DepthlabError(
+                f"eval_split must be one of {', '.join(SPLITS)}, got {eval_split!r}"
+            )
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
             raise DepthlabError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         data = stdlib_corpus(max_bytes) if path is None else read_file(path, max_bytes)
@@ -141,4 +143,4 @@ class Bytes(Dataset):
     def describe(self) -> str:
         src = self.path or "stdlib sources"
         mb = (len(self.train_data) + len(self.valid_data) + len(self.test_data)) / 1e6
-        return f"bytes ({src}, {mb:.1f} MB, context {self.context}, {math.log2(256):.0f} bits/byte max)"
+        return f"bytes ({src}, {mb:.1f} MB, context {self.context})"

@@ -36,7 +36,9 @@ class Synthetic(TensorDataset):
     ) -> None:
         super().__init__()
         if kind not in KINDS:
-            raise DepthlabError(f"unknown synthetic kind '{kind}'; choose one of: {', '.join(KINDS)}")
+            raise DepthlabError(
+                f"unknown synthetic kind '{kind}'; choose one of: {', '.join(KINDS)}"
+            )
         for key, v in (("n", n), ("n_test", n_test), ("dim", dim), ("num_classes", num_classes)):
             if not isinstance(v, int) or v <= 0:
                 raise DepthlabError(f"synthetic {key} must be a positive integer, got {v!r}")

@@ -71,7 +71,7 @@ class BatchSize(Experiment):
 
         torch.manual_seed(cell["seed"])
         data = create_dataset("digits", flat=True)
-        steps = max(1, math.ceil(cell["epochs"] * data.num_train / cell["batch_size"]))
+        steps = max(1, math.ceil(cell["epochs"] * data.num_train() / cell["batch_size"]))
         model = dl.create_model(
             "mlp", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"]
         )

@@ -50,7 +50,7 @@ class PathVariance(Experiment):
         return [{"depth": d, "variant": v} for d in cfg.depths for v in cfg.variants]
 
     def run_cell(self, cell: dict) -> list[dict]:
-        from depthlab.diagnostics import path_variance
+        from depthlab.diagnostics.paths import path_variance
 
         scheme, alpha = VARIANTS[cell["variant"]]
         d = int(cell["depth"])

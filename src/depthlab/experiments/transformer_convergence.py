@@ -50,7 +50,7 @@ class Config:
     steps: int = 300
     lr: float = 0.001  # Adam
     warmup_steps: int = 60  # for the +warmup variant
-    target_bpb: float = 3.0  # smoothed training bits per byte that counts as reached
+    target_bpb: float = 4.0  # smoothed training bits per byte that counts as reached
     smooth: int = 10  # moving-average window (steps)
     deep_depth: int = 64  # the "do deep stacks train" part (0: skip)
     deep_variants: tuple[str, ...] = ("postnorm", "rezero")

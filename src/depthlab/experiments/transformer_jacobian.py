@@ -70,7 +70,7 @@ class TransformerJacobian(Experiment):
 
         import depthlab as dl
         from depthlab.data import create_dataset
-        from depthlab.diagnostics import jacobian_spectrum
+        from depthlab.diagnostics.jacobian import jacobian_spectrum
 
         scheme, depth = cell["model"].rsplit("-", 1)
         depth = int(depth)
@@ -127,7 +127,7 @@ class TransformerJacobian(Experiment):
                 vals = g["log10_sv"].clip(lower=lo)
                 ax.hist(vals, bins=bins, histtype="step", density=True, label=m)
             ax.set_title(f"Jacobian singular values ({ph})")
-            ax.set_xlabel("log10 singular value")
+            ax.set_xlabel(f"log10 singular value (clipped at {lo:.0f})")
             ax.legend(fontsize=7)
         return [save_fig(fig, out_dir / "transformer_jacobian.png")]
 

@@ -78,11 +78,14 @@ def materialize(model: nn.Module, device: torch.device | str | None = None) -> N
     """Allocate a model built on the ``meta`` device (construction without the cost of torch's own
     per-layer init, which depthlab overwrites anyway)."""
     device = torch.device(device or "cpu")
+    allocated: dict[int, nn.Parameter] = {}  # a parameter shared by several modules stays shared
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None and p.is_meta:
-                new = torch.empty(p.shape, dtype=p.dtype, device=device)
-                module._parameters[name] = nn.Parameter(new, requires_grad=p.requires_grad)
+                if id(p) not in allocated:
+                    new = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    allocated[id(p)] = nn.Parameter(new, requires_grad=p.requires_grad)
+                module._parameters[name] = allocated[id(p)]
         for name, b in module._buffers.items():
             if b is not None and b.is_meta:
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)

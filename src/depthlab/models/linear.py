@@ -7,7 +7,8 @@ import re
 import torch
 from torch import nn
 
-from depthlab.models.common import BlockStack, check_positive
+from depthlab.models.common import BlockStack, check_positive, seq
+from depthlab.nn.residual import weight_layers
 from depthlab.registry import DepthlabError
 from depthlab.schemes import Scheme, get_scheme
 
@@ -49,6 +50,9 @@ class LinearNet(nn.Module):
     * ``orthogonal``: random orthogonal ``W`` (``W Wᵀ = I``; Saxe et al. 2013, arXiv 1312.6120);
     * ``identity``: ``W = I``;
     * ``fold:k``: standard, then folded k times (:func:`fold_`), rank ``width/2^k``.
+
+    Other schemes put their slots around W (e.g. ``batchnorm``: ``x + W BN(x)``; ``rezero``:
+    ``x + α W x``); the matrices have no bias vectors.
     """
 
     def __init__(
@@ -67,17 +71,19 @@ class LinearNet(nn.Module):
         self.init_gain = 1.0
         self.config = dict(depth=depth, width=width, init=init)  # constructor arguments but the scheme
         self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
-        self.blocks = BlockStack(
-            *[
-                s.residual(nn.Linear(width, width, bias=False), width, "features", depth)
-                for _ in range(depth)
-            ]
-        )
+        blocks = []
+        for _ in range(depth):
+            # the scheme's slots around W (none for noskip/plain: the branch is W itself)
+            mods = [s.norm(width, "features"), s.bias(), nn.Linear(width, width, bias=False)]
+            mods = [m for m in [*mods, s.scale(), s.bias()] if m is not None]
+            branch = mods[0] if len(mods) == 1 else seq(*mods)
+            blocks.append(s.residual(branch, width, "features", depth))
+        self.blocks = BlockStack(*blocks)
         self.reset_parameters()
 
     def layers(self) -> list[nn.Linear]:
         """The weight matrices W_1 … W_L in forward order."""
-        return [blk.branch for blk in self.blocks]
+        return [weight_layers(blk.branch)[0] for blk in self.blocks]
 
     def weights(self) -> list[torch.Tensor]:
         return [layer.weight for layer in self.layers()]

@@ -65,7 +65,7 @@ class MLP(nn.Module):
                     for _ in range(depth)
                 ]
             )
-            self.head = seq(s.final_norm(width, "features"), make_act(act))
+            self.head = seq(s.final_norm(width, "features"), make_act(act), s.bias())
             self.classifier = nn.Linear(width, num_classes)
         materialize(self)
         self.reset_parameters()

@@ -92,7 +92,7 @@ class _ResNetBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (N, C, H, W)
         x = self.blocks(x)
-        x = self.head(x)  # final norm, σ
+        x = self.head(x)  # final norm, σ (Fixup: + scalar bias before the classifier)
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
@@ -146,7 +146,7 @@ class ResNet(_ResNetBase):
                     blocks.append(basic_block(s, c_in, c_out, stride, num_blocks, activation))
                     c_in = c_out
             self.blocks = BlockStack(*blocks)
-            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation))
+            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation), s.bias())
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)
@@ -218,7 +218,7 @@ class BottleneckResNet(_ResNetBase):
                     blocks.append(bottleneck_block(s, c_in, w, stride, num_blocks, activation))
                     c_in = w * 4
             self.blocks = BlockStack(*blocks)
-            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation))
+            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation), s.bias())
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)

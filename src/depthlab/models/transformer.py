@@ -106,8 +106,11 @@ class TransformerBlock(BlockStack):
             tokens,
             num_blocks,
         )
-        if s.shares_layer_gate() and attn_res.gate is not None:
-            ff_res.gate = attn_res.gate  # one α per layer, the same module in both sublayers
+        if s.shares_layer_gate() and attn_res.gate is not None and ff_res.gate is not None:
+            # one α per layer: both gates hold the same Parameter (two Gate modules, so hooks on
+            # each sublayer's gate still see only that sublayer)
+            for name, p in attn_res.gate.named_parameters(recurse=False):
+                setattr(ff_res.gate, name, p)
         attn_res.init_gain, ff_res.init_gain = 1.0, act_gain
         attn_res.deepnorm_layers = [attn.v_proj, attn.out_proj]
         super().__init__(OrderedDict(attn=attn_res, ff=ff_res))

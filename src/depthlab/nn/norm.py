@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from depthlab.registry import DepthlabError
+
 
 class ReferenceBatchNorm(nn.Module):
     """Batch normalization in plain tensor ops (Ioffe & Szegedy 2015, arXiv 1502.03167).
@@ -98,7 +100,7 @@ def create_norm(kind: str, num_features: int, layout: str) -> nn.Module:
     normalizes each sample over (C, H, W), i.e. ``GroupNorm(1, C)``.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
+        raise DepthlabError(f"unknown layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
     if kind == "batchnorm":
         if layout == "channels":
             return nn.BatchNorm2d(num_features)
@@ -109,7 +111,7 @@ def create_norm(kind: str, num_features: int, layout: str) -> nn.Module:
         if layout == "channels":
             return nn.GroupNorm(1, num_features)
         return nn.LayerNorm(num_features)
-    raise ValueError(f"unknown norm '{kind}'; choose one of: {', '.join(NORM_KINDS)}")
+    raise DepthlabError(f"unknown norm '{kind}'; choose one of: {', '.join(NORM_KINDS)}")
 
 
 class _TokenBatchNorm(nn.BatchNorm1d):

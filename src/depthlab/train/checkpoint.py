@@ -42,7 +42,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and python RNG states as tensors/plain values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 — the legacy global RNG users seed
     state = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
@@ -57,7 +57,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     name, pos, has_gauss, cached = state["numpy_rest"]
-    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(  # noqa: NPY002
+        (name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -103,7 +105,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DepthlabError(f"{path} is not a depthlab checkpoint (no '{FORMAT}' tag); {fix}")
     if meta.get("version") != VERSION:
-        raise DepthlabError(f"{path} has checkpoint version {meta.get('version')}, expected {VERSION}")
+        raise DepthlabError(
+            f"{path} has checkpoint version {meta.get('version')}, expected {VERSION}"
+        )
     payload["metadata"] = meta
     return payload
 

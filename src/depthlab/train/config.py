@@ -43,10 +43,17 @@ class TrainConfig:
     nesterov: bool = False  # SGD Nesterov momentum
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW β₁, β₂
     eps: float = 1e-8  # Adam/AdamW/Adagrad ε
-    weight_decay: float = 0.0  # L2 (decoupled for adamw); never on 0-/1-dim params (scalars, biases, norms)
-    schedule: str = "constant"  # constant | step (× step_gamma at milestones) | cosine | linear (decay to 0)
+    weight_decay: float = (
+        0.0  # L2 (decoupled for adamw); never on 0-/1-dim params (scalars, biases, norms)
+    )
+    schedule: str = (
+        "constant"  # constant | step (× step_gamma at milestones) | cosine | linear (decay to 0)
+    )
     warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr over this many steps
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run where lr drops
+    milestones: tuple[float, ...] = (
+        0.5,
+        0.75,
+    )  # step schedule: fractions of the run where lr drops
     step_gamma: float = 0.1  # step schedule: factor at each milestone
     min_lr_ratio: float = 0.0  # cosine/linear: final lr as a fraction of lr
     grad_clip: float | None = None  # clip the global gradient norm to this value
@@ -58,11 +65,15 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the test set every k steps (0: only at the end)
     eval_batch_size: int = 512  # batch size for evaluation
     log_every: int = 1  # record train loss every k steps (divergence is checked every step)
-    checkpoint_every: int = 0  # write a checkpoint every k steps when out_dir is set (0: only at the end)
+    checkpoint_every: int = (
+        0  # write a checkpoint every k steps when out_dir is set (0: only at the end)
+    )
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | mps
     checkpointing: int = 0  # activation checkpointing: number of segments of model.blocks (0: off)
     compile: bool = False  # torch.compile the model
-    divergence_factor: float | None = 10.0  # diverged if loss > factor × initial loss (None: only NaN/inf)
+    divergence_factor: float | None = (
+        10.0  # diverged if loss > factor × initial loss (None: only NaN/inf)
+    )
     sync_bn: bool = True  # SyncBatchNorm for BN models when world size > 1
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
@@ -103,12 +114,16 @@ class TrainConfig:
                 raise DepthlabError(f"{key} must be a number ≥ 0, got {v!r}")
         if self.dropout >= 1 or self.label_smoothing >= 1:
             raise DepthlabError("dropout and label_smoothing must be < 1")
-        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
+        if self.epochs is not None and (
+            not isinstance(self.epochs, (int, float)) or self.epochs <= 0
+        ):
             raise DepthlabError(f"epochs must be a positive number or null, got {self.epochs!r}")
         if self.grad_clip is not None and (
             not isinstance(self.grad_clip, (int, float)) or self.grad_clip <= 0
         ):
-            raise DepthlabError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
+            raise DepthlabError(
+                f"grad_clip must be a positive number or null, got {self.grad_clip!r}"
+            )
         if self.divergence_factor is not None and (
             not isinstance(self.divergence_factor, (int, float)) or self.divergence_factor <= 1
         ):

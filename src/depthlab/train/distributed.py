@@ -39,13 +39,17 @@ class DistInfo:
 def setup(device: torch.device) -> DistInfo:
     """Join the process group described by torchrun's environment variables (no-op otherwise)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
         return DistInfo()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True
+    )
 
 
 def teardown(info: DistInfo) -> None:
@@ -78,7 +82,11 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: bool =
         return model
     if sync_bn and device.type != "cpu" and has_batchnorm(model):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    ids = (
+        [device.index if device.index is not None else info.local_rank]
+        if device.type == "cuda"
+        else None
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 

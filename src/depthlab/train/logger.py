@@ -15,8 +15,9 @@ METRICS = "metrics.jsonl"
 
 
 def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: write them as the strings "nan", "inf", "-inf"."""
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf
+        return str(v)
     return v
 
 

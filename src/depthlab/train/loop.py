@@ -33,7 +33,7 @@ from depthlab.registry import DepthlabError
 from depthlab.train import checkpoint as ckpt
 from depthlab.train import distributed as dd
 from depthlab.train.config import TrainConfig
-from depthlab.train.logger import RunLogger
+from depthlab.train.logger import RunLogger, _clean
 from depthlab.train.optim import lr_factor, make_optimizer, set_lr
 
 LN2 = math.log(2.0)
@@ -67,7 +67,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DepthlabError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+        raise DepthlabError(
+            f"device '{name}' requested but CUDA is not available; use --device cpu"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise DepthlabError("device 'mps' requested but MPS is not available; use --device cpu")
     return torch.device(name)
@@ -75,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 — the legacy global RNG, for user code
     torch.manual_seed(seed)
 
 
@@ -94,10 +96,11 @@ def evaluate(
     dataset: Dataset,
     batch_size: int,
     device: torch.device,
-    info: dd.DistInfo = dd.DistInfo(),
+    info: dd.DistInfo | None = None,
 ) -> dict[str, float]:
     """Test metrics in eval mode: ``test_loss`` and ``test_accuracy`` (classification), ``test_bpb``
     = nats/ln 2 per byte (lm), or the mean squared error (regression). Ranks split the batches."""
+    info = info or dd.DistInfo()
     was_training = model.training
     model.eval()
     loss_sum = correct = count = 0.0
@@ -206,7 +209,11 @@ def _run(
         ckpt.check_compatible(payload["metadata"], model, path)
         model.load_state_dict(payload["model"])
         meta = payload["metadata"]
-        start, wall0, init_loss = int(meta["step"]), float(meta["wall_time_s"]), meta["initial_loss"]
+        start, wall0, init_loss = (
+            int(meta["step"]),
+            float(meta["wall_time_s"]),
+            meta["initial_loss"],
+        )
         hist.records = [r for r in meta["records"] if r["step"] < start]
         hist.diverged, hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
     model.to(device)
@@ -339,5 +346,5 @@ def _run(
         if key in final:
             hist.summary[key] = final[key]
     if out_dir is not None and info.is_main:
-        write_json(Path(out_dir) / "summary.json", hist.summary)
+        write_json(Path(out_dir) / "summary.json", {k: _clean(v) for k, v in hist.summary.items()})
     return hist

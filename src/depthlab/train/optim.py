@@ -33,22 +33,35 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         "scalars": (cfg.lr * cfg.scalar_lr_mult, 0.0),
     }
     return [
-        {"params": ps, "name": k, "lr": spec[k][0], "base_lr": spec[k][0], "weight_decay": spec[k][1]}
+        {
+            "params": ps,
+            "name": k,
+            "lr": spec[k][0],
+            "base_lr": spec[k][0],
+            "weight_decay": spec[k][1],
+        }
         for k, ps in groups.items()
         if ps
     ]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam, AdamW (decoupled decay) or Adagrad over :func:`param_groups`."""
+    """SGD (momentum, Nesterov), Adam, AdamW (decoupled decay) or Adagrad over :func:`param_groups`.
+
+    The multi-tensor (``foreach``) implementations are used on every device (torch picks them
+    only for CUDA by default): a 10,000-layer model has 30,000 parameter tensors, and a Python
+    loop over them would cost more than the step's small matmuls."""
     groups = param_groups(model, cfg)
+    kw = {"foreach": True}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw
+        )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kw)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kw)
+    return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, **kw)
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:

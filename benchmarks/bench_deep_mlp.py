@@ -1,0 +1,228 @@
+"""A 10,000-layer, width-256 ReZero MLP (Bachlechner et al. 2020, arXiv 2003.04887), batch 128:
+time per training step, achieved GFLOP/s against the matmul peak measured in the same run, and
+peak memory with and without activation checkpointing.
+
+    .venv/bin/python benchmarks/bench_deep_mlp.py                     # depth 10,000
+    .venv/bin/python benchmarks/bench_deep_mlp.py --depth 1000 --fit  # + fit 512 random labels
+
+Method.
+
+* **Peak**: the best of (a) a chain of the model's own matmuls, ``(128×256) @ (256×256)`` in a
+  loop, and (b) one large ``1024×1024`` sgemm, each timed after a warm-up, in this process.
+* **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
+  random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
+  runs; median of ``--steps`` timed steps
+  after one warm-up step. FLOPs per step are counted analytically: ``6·B·W²`` per hidden layer
+  (forward ``2BW²``, backward ``4BW²``) plus the stem and classifier.
+* **Memory** (each configuration in its own subprocess, ``MALLOC_MMAP_THRESHOLD_=65536`` so
+  freed tensors go back to the OS and RSS tracks live memory): ``rss_model`` is the resident set
+  after the timed steps (parameters, gradients, optimizer state); then one more step runs with
+  gradients zeroed in place (not freed), and its peak resident set is read from the kernel's
+  high-water mark ``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to
+  ``/proc/self/clear_refs`` just before. ``step_mem`` = peak −
+  ``rss_model`` is what a training step adds: activations saved for backward and temporaries.
+  (``tracemalloc`` does not see torch's allocations, hence RSS.) Checkpointing can only shrink
+  ``step_mem``: at width 256 and batch 128 the parameters, their gradients and the saved
+  activations are each ≈ ``depth·W²`` floats, so the *total* peak cannot fall below ~2/3.
+* **Activation checkpointing**: ``model.blocks.checkpoint_segments = s`` (default ``√depth``):
+  only segment inputs are kept and each segment's forward is recomputed in the backward pass.
+* ``--fit``: steps (SGD, full batches of the 512 examples) until the network fits 512 Gaussian
+  inputs with random labels to 100% training accuracy (``synthetic`` data set, ``random-labels``).
+
+Targets (issue 3): ≥ 50% of the measured matmul peak; checkpointing cuts step memory to ≤ 1/3 at
+≤ 1.4× the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import depthlab as dl
+from depthlab.train.optim import make_optimizer
+
+
+def matmul_peak(width: int, batch: int, reps: int = 200) -> dict[str, float]:
+    """GFLOP/s of the model-shaped matmul chain and of a large sgemm."""
+    out = {}
+    w = torch.randn(width, width) / math.sqrt(width)
+    x = torch.randn(batch, width)
+    for _ in range(20):
+        y = x @ w
+    t = time.perf_counter()
+    y = x
+    for _ in range(reps):
+        y = y @ w
+    dt = time.perf_counter() - t
+    out["chain"] = 2 * batch * width * width * reps / dt / 1e9
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    out["sgemm"] = 2 * n**3 / best / 1e9
+    return out
+
+
+def step_flops(depth: int, width: int, batch: int, in_dim: int, classes: int) -> float:
+    return 6.0 * batch * (depth * width * width + in_dim * width + width * classes)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def measure(depth: int, width: int, batch: int, steps: int, segments: int, momentum: float) -> dict:
+    """Build, warm up, then time ``steps`` steps; runs inside the child process."""
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model = dl.create_model("mlp", depth=depth, width=width, scheme="rezero", in_dim=64)
+    build_s = time.perf_counter() - t
+    model.blocks.checkpoint_segments = segments
+    opt = make_optimizer(model, dl.TrainConfig(lr=1e-3, momentum=momentum))
+    x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+
+    def step(set_to_none: bool = True) -> None:
+        opt.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()  # warm-up: allocates gradients and optimizer state
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    rss_model = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS high-water mark
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    step(set_to_none=False)  # memory step: gradients zeroed in place, so the baseline holds them
+    peak = _rss_kb("VmHWM")
+    return {
+        "build_s": build_s,
+        "step_s": statistics.median(times),
+        "rss_model_mb": rss_model / 1024,
+        "peak_mb": peak / 1024,
+        "step_mem_mb": (peak - rss_model) / 1024,
+        "hwm_reset": hwm_reset,
+    }
+
+
+def run_child(args: argparse.Namespace, segments: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--child", "--depth", str(args.depth)]
+    cmd += ["--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd += ["--segments", str(segments), "--momentum", str(args.momentum)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def fit_random_labels(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    data = dl.create_dataset("synthetic", kind="random-labels", n=512, dim=64, num_classes=10)
+    model = dl.create_model("mlp", depth=args.depth, width=args.width, scheme="rezero", in_dim=64)
+    model.blocks.checkpoint_segments = args.fit_segments
+    opt = torch.optim.SGD(model.parameters(), lr=args.fit_lr, momentum=0.9)
+    x, y = data.x_train, data.y_train
+    t = time.perf_counter()
+    for step in range(1, args.fit_max_steps + 1):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        acc = (out.argmax(1) == y).float().mean().item()  # accuracy before this update
+        if acc == 1.0:
+            return {"steps": step, "seconds": time.perf_counter() - t, "accuracy": acc}
+    return {"steps": None, "seconds": time.perf_counter() - t, "accuracy": acc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--depth", type=int, default=10_000)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    ap.add_argument("--segments", type=int, default=0, help="checkpoint segments (0: √depth)")
+    ap.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (0 saves memory)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 default: shared machine; 0: torch's)",
+    )
+    ap.add_argument("--fit", action="store_true", help="also time fitting 512 random labels")
+    ap.add_argument("--fit-lr", type=float, default=0.01)
+    ap.add_argument("--fit-max-steps", type=int, default=2000)
+    ap.add_argument("--fit-segments", type=int, default=0)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        res = measure(args.depth, args.width, args.batch, args.steps, args.segments, args.momentum)
+        print(json.dumps(res))
+        return 0
+    segments = args.segments or max(1, round(math.sqrt(args.depth)))
+    peak = matmul_peak(args.width, args.batch)
+    best = max(peak.values())
+    flops = step_flops(args.depth, args.width, args.batch, 64, 10)
+    plain = run_child(args, 0)
+    ckpt = run_child(args, segments)
+    print(
+        f"ReZero MLP depth {args.depth}, width {args.width}, batch {args.batch}, "
+        f"threads {torch.get_num_threads()}; model built in {plain['build_s']:.1f} s"
+    )
+    print(
+        f"matmul peak: chain (B×W)@(W×W) {peak['chain']:.1f} GFLOP/s, sgemm 1024³ "
+        f"{peak['sgemm']:.1f} GFLOP/s -> peak {best:.1f}; {flops / 1e9:.1f} GFLOP per step"
+    )
+    head = f"{'config':<22}{'s/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'model MB':>10}"
+    head += f"{'peak MB':>9}{'step MB':>9}{'time x':>8}{'step mem x':>11}"
+    print(head)
+    for name, r in (("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)):
+        gf = flops / r["step_s"] / 1e9
+        print(
+            f"{name:<22}{r['step_s']:>9.2f}{gf:>9.1f}{100 * gf / best:>7.0f}%"
+            f"{r['rss_model_mb']:>10.0f}{r['peak_mb']:>9.0f}{r['step_mem_mb']:>9.0f}"
+            f"{r['step_s'] / plain['step_s']:>8.2f}"
+            f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}"
+        )
+    if not (plain["hwm_reset"] and ckpt["hwm_reset"]):
+        print("note: /proc/self/clear_refs not writable; peaks include the warm-up step")
+    if args.fit:
+        fit = fit_random_labels(args)
+        if fit["steps"] is None:
+            print(f"fit 512 random labels: not reached in {args.fit_max_steps} steps "
+                  f"({fit['seconds']:.0f} s, accuracy {fit['accuracy']:.3f})")  # fmt: skip
+        else:
+            print(f"fit 512 random labels to 100% train accuracy: {fit['steps']} steps, "
+                  f"{fit['seconds']:.1f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Singular values of the per-example input-output Jacobian (dynamical isometry).
+
+For one example x ∈ R^n and a network output y = F(x) ∈ R^m (inputs and outputs of any shape are
+flattened per example), ``J = ∂y/∂x ∈ R^{m×n}`` and its singular values s_1 ≥ … ≥ s_r,
+r = min(m, n). A network is dynamically isometric when all s_i ≈ 1 (Saxe et al. 2013,
+arXiv 1312.6120; Pennington, Schoenholz & Ganguli 2017, arXiv 1711.04735). Bachlechner et al.
+2020, "ReZero is All You Need: Fast Convergence at Large Depth" (arXiv 2003.04887, Fig. 5) show
+ReZero keeps them at 1 (its Jacobian is the identity at initialisation) while deep Post-LN
+Transformers collapse.
+
+To study the residual stack alone (without a model's stem and classifier), pass ``model.blocks``
+and the stack's input (e.g. ``model.stem(x)``): any callable/module mapping a batch to a batch.
+
+Methods:
+
+* ``dense``: the full J per example through ``torch.func.jacrev`` (reverse mode, chunked), then
+  ``torch.linalg.svdvals``. O(min(m, n)) backward passes plus an O(m n r) SVD.
+* ``lanczos``: matrix-free. Jacobian-vector products (``torch.func.jvp``) and vector-Jacobian
+  products (``torch.func.vjp``) define the Gram operator G = J Jᵀ (m ≤ n) or Jᵀ J (m > n) of size
+  r, whose top/bottom k eigenvalues (ARPACK Lanczos, ``scipy.sparse.linalg.eigsh``) are the
+  squared top/bottom k singular values. Each G-product costs one JVP and one VJP.
+* ``hutchinson``: the mean squared singular value ``‖J‖_F²/r`` from ``E‖Jᵀu‖² = ‖J‖_F²`` with
+  Rademacher u (Hutchinson 1989); reported as the RMS singular value (``kind="rms"``).
+
+BatchNorm in train mode normalises with batch statistics, which couples the examples, so a
+per-example Jacobian is not defined there: the Jacobian is taken in eval mode (running
+statistics) by default, and asking for ``train_mode=True`` on a model with BatchNorm is an error.
+A freshly built BN model has running variance 1 (BN is then the identity in eval mode); call
+:func:`calibrate_batchnorm` first to study it as it computes on data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from torch import nn
+
+from depthlab.registry import DepthlabError
+
+METHODS = ("auto", "dense", "lanczos", "hutchinson")
+JACOBIAN_COLUMNS = ["example", "index", "singular_value", "kind", "method"]
+DENSE_LIMIT = 2**22  # auto: dense when m·n ≤ this (a 2048 × 2048 Jacobian)
+
+
+def _batchnorms(model: object) -> list[nn.Module]:
+    if not isinstance(model, nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to the exact average over ``batches`` (train-mode
+    forward passes with cumulative averaging, ``momentum=None``); restores train/eval flags."""
+    bns = _batchnorms(model)
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        with torch.no_grad():
+            for xb in batches:
+                model(xb)
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+    return model
+
+
+def _per_example(model: Callable, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """g(v) = flatten(model(v reshaped to (1, *shape))): R^n -> R^m for one example."""
+
+    def g(v: torch.Tensor) -> torch.Tensor:
+        return model(v.reshape(1, *shape)).reshape(-1)
+
+    return g
+
+
+def _check_k(k: int | None, r: int, method: str) -> None:
+    if k is None:
+        return
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise DepthlabError(f"k must be a positive integer, got {k!r}")
+    if method == "lanczos" and k >= r:
+        raise DepthlabError(
+            f"k={k} is not smaller than the Jacobian's dimension min(m, n)={r}; the matrix-free "
+            f"method needs k < {r} — use a smaller k or method='dense' for all singular values"
+        )
+    if k > r:
+        raise DepthlabError(
+            f"k={k} exceeds the Jacobian's dimension min(m, n)={r}; use k ≤ {r} (or k=None for all)"
+        )
+
+
+def dense_singular_values(g: Callable, v: torch.Tensor, chunk_size: int | None = None):
+    """All singular values (descending) of the Jacobian of ``g`` at the flat point ``v``."""
+    jac = torch.func.jacrev(g, chunk_size=chunk_size)(v)  # (m, n)
+    return torch.linalg.svdvals(jac.detach()).cpu().numpy().astype(np.float64)
+
+
+class _GramOperator:
+    """G = J Jᵀ (m ≤ n) or Jᵀ J (m > n) at one example, from JVPs and VJPs."""
+
+    def __init__(self, g: Callable, v: torch.Tensor) -> None:
+        self.g, self.v = g, v
+        out, self.vjp_fn = torch.func.vjp(g, v)
+        self.m, self.n = out.numel(), v.numel()
+        self.dtype, self.device = v.dtype, v.device
+        self.size = min(self.m, self.n)
+        self.products = 0
+
+    def jvp(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(self.g, (self.v,), (t,))[1]
+
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        return self.vjp_fn(u)[0]
+
+    def matvec(self, a: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.ascontiguousarray(a).reshape(-1), dtype=self.dtype)
+        t = t.to(self.device)
+        out = self.jvp(self.vjp(t)) if self.m <= self.n else self.vjp(self.jvp(t))
+        self.products += 1
+        return out.detach().double().cpu().numpy()
+
+    def linear_operator(self) -> LinearOperator:
+        return LinearOperator((self.size, self.size), matvec=self.matvec, dtype=np.float64)
+
+
+def lanczos_singular_values(
+    g: Callable,
+    v: torch.Tensor,
+    k: int,
+    which: str = "both",
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Top and/or bottom ``k`` singular values of the Jacobian of ``g`` at ``v``, matrix-free.
+
+    ARPACK's implicitly restarted Lanczos on the Gram operator G (module docstring);
+    ``s = √λ(G)``. Returns ``{"top": descending, "bottom": descending, "products": count}``.
+    """
+    op = _GramOperator(g, v)
+    _check_k(k, op.size, "lanczos")
+    lin = op.linear_operator()
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(op.size)
+    ncv = min(op.size, max(2 * k + 1, 32))
+    out: dict[str, np.ndarray] = {}
+    wanted = ("top", "bottom") if which == "both" else (which,)
+    for part in wanted:
+        kind = "LA" if part == "top" else "SA"
+        try:
+            lam = eigsh(lin, k=k, which=kind, v0=v0, ncv=ncv, tol=tol, return_eigenvectors=False)
+        except ArpackNoConvergence as e:
+            raise DepthlabError(
+                f"Lanczos did not converge for the {part} {k} singular values; loosen tol "
+                f"(now {tol}) or use method='dense'"
+            ) from e
+        out[part] = np.sqrt(np.clip(np.sort(lam)[::-1], 0.0, None))
+    out["products"] = np.array(op.products)
+    return out
+
+
+def hutchinson_mean_sq(g: Callable, v: torch.Tensor, samples: int = 64, seed: int = 0) -> float:
+    """Unbiased estimate of ``‖J‖_F² / min(m, n)`` (the mean squared singular value) from
+    ``samples`` Rademacher probes on the smaller side of J."""
+    op = _GramOperator(g, v)
+    gen = torch.Generator().manual_seed(seed)
+    side = op.m if op.m <= op.n else op.n
+    total = 0.0
+    for _ in range(samples):
+        z = (torch.randint(0, 2, (side,), generator=gen) * 2 - 1).to(op.dtype).to(op.device)
+        w = op.vjp(z) if op.m <= op.n else op.jvp(z)
+        total += float((w.detach().double() ** 2).sum())
+    return total / samples / op.size
+
+
+def jacobian_spectrum(
+    model: Callable,
+    x: torch.Tensor,
+    method: str = "auto",
+    k: int | None = None,
+    *,
+    train_mode: bool = False,
+    num_examples: int | None = None,
+    dense_limit: int = DENSE_LIMIT,
+    chunk_size: int | None = 256,
+    tol: float = 1e-6,
+    samples: int = 64,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Singular values of the input-output Jacobian of ``model`` at each example of ``x``.
+
+    ``x`` is a batch (N, ...) of real inputs; ``num_examples`` limits how many are analysed.
+    Returns columns ``example``, ``index`` (position in the descending order, 0 = largest),
+    ``singular_value``, ``kind`` (``all``; ``top``/``bottom`` when ``k`` is given; ``rms`` for
+    Hutchinson) and ``method``. ``method="auto"`` is ``dense`` when m·n ≤ ``dense_limit``, else
+    ``lanczos`` (default k = 6 there). With ``dense`` and a ``k``, the top and bottom k of the
+    full spectrum are returned (for comparison with ``lanczos``).
+    """
+    if method not in METHODS:
+        raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    if not torch.is_tensor(x) or x.dim() < 1 or not x.is_floating_point():
+        raise DepthlabError(
+            "jacobian_spectrum needs a floating-point batch (N, ...); for token models pass the "
+            "embedded sequence and the module that maps it (e.g. model.blocks)"
+        )
+    bns = _batchnorms(model)
+    if train_mode and bns:
+        raise DepthlabError(
+            f"the model has {len(bns)} BatchNorm layer(s): in train mode they normalise with batch "
+            "statistics, which couples the examples, so a per-example Jacobian is not defined; use "
+            "train_mode=False (eval mode, running statistics; see calibrate_batchnorm)"
+        )
+    flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if isinstance(model, nn.Module):
+        model.train(train_mode)
+        p = next(model.parameters(), None)
+        if p is not None:
+            x = x.to(device=p.device, dtype=p.dtype)
+    try:
+        return _spectrum(model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _spectrum(model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed):
+    shape = tuple(x.shape[1:])
+    g = _per_example(model, shape)
+    n_ex = x.shape[0] if num_examples is None else min(int(num_examples), x.shape[0])
+    n = math.prod(shape)
+    with torch.no_grad():
+        m = g(x[0].reshape(-1)).numel()
+    r = min(m, n)
+    if method == "auto":
+        method = "dense" if m * n <= dense_limit else "lanczos"
+    if method == "lanczos" and k is None:
+        k = min(6, r - 1)
+    if method != "hutchinson":
+        _check_k(k, r, method)
+    rows: list[dict] = []
+    for e in range(n_ex):
+        v = x[e].reshape(-1).detach()
+        if method == "dense":
+            s = dense_singular_values(g, v, chunk_size)
+            if k is None:
+                parts = {"all": (s, 0)}
+            else:
+                parts = {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
+        elif method == "lanczos":
+            res = lanczos_singular_values(g, v, k, tol=tol, seed=seed + e)
+            parts = {"top": (res["top"], 0), "bottom": (res["bottom"], r - k)}
+        else:
+            rms = math.sqrt(hutchinson_mean_sq(g, v, samples, seed + e))
+            parts = {"rms": (np.array([rms]), 0)}
+        for kind, (vals, start) in parts.items():
+            for j, val in enumerate(vals):
+                rows.append(
+                    {"example": e, "index": start + j, "singular_value": float(val),
+                     "kind": kind, "method": method}
+                )
+    return pd.DataFrame(rows, columns=JACOBIAN_COLUMNS)
+
+
+def spectrum_summary(df: pd.DataFrame) -> dict[str, float]:
+    """``mean_log_sv`` and ``std_log_sv`` (natural log) and ``share_within_2`` (share of singular
+    values in [1/2, 2]) over the singular values of a :func:`jacobian_spectrum` frame (Hutchinson
+    RMS rows excluded; zeros are clipped to 1e-300 before the log)."""
+    s = df.loc[df["kind"] != "rms", "singular_value"].to_numpy(dtype=np.float64)
+    if s.size == 0:
+        raise DepthlabError("spectrum_summary needs singular values (method dense or lanczos)")
+    logs = np.log(np.clip(s, 1e-300, None))
+    return {
+        "mean_log_sv": float(logs.mean()),
+        "std_log_sv": float(logs.std()),
+        "share_within_2": float(((s >= 0.5) & (s <= 2.0)).mean()),
+    }

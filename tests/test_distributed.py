@@ -1,0 +1,86 @@
+"""Data parallelism: torchrun with 2 CPU processes reproduces the single-process loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from depthlab import DepthlabError
+from depthlab.train.distributed import DistInfo, shard
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import depthlab as dl
+
+
+    def main(path):
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = dl.create_model("mlp", depth=4, width=32, scheme="skipinit",
+                                scheme_options={"alpha_init": 0.5})
+        cfg = dl.TrainConfig(steps=12, lr=0.05, batch_size=64, eval_every=6, grad_clip=5.0)
+        hist = dl.train(model, "digits", cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            rec = {"loss": [r["train_loss"] for r in hist.records if "train_loss" in r],
+                   "acc": hist.summary["test_accuracy"], "world": hist.summary["world_size"],
+                   "alpha": [b.gate.alpha.item() for b in model.blocks]}
+            with open(path, "w") as f:
+                json.dump(rec, f)
+
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_matches_single_process(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    namespace: dict = {"__name__": "in_process"}
+    exec(SCRIPT, namespace)
+    namespace["main"](str(tmp_path / "single.json"))  # the single-process run, in this process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    ddp = subprocess.run(
+        [*cmd, str(script), str(tmp_path / "ddp.json")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = json.loads((tmp_path / "single.json").read_text())
+    b = json.loads((tmp_path / "ddp.json").read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert len(a["loss"]) == len(b["loss"]) == 12
+    assert a["loss"][-1] < a["loss"][0]  # it trained
+    torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(b["alpha"]), torch.tensor(a["alpha"]), rtol=0, atol=1e-5
+    )
+    assert b["acc"] == pytest.approx(a["acc"], abs=1e-9)
+
+
+def test_shard_slices_the_global_batch():
+    x = torch.arange(12)
+    assert torch.equal(shard(x, DistInfo(rank=1, world_size=3)), torch.tensor([4, 5, 6, 7]))
+    assert torch.equal(shard(x, DistInfo()), x)
+    with pytest.raises(DepthlabError, match="not divisible by the world size 5"):
+        shard(x, DistInfo(rank=0, world_size=5))
