@@ -116,8 +116,16 @@ class _GramOperator:
         self.dtype, self.device = v.dtype, v.device
         self.size = min(self.m, self.n)
         self.products = 0
+        # J t as the VJP of the linear map u ↦ Jᵀu (the "double-VJP" trick): it reuses the saved
+        # forward graph, so it costs about one backward pass, unlike a fresh forward-mode JVP.
+        try:
+            _, self._jvp_fn = torch.func.vjp(lambda u: self.vjp_fn(u)[0], torch.zeros_like(out))
+        except RuntimeError:  # an op without double backward: forward mode instead
+            self._jvp_fn = None
 
     def jvp(self, t: torch.Tensor) -> torch.Tensor:
+        if self._jvp_fn is not None:
+            return self._jvp_fn(t)[0]
         return torch.func.jvp(self.g, (self.v,), (t,))[1]
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
@@ -220,9 +228,12 @@ def jacobian_spectrum(
             "statistics, which couples the examples, so a per-example Jacobian is not defined; use "
             "train_mode=False (eval mode, running statistics; see calibrate_batchnorm)"
         )
-    flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    if isinstance(model, nn.Module):
+    is_module = isinstance(model, nn.Module)
+    flags = [(m, m.training) for m in model.modules()] if is_module else []
+    grads = [(p, p.requires_grad) for p in model.parameters()] if is_module else []
+    if is_module:
         model.train(train_mode)
+        model.requires_grad_(False)  # differentiate w.r.t. the input only
         p = next(model.parameters(), None)
         if p is not None:
             x = x.to(device=p.device, dtype=p.dtype)
@@ -231,6 +242,8 @@ def jacobian_spectrum(
     finally:
         for m, flag in flags:
             m.training = flag
+        for p, req in grads:
+            p.requires_grad_(req)
 
 
 def _spectrum(model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed):

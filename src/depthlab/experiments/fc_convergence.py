@@ -35,7 +35,7 @@ class Config:
     schemes: tuple[str, ...] = ("noskip", "plain", "layernorm", "rezero")
     depth: int = 32  # fully connected layers
     width: int = 256
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 128
     optimizer: str = "adagrad"
     lr: float = 0.01

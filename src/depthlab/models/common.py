@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -54,24 +55,59 @@ class BlockStack(nn.Sequential):
         return x
 
 
+#: models with more weights than this are initialised by several threads (see normal_init_)
+PARALLEL_INIT_NUMEL = 1 << 24
+
+
+def normal_init_(tensors: list[tuple[torch.Tensor, float]]) -> None:
+    """Fill each ``(tensor, std)`` with ``N(0, std²)`` samples, in place.
+
+    Small models take one sequential pass over torch's global generator. Above
+    ``PARALLEL_INIT_NUMEL`` weights (e.g. a 10,000-layer MLP: 655M weights) each tensor gets its
+    own generator, seeded from one draw of the global generator, and the tensors are filled by
+    ``torch.get_num_threads()`` threads (``normal_`` on one layer is serial in torch, and filling
+    fresh memory is page-fault bound). The values then depend on ``torch.manual_seed`` only, not on
+    the number of threads.
+    """
+    if sum(t.numel() for t, _ in tensors) < PARALLEL_INIT_NUMEL:
+        for t, std in tensors:
+            t.normal_(0.0, std)
+        return
+    seeds = torch.randint(0, 2**62, (len(tensors),)).tolist()
+    workers = max(1, torch.get_num_threads())
+
+    def fill(first: int) -> None:
+        for i in range(first, len(tensors), workers):
+            t, std = tensors[i]
+            g = torch.Generator(device=t.device)
+            g.manual_seed(seeds[i])
+            with torch.no_grad():  # grad mode is per thread
+                t.normal_(0.0, std, generator=g)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, range(workers)))
+
+
 def default_init(model: nn.Module, gain: float) -> None:
     """He/LeCun normal init of every conv and linear (``std = gain/√fan_in``), zero biases; every
     other module with ``reset_parameters`` (norms, gates, scalar biases) is reset. The module
     named ``classifier`` gets gain 1."""
     head = getattr(model, "classifier", None)
+    weights = []
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 w = module.weight
                 fan_in = w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
                 g = 1.0 if module is head else gain
-                w.normal_(0.0, g / math.sqrt(fan_in))
+                weights.append((w, g / math.sqrt(fan_in)))
                 if module.bias is not None:
                     module.bias.zero_()
             elif module is not model and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
             elif isinstance(module, nn.modules.batchnorm._NormBase):
                 module.reset_running_stats()
+        normal_init_(weights)
 
 
 def materialize(model: nn.Module, device: torch.device | str | None = None) -> None:

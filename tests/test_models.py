@@ -1,0 +1,289 @@
+"""Every registered model under every registered scheme, plus per-model properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import depthlab as dl
+from depthlab.models.linear import fold_
+from depthlab.nn.residual import residual_blocks
+
+# model -> (small constructor kwargs, two depths, input batch maker). A model registered without
+# an entry here fails test_every_model_has_a_small_config: add one.
+SMALL = {
+    "mlp": (dict(width=16, in_dim=12, num_classes=5), (2, 5), lambda: torch.randn(4, 12)),
+    "resnet": (dict(num_classes=5), (8, 14), lambda: torch.randn(2, 3, 8, 8)),
+    "resnet-bottleneck": (
+        dict(stem="cifar", num_classes=5),
+        (26, 38),
+        lambda: torch.randn(2, 3, 8, 8),
+    ),
+    "linear": (dict(width=8), (2, 5), lambda: torch.randn(4, 8)),
+    "transformer-lm": (
+        dict(d_model=16, nhead=2, context=8, vocab_size=32),
+        (1, 3),
+        lambda: torch.randint(0, 32, (2, 8)),
+    ),
+}
+CASES = [
+    (model, scheme, depth)
+    for model in dl.list_models()
+    if model in SMALL
+    for scheme in dl.list_schemes()
+    for depth in SMALL[model][1]
+]
+
+
+def build(model: str, scheme: str, depth: int | None = None, **extra) -> nn.Module:
+    kwargs, depths, _ = SMALL[model]
+    return dl.create_model(model, depth=depth or depths[0], scheme=scheme, **{**kwargs, **extra})
+
+
+def test_every_model_has_a_small_config():
+    missing = [m for m in dl.list_models() if m not in SMALL]
+    assert not missing, f"add small constructor kwargs and an input for {missing} to SMALL"
+
+
+@pytest.mark.parametrize(("model", "scheme", "depth"), CASES)
+def test_forward_backward_finite(model, scheme, depth):
+    net = build(model, scheme, depth).train()
+    x = SMALL[model][2]()
+    out = net(x)
+    assert out.shape[0] == x.shape[0]
+    assert torch.isfinite(out).all()
+    (out.float() * torch.randn(out.shape)).sum().backward()  # not stationary at zero logits
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads, "backward reached no parameter"
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert len(residual_blocks(net)) > 0
+    assert net.config["depth"] == depth and net.scheme.name == scheme
+
+
+IDENTITY_SCHEMES = [s for s in dl.list_schemes() if dl.get_scheme(s).identity_at_init()]
+
+
+def test_identity_schemes_include_the_papers():
+    assert {"skipinit", "rezero", "fixup"} <= set(IDENTITY_SCHEMES)
+
+
+def _capture(net: nn.Module, x: torch.Tensor, modules: list[nn.Module]):
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(mod, (inp[0], out)))
+        for m in modules
+    ]
+    logits = net(x)
+    for h in hooks:
+        h.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("model", sorted(SMALL))
+@pytest.mark.parametrize("scheme", IDENTITY_SCHEMES)
+def test_blocks_are_identity_at_init(model, scheme):
+    """SkipInit/ReZero/Fixup: every block returns its skip path exactly (x, or shortcut(x))."""
+    net = build(model, scheme).train()
+    blocks = residual_blocks(net)
+    _, seen = _capture(net, SMALL[model][2](), blocks)
+    assert len(seen) == len(blocks)
+    for blk in blocks:
+        x, y = seen[blk]
+        if blk.shortcut is None:
+            assert torch.equal(y, x)
+        else:
+            with torch.no_grad():
+                assert torch.equal(y, blk.shortcut(x))
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet", "resnet-bottleneck"])
+def test_fixup_branches_and_logits_are_zero_at_init(model):
+    net = build(model, "fixup")
+    blocks = residual_blocks(net)
+    logits, seen = _capture(net, SMALL[model][2](), [b.branch for b in blocks])
+    for blk in blocks:
+        assert torch.equal(seen[blk.branch][1], torch.zeros_like(seen[blk.branch][1]))
+    assert torch.equal(logits, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "m"),
+    [
+        ("resnet", dict(depth=20, width=2), 2),  # L = 9 basic blocks
+        ("resnet-bottleneck", dict(depth=26, width=2, stem="cifar"), 3),  # L = 8 bottlenecks
+    ],
+)
+def test_fixup_init_scales_branch_layers(model, kwargs, m):
+    """Fixup rule 2: std of non-final branch layers = He std x L^(-1/(2m-2)), within 3%;
+    rule 1: last branch layer and classifier zero; rule 3: multipliers 1, scalar biases 0."""
+    net = dl.create_model(model, scheme="fixup", **kwargs)
+    blocks = residual_blocks(net)
+    L = len(blocks)
+    factor = L ** (-1 / (2 * m - 2))
+    for blk in blocks:
+        layers = [mod for mod in blk.branch.modules() if isinstance(mod, nn.Conv2d)]
+        assert len(layers) == m
+        for layer in layers[:-1]:
+            w = layer.weight
+            he = math.sqrt(2.0) / math.sqrt(w[0].numel())
+            assert w.numel() >= 8192
+            assert abs(w.std().item() / (he * factor) - 1) < 0.03
+        assert torch.equal(layers[-1].weight, torch.zeros_like(layers[-1].weight))
+    assert torch.equal(net.classifier.weight, torch.zeros_like(net.classifier.weight))
+    assert torch.equal(net.classifier.bias, torch.zeros_like(net.classifier.bias))
+    gates = [g for g in net.modules() if isinstance(g, dl.Gate)]
+    biases = [b for b in net.modules() if isinstance(b, dl.Bias)]
+    assert len(gates) == L and all(g.alpha.item() == 1.0 for g in gates)
+    assert len(biases) == L * (2 * m) + 1  # 2 per weight layer, plus one before the classifier
+    assert all(b.bias.item() == 0.0 for b in biases)
+
+
+def test_deepnorm_init_matches_formulas():
+    """α = (2N)^(1/4) on the skip, β = (8N)^(-1/4) on Xavier-normal branch weights, with N = L/2
+    encoder layers of two residual sublayers each; LayerNorm after every sum."""
+    L, width = 8, 256
+    net = dl.create_model("mlp", depth=L, width=width, scheme="deepnorm")
+    N = L / 2
+    alpha, beta = (2 * N) ** 0.25, (8 * N) ** -0.25
+    for blk in residual_blocks(net):
+        assert blk.skip_mult == pytest.approx(alpha, rel=1e-12)
+        assert isinstance(blk.post, nn.LayerNorm)
+        w = blk.branch[1].weight
+        xavier = math.sqrt(2.0 / (width + width))
+        assert abs(w.std().item() / (xavier * beta) - 1) < 0.03
+
+
+def test_skipinit_alpha_one_over_sqrt_depth():
+    net = build("mlp", "skipinit", 9, scheme_options={"alpha_init": "1/sqrt(d)"})
+    assert [b.gate.alpha.item() for b in net.blocks] == pytest.approx([1 / 3] * 9)
+
+
+def test_resnet_structure_and_wide_resnet_size():
+    net = dl.create_model("resnet", depth=56, scheme="batchnorm")
+    assert len(net.blocks) == 27
+    assert [net.blocks[i].branch[3].out_channels for i in (0, 9, 18)] == [16, 32, 64]
+    # He et al. 2015 Table 6: ResNet-56 has 0.85M parameters
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(0.85, abs=0.01)
+
+
+def test_checkpointing_gives_the_same_function():
+    net = build("resnet", "skipinit", 14, scheme_options={"alpha_init": 0.5}).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net(x).sum().backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.blocks.checkpoint_segments = 2
+    net(x).sum().backward()
+    for a, p in zip(ref, net.parameters()):
+        torch.testing.assert_close(p.grad, a)
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet", "resnet-bottleneck"])
+@pytest.mark.parametrize("scheme", ["skipinit", "fixup", "scaled"])
+def test_fused_branch_equals_module_by_module(model, scheme):
+    """The Branch fusion of scalar gates/biases into weight layers computes the same outputs and
+    gradients as calling every module (which a global hook forces)."""
+    net = build(model, scheme).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = SMALL[model][2]().double()
+
+    def run():
+        net.zero_grad()
+        out = net(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    fused, fused_grads = run()
+    hook = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        plain, plain_grads = run()
+    finally:
+        hook.remove()
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_branch_hook_sees_the_ungated_branch_output():
+    net = build("resnet", "skipinit", scheme_options={"alpha_init": 0.5}).eval()
+    blk = net.blocks[0]
+    seen = {}
+    blk.branch.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    x = torch.rand(2, 16, 8, 8)
+    y = blk(x)
+    torch.testing.assert_close(y, x + 0.5 * seen["out"])
+
+
+# -- linear -------------------------------------------------------------------------------------
+
+
+def test_linear_orthogonal_init():
+    net = dl.create_model("linear", depth=5, width=32, init="orthogonal")
+    for w in net.weights():
+        torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
+
+
+def test_linear_identity_init_is_the_identity_map():
+    net = dl.create_model("linear", depth=4, width=8, init="identity")
+    x = torch.randn(3, 8)
+    assert torch.equal(net(x), x)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_linear_fold_init(k):
+    width = 32
+    net = dl.create_model("linear", depth=3, width=width, init=f"fold:{k}")
+    for w in net.weights():
+        rows = width // 2**k
+        for i in range(1, 2**k):
+            assert torch.equal(w[i * rows : (i + 1) * rows], w[:rows])
+        assert torch.linalg.matrix_rank(w).item() == rows
+    if k == 1:
+        std = dl.create_model("linear", depth=3, width=width, init="standard")
+        assert all(torch.linalg.matrix_rank(w).item() == width for w in std.weights())
+
+
+def test_fold_refuses_too_small_matrices():
+    with pytest.raises(dl.DepthlabError, match="fold:3"):
+        fold_(torch.zeros(4, 4), 3)
+
+
+def test_linear_schemes_put_their_slots_around_the_matrix():
+    bn = dl.create_model("linear", depth=2, width=8, scheme="batchnorm")
+    assert isinstance(bn.blocks[0].branch[0], nn.BatchNorm1d)
+    plain = dl.create_model("linear", depth=2, width=8, scheme="plain")
+    x = torch.randn(3, 8)
+    W1, W2 = plain.weights()
+    h = x + x @ W1.T
+    torch.testing.assert_close(plain(x), h + h @ W2.T)
+
+
+# -- construction at depth --------------------------------------------------------------------
+
+
+def test_large_models_init_in_parallel_reproducibly(monkeypatch):
+    """Above PARALLEL_INIT_NUMEL weights, init uses per-layer generators: the same values for the
+    same torch seed, whatever the thread count, and still He-normal."""
+    import depthlab.models.common as common
+
+    monkeypatch.setattr(common, "PARALLEL_INIT_NUMEL", 1)
+    torch.manual_seed(1)
+    a = dl.create_model("mlp", depth=6, width=128, scheme="rezero")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(1)
+        b = dl.create_model("mlp", depth=6, width=128, scheme="rezero")
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    ws = torch.stack([blk.branch[1].weight for blk in a.blocks])
+    assert ws.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.02)
+    assert not torch.equal(ws[0], ws[1])
