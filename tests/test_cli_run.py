@@ -1,4 +1,4 @@
-"""`depthlab run | list | report`: outputs, re-rendering, and bad input (exit 2, nothing written)."""
+"""`depthlab run | list | report`: outputs, re-rendering, bad input (exit 2, nothing written)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, cap
     code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
     assert code == 2
     assert message in err
-    assert err.startswith("depthlab run: error: ") and err.count("\n") == 1  # one line, no traceback
+    assert (
+        err.startswith("depthlab run: error: ") and err.count("\n") == 1
+    )  # one line, no traceback
     assert not out.exists()
 
 
@@ -74,7 +76,10 @@ def test_run_writes_every_output_and_report_rerenders_them(tmp_path, capsys):
     table = stdout.split("total wall time:")[1]
     assert "experiment" in table and "verdict" in table and "reproduced" in table
     report = (d / "report.md").read_text()
-    assert "| experiment | paper's claim |" in report and "![path_variance](path_variance.png)" in report
+    assert (
+        "| experiment | paper's claim |" in report
+        and "![path_variance](path_variance.png)" in report
+    )
 
     (d / "report.md").unlink()
     (d / "path_variance.png").unlink()

@@ -79,12 +79,12 @@ def test_rezero_loss_below_plain_fc_after_n_steps(smoke):
 def test_fold1_has_larger_gradients_yet_trains_worse_than_fold0(smoke):
     df = smoke("degeneracy").records
     tr = df[df["part"] == "train"]
-    last = tr[tr["step"] == tr["step"].max()]
-    grad = last.groupby("init")["grad_norm"].mean()
-    loss = tr.dropna(subset=["train_loss"]).groupby("init")["train_loss"].last()
+    grad = tr[tr["step"] > 0].groupby("init")["grad_norm"].mean()  # during training
+    loss = get_experiment("degeneracy").final_losses(tr)
     assert grad["fold:1"] > grad["fold:0"]
-    assert loss["fold:1"] > loss["fold:0"]
-    assert loss["orthogonal"] < loss["fold:0"]
+    assert loss["fold:1"] > loss["fold:0"] + 0.05
+    assert loss["orthogonal"] < 0.5 * loss["fold:0"]  # orthogonal: smallest gradients, best loss
+    assert grad["orthogonal"] < grad["fold:0"]
 
 
 def test_plain_fails_where_skipinit_trains(smoke):

@@ -22,7 +22,9 @@ def torch_mha(ours: MultiHeadAttention, batch_first: bool) -> nn.MultiheadAttent
     """``nn.MultiheadAttention`` holding the same weights as ``ours``."""
     ref = nn.MultiheadAttention(ours.embed_dim, ours.num_heads, batch_first=batch_first)
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
+        ref.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
         ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
         ref.out_proj.weight.copy_(ours.out_proj.weight)
         ref.out_proj.bias.copy_(ours.out_proj.bias)
@@ -211,7 +213,11 @@ def test_decoder_masks_equal_torch_reference(batch_first):
         ref = reference_decoder(dec, x, mem, bmask, tgt_kpm, mem_kpm, batch_first)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         out_causal_flag = dec(
-            x, mem, tgt_key_padding_mask=tgt_kpm, memory_key_padding_mask=mem_kpm, tgt_is_causal=True
+            x,
+            mem,
+            tgt_key_padding_mask=tgt_kpm,
+            memory_key_padding_mask=mem_kpm,
+            tgt_is_causal=True,
         )
         torch.testing.assert_close(out_causal_flag, ref, rtol=1e-5, atol=1e-5)
         out.sum().backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from depthlab.registry import DepthlabError
@@ -36,7 +37,14 @@ def report_command(args: argparse.Namespace) -> int:
             raise DepthlabError(
                 f"{root} holds no experiment results (no */config.yaml); run `depthlab run` first"
             )
-        results = [load_result(f) for f in folders]
+        results = []
+        for f in folders:
+            if not (f / "records.csv").is_file():
+                print(f"skipping {f}: no records.csv (the run did not finish)", file=sys.stderr)
+                continue
+            results.append(load_result(f))
+        if not results:
+            raise DepthlabError(f"no experiment under {root} has finished; re-run `depthlab run`")
         md, page = write_combined(results, root)
         print(f"wrote {md} and {page}")
     print(claims_table_text(results))

@@ -173,13 +173,13 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
     return math.inf
 
 
-def train(model: Any, data: Any, **train_config: Any) -> Any:
+def train(model: Any, data: Any, callbacks: Any = (), **train_config: Any) -> Any:
     """``depthlab.train(model, data, TrainConfig(**train_config))`` on the CPU, quietly."""
     from depthlab.train import TrainConfig
     from depthlab.train import train as dl_train
 
     train_config.setdefault("device", "cpu")
-    return dl_train(model, data, TrainConfig(**train_config), quiet=True)
+    return dl_train(model, data, TrainConfig(**train_config), callbacks=callbacks, quiet=True)
 
 
 def finite(x: Any) -> float:

@@ -110,7 +110,9 @@ class BatchSize(Experiment):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for s, g in best.groupby("scheme", sort=False):
             axes[0].plot(g["batch_size"], g["acc"], marker="o", label=s)
-            axes[1].plot(g["batch_size"], g["lr"], marker="o", label=s)
+            axes[1].plot(
+                g["batch_size"], g["lr"], marker="o", ls="-" if s == "batchnorm" else "--", label=s
+            )
         for ax, lab in zip(axes, ("best test accuracy", "optimal learning rate"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")

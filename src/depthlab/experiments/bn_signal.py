@@ -94,7 +94,12 @@ class BNSignal(Experiment):
             ax.plot(g["block"], g["skip_var"], label="skip path Var")
             ax.plot(g["block"], g["branch_var"], label="branch Var")
             if g["bn_batch_var"].notna().any():
-                ax.plot(g["block"], g["bn_batch_var"], "--", label="var of BN input (tracked by running var)")
+                ax.plot(
+                    g["block"],
+                    g["bn_batch_var"],
+                    "--",
+                    label="var of BN input (tracked by running var)",
+                )
             ax.set_yscale("log")
             ax.set_title(m)
             ax.set_xlabel("block i")

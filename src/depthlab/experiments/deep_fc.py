@@ -22,7 +22,7 @@ class Config:
     schemes: tuple[str, ...] = ("rezero", "noskip", "plain")
     depth: int = 1000  # fully connected layers
     width: int = 64
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 0.001

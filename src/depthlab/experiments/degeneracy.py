@@ -5,11 +5,15 @@ arXiv 1701.09175; Saxe et al. 2013, arXiv 1312.6120; Pennington et al. 2017, arX
 Three parts:
 
 * ``train``: a 30-layer linear net ``y = W_30 … W_1 x`` learns a random linear map (teacher
-  regression, MSE) from three inits: standard Gaussian ("Fold 0"), the same with the upper half of
-  every matrix copied onto its lower half ("Fold 1", rank n/2: *more* degenerate), and orthogonal
-  (the least degenerate). The claim: Fold 1 keeps *larger* gradient norms (w.r.t. layer
-  activations) yet trains *worse* than Fold 0; orthogonal has smaller gradients and trains best —
-  so the gradient norm does not explain trainability, degeneracy does.
+  regression, MSE, SGD with momentum) from three inits: standard Gaussian ``N(0, 1/n)`` ("Fold
+  0"), the same with every matrix folded once ("Fold 1", rank n/2: *more* degenerate), and
+  orthogonal (the least degenerate). Orhan's code multiplies ``x @ W`` with ``W`` of shape
+  (in, out), so "copy the upper half onto the lower half" folds the *input* rows; in torch's
+  (out, in) layout that is :func:`~depthlab.models.linear.fold_` applied to ``Wᵀ`` (each layer
+  then sums the two halves of its input). The claim: Fold 1 has *larger* gradient norms (w.r.t.
+  the block activations, averaged over training) yet trains *worse* than Fold 0; orthogonal has
+  smaller gradients and trains best — the gradient norm does not explain trainability,
+  degeneracy does.
 * ``product``: the singular values of ``W_k … W_1`` for k = 1, 10, 100 random matrices spread
   over orders of magnitude as k grows (the product degenerates), while with skip connections
   ``(I + W_k) … (I + W_1)`` (scaled) they do not collapse.
@@ -31,16 +35,32 @@ from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fm
 INIT_LABEL = {"fold:0": "Fold 0", "fold:1": "Fold 1", "orthogonal": "Ortho"}
 
 
+def orhan_fold_(model: object, k: int) -> None:
+    """Fold every weight matrix of a :class:`~depthlab.models.LinearNet` k times in Orhan's
+    (in, out) layout: ``fold_(Wᵀ, k)``."""
+    import torch
+
+    from depthlab.models.linear import fold_
+
+    if k == 0:
+        return
+    with torch.no_grad():
+        for layer in model.layers():
+            wt = layer.weight.T.clone()  # (in, out)
+            fold_(wt, k)
+            layer.weight.copy_(wt.T)
+
+
 @dataclass(frozen=True)
 class Config:
     inits: tuple[str, ...] = ("fold:0", "fold:1", "orthogonal")
     depth: int = 30  # layers of the trained linear net
     width: int = 32
-    steps: int = 400
-    lr: float = 0.05  # plain SGD
+    steps: int = 300
+    lr: float = 0.01  # SGD, momentum 0.9
     batch_size: int = 64
     n_train: int = 1024
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     product_depths: tuple[int, ...] = (1, 10, 100)
     product_width: int = 64
 
@@ -56,7 +76,7 @@ class Degeneracy(Experiment):
     )  # fmt: skip
     Config = Config
     presets = {
-        "smoke": Config(width=16, steps=150, seeds=(0,), product_depths=(1, 10), product_width=16),
+        "smoke": Config(steps=150, seeds=(0, 1), product_depths=(1, 10), product_width=16),
         "quick": Config(),
         "full": Config(width=128, steps=5000, seeds=tuple(range(10)), product_width=256),
     }
@@ -64,17 +84,28 @@ class Degeneracy(Experiment):
     def cells(self, cfg: Config) -> list[dict]:
         out = [
             {
-                "part": "train", "init": init, "seed": s, "depth": cfg.depth, "width": cfg.width,
-                "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                "n_train": cfg.n_train, "scheme": "noskip",
+                "part": "train",
+                "init": init,
+                "seed": s,
+                "depth": cfg.depth,
+                "width": cfg.width,
+                "steps": cfg.steps,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "n_train": cfg.n_train,
+                "scheme": "noskip",
             }
             for init in cfg.inits
             for s in cfg.seeds
         ]
         out += [
             {
-                "part": "product", "init": "standard", "seed": 0, "depth": d,
-                "width": cfg.product_width, "scheme": scheme,
+                "part": "product",
+                "init": "standard",
+                "seed": 0,
+                "depth": d,
+                "width": cfg.product_width,
+                "scheme": scheme,
             }
             for d in cfg.product_depths
             for scheme in ("noskip", "scaled")
@@ -98,37 +129,39 @@ class Degeneracy(Experiment):
         torch.manual_seed(cell["seed"])
         w = cell["width"]
         data = create_dataset("synthetic", kind="teacher", dim=w, n=cell["n_train"], data_seed=0)
-        model = dl.create_model("linear", depth=cell["depth"], width=w, init=cell["init"])
+        init = cell["init"]
+        model = dl.create_model(
+            "linear", depth=cell["depth"], width=w,
+            init="standard" if init.startswith("fold:") else init,
+        )  # fmt: skip
+        if init.startswith("fold:"):
+            orhan_fold_(model, int(init.split(":")[1]))
         xb, yb = data.x_train[:256], data.y_train[:256]
         norms: dict[int, float] = {}
 
         def grad_norm(step: int, m: torch.nn.Module, _hist: object = None) -> None:
+            """‖∂L/∂h‖ over every block output h, on a fixed batch."""
             df = gradient_norms(m, xb, yb, loss_fn=F.mse_loss)
             act = df[df["kind"] == "activation"]["norm"].to_numpy(float)
             norms[step] = float(np.sqrt(np.sum(act**2))) if len(act) else math.nan
             m.zero_grad(set_to_none=True)
 
         grad_norm(0, model)
-        every = max(1, cell["steps"] // 10)
         hist = train(
-            model, data, steps=cell["steps"], batch_size=cell["batch_size"], lr=cell["lr"],
-            optimizer="sgd", momentum=0.0, seed=cell["seed"], eval_every=every,
-            divergence_factor=None,
+            model, data, callbacks=[grad_norm], steps=cell["steps"],
+            batch_size=cell["batch_size"], lr=cell["lr"], optimizer="sgd", momentum=0.9,
+            seed=cell["seed"], eval_every=max(1, cell["steps"] // 10), divergence_factor=None,
         )  # fmt: skip
-        grad_norm(cell["steps"], model)
         out = []
         for rec in hist.records:
-            if "train_loss" not in rec or rec["train_loss"] is None:
-                continue
+            loss = rec.get("train_loss")
             step = int(rec["step"])
+            if loss is None and step not in norms:
+                continue
             out.append(
-                {
-                    "step": step,
-                    "train_loss": finite(rec["train_loss"]),
-                    "grad_norm": norms.get(step, math.nan),
-                }
+                {"step": step, "train_loss": finite(loss), "grad_norm": norms.pop(step, math.nan)}
             )
-        out.append({"step": cell["steps"], "train_loss": math.nan, "grad_norm": norms[cell["steps"]]})
+        out += [{"step": s, "train_loss": math.nan, "grad_norm": g} for s, g in norms.items()]
         return out
 
     @staticmethod
@@ -181,18 +214,23 @@ class Degeneracy(Experiment):
         axes[2].legend(fontsize=6)
         return [save_fig(fig, out_dir / "degeneracy.png")]
 
+    @staticmethod
+    def final_losses(tr: pd.DataFrame, last: int = 10) -> dict[str, float]:
+        """Per init: the training loss averaged over the last ``last`` logged steps and seeds."""
+        tr = tr.dropna(subset=["train_loss"])
+        return {
+            i: float(g.groupby("seed")["train_loss"].apply(lambda v: v.tail(last).mean()).mean())
+            for i, g in tr.groupby("init")
+        }
+
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
         tr = df[df["part"] == "train"]
         rows = []
         inits = set(tr["init"])
         if {"fold:0", "fold:1"} <= inits:
-            final_loss = {
-                i: float(g.dropna(subset=["train_loss"]).groupby("seed")["train_loss"].last().mean())
-                for i, g in tr.groupby("init")
-            }
-            final_grad = {
-                i: float(g[g["step"] == g["step"].max()]["grad_norm"].mean())
-                for i, g in tr.groupby("init")
+            final_loss = self.final_losses(tr)
+            final_grad = {  # mean over the evaluations during training (step > 0) and seeds
+                i: float(g[g["step"] > 0]["grad_norm"].mean()) for i, g in tr.groupby("init")
             }
             f0, f1 = "fold:0", "fold:1"
             ok1 = final_grad[f1] > final_grad[f0] and final_loss[f1] > final_loss[f0]
@@ -206,7 +244,8 @@ class Degeneracy(Experiment):
                     claim="Fold 1 has larger gradient norms than Fold 0 yet trains worse; "
                     "orthogonal has smaller gradients and trains best",
                     paper="Fold 1 worse with larger grads; Ortho best with smaller grads",
-                    measured=f"after {cfg.steps} steps: " + "; ".join(parts),
+                    measured=f"after {cfg.steps} steps (grad = mean ‖∂L/∂h‖ during training): "
+                    + "; ".join(parts),
                     verdict=verdict(
                         ok1
                         and "orthogonal" in final_loss

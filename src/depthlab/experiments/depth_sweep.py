@@ -6,6 +6,8 @@ SkipInit (De & Smith 2020, arXiv 2002.10444, Tables 1–2): ``x + α f(x)`` with
 and ReZero (Bachlechner et al. 2020, arXiv 2003.04887) make the same point. Here: every scheme ×
 depth is trained for a fixed budget (``steps``) on ``digits`` with a residual MLP (or on CIFAR-10
 with a ResNet when ``data_dir`` is given); test accuracy after the budget, diverged runs marked.
+Every scheme gets the same SGD recipe (momentum 0.9, lr 0.05, gradient clipping at norm 1; Fixup's
+scalars at lr/10 as in its reference code).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ BAD = ("plain", "scaled")
 @dataclass(frozen=True)
 class Config:
     schemes: tuple[str, ...] = SCHEMES
-    depths: tuple[int, ...] = (8, 64, 512)  # residual blocks (MLP) or 6n+2 (ResNet)
+    depths: tuple[int, ...] = (8, 64, 256)  # residual blocks (MLP) or 6n+2 (ResNet)
     width: int = 64  # MLP width, or Wide-ResNet multiplier k with cifar10
-    steps: int = 150  # training budget (SGD steps)
+    steps: int = 100  # training budget (SGD steps, momentum 0.9)
     batch_size: int = 64
     lr: float = 0.05
+    grad_clip: float = 1.0  # global gradient-norm clipping, the same for every scheme (0: off)
     data_dir: str = ""  # a CIFAR-10 python folder switches to cifar10 + ResNet
     seed: int = 0
 
@@ -61,6 +64,7 @@ class DepthSweep(Experiment):
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
+                "grad_clip": cfg.grad_clip,
                 "data_dir": cfg.data_dir,
                 "seed": cfg.seed,
             }
@@ -92,6 +96,8 @@ class DepthSweep(Experiment):
             batch_size=cell["batch_size"],
             lr=cell["lr"],
             seed=cell["seed"],
+            grad_clip=cell["grad_clip"] or None,
+            scalar_lr_mult=0.1 if cell["scheme"] == "fixup" else 1.0,
         )
         s = hist.summary
         return [

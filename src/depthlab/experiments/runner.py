@@ -115,11 +115,13 @@ def run_cells(
     out_dir: Path,
     jobs: int = 1,
     log: Callable[[str], None] = print,
+    pool: ProcessPoolExecutor | None = None,
 ) -> tuple[list[dict], int]:
     """Run every cell whose cache file is missing; return (all records in cell order, #cached).
 
     With ``jobs > 1`` cells run in ``jobs`` spawned processes with
-    ``torch.set_num_threads(max(1, cores // jobs))`` each.
+    ``torch.set_num_threads(max(1, cores // jobs))`` each (or in ``pool`` when given, so that
+    several experiments share one set of workers).
     """
     results: dict[int, list[dict]] = {}
     todo: list[int] = []
@@ -149,29 +151,37 @@ def run_cells(
             records = exp.run_cell(dict(cells[i]))
             finish(i, records, time.perf_counter() - t0)
         return _merge(cells, results), n_cached
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = mp.get_context("spawn")
-        module = type(exp).__module__
-        with ProcessPoolExecutor(
-            max_workers=min(jobs, len(todo)),
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(threads,),
-        ) as pool:
-            pending = {pool.submit(_run_cell, module, exp.name, cells[i]): i for i in todo}
-            try:
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        i = pending.pop(fut)
-                        records, wall = fut.result()
-                        finish(i, records, wall)
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+    own_pool = pool is None
+    if own_pool:
+        pool = make_pool(min(jobs, len(todo)), jobs)
+    module = type(exp).__module__
+    pending = {pool.submit(_run_cell, module, exp.name, cells[i]): i for i in todo}
+    try:
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = pending.pop(fut)
+                records, wall = fut.result()
+                finish(i, records, wall)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        if own_pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if own_pool:
+        pool.shutdown()
     return _merge(cells, results), n_cached
+
+
+def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(max(1, (os.cpu_count() or 1) // jobs),),
+    )
 
 
 def _merge(cells: list[dict], results: dict[int, list[dict]]) -> list[dict]:
@@ -288,6 +298,7 @@ def run_experiment(
     out_dir: Path,
     jobs: int = 1,
     log: Callable[[str], None] = print,
+    pool: ProcessPoolExecutor | None = None,
 ) -> ExperimentResult:
     """Run one experiment into ``out_dir`` (resuming from its cached cells)."""
     t0 = time.perf_counter()
@@ -298,7 +309,7 @@ def run_experiment(
     )
     cells = exp.cells(cfg)
     log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
-    records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log)
+    records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log, pool=pool)
     df = pd.DataFrame.from_records(records)
     wall = time.perf_counter() - t0
     result = finalize(
@@ -330,9 +341,28 @@ def run(
     check_writable(out)
     combined = len(plan) > 1
     results = []
-    for exp, cfg in plan:
+    pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
+    try:
+        _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    if combined:
+        from depthlab.report.render import write_combined
+
+        write_combined(results, out)
+    return results
+
+
+def _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results) -> None:
+    """Run each (experiment, config) of ``plan`` in turn, appending to ``results``."""
+    for k, (exp, cfg) in enumerate(plan, 1):
+        if combined:
+            log(f"=== experiment {k}/{len(plan)}: {exp.name} ===")
         try:
-            results.append(run_experiment(exp, cfg, preset, out / exp.name, jobs=jobs, log=log))
+            results.append(
+                run_experiment(exp, cfg, preset, out / exp.name, jobs=jobs, log=log, pool=pool)
+            )
         except (KeyboardInterrupt, DepthlabError):
             raise
         except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
@@ -355,11 +385,6 @@ def run(
                     paper=exp.paper,
                 )
             )
-    if combined:
-        from depthlab.report.render import write_combined
-
-        write_combined(results, out)
-    return results
 
 
 def load_result(folder: Path) -> ExperimentResult:

@@ -68,14 +68,31 @@ class TransformerConvergence(Experiment):
     Config = Config
     presets = {
         "smoke": Config(
-            variants=("postnorm", "rezero"), depth=2, d_model=16, nhead=2, context=16,
-            batch_size=8, steps=30, warmup_steps=10, target_bpb=6.0, smooth=5, deep_depth=8,
+            variants=("postnorm", "rezero"),
+            depth=2,
+            d_model=16,
+            nhead=2,
+            context=16,
+            batch_size=8,
+            steps=30,
+            warmup_steps=10,
+            target_bpb=6.0,
+            smooth=5,
+            deep_depth=8,
             deep_steps=5,
         ),  # fmt: skip
         "quick": Config(),
         "full": Config(
-            d_model=512, nhead=8, context=512, batch_size=32, steps=20000, lr=0.0003,
-            warmup_steps=2000, target_bpb=1.2, deep_depth=128, deep_steps=2000,
+            d_model=512,
+            nhead=8,
+            context=512,
+            batch_size=32,
+            steps=20000,
+            lr=0.0003,
+            warmup_steps=2000,
+            target_bpb=1.2,
+            deep_depth=128,
+            deep_steps=2000,
         ),  # fmt: skip
     }
 
@@ -87,16 +104,22 @@ class TransformerConvergence(Experiment):
         }  # fmt: skip
         out = [
             {
-                "variant": v, "depth": cfg.depth, "steps": cfg.steps,
-                "warmup_steps": cfg.warmup_steps if VARIANTS[v][2] else 0, **common,
+                "variant": v,
+                "depth": cfg.depth,
+                "steps": cfg.steps,
+                "warmup_steps": cfg.warmup_steps if VARIANTS[v][2] else 0,
+                **common,
             }  # fmt: skip
             for v in cfg.variants
         ]
         if cfg.deep_depth > 0:
             out += [
                 {
-                    "variant": v, "depth": cfg.deep_depth, "steps": cfg.deep_steps,
-                    "warmup_steps": 0, **common,
+                    "variant": v,
+                    "depth": cfg.deep_depth,
+                    "steps": cfg.deep_steps,
+                    "warmup_steps": 0,
+                    **common,
                 }  # fmt: skip
                 for v in cfg.deep_variants
             ]
@@ -170,9 +193,7 @@ class TransformerConvergence(Experiment):
                 vs = f"; ReZero {100 * (ref / rz - 1):.0f}% faster than Post-LN+warm-up"
             else:
                 vs = ""
-            txt = ", ".join(
-                f"{v} {'never' if math.isinf(t) else int(t)}" for v, t in its.items()
-            )
+            txt = ", ".join(f"{v} {'never' if math.isinf(t) else int(t)}" for v, t in its.items())
             rows.append(
                 Claim(
                     claim="ReZero (α=0) reaches a target bpb fastest among Post-LN (± warm-up), "
@@ -182,7 +203,8 @@ class TransformerConvergence(Experiment):
                     + ", ".join(f"{v} {fmt(final[v], 3)}" for v in its),
                     verdict=verdict(
                         fastest and math.isfinite(ref) and rz < ref,
-                        partly=math.isfinite(rz) and rz <= min(others.values(), default=math.inf) * 1.25,
+                        partly=math.isfinite(rz)
+                        and rz <= min(others.values(), default=math.inf) * 1.25,
                     ),
                 )
             )

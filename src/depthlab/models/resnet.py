@@ -167,7 +167,8 @@ class BottleneckResNet(_ResNetBase):
     depth 50/101/152 (also 26/38), stage widths 64·k, 128·k, 256·k, 512·k with expansion 4.
 
     ``stem="imagenet"`` is the 7×7/2 conv + 3×3/2 max-pool; ``stem="cifar"`` a 3×3 conv for small
-    inputs.
+    inputs. ``base_width`` (64) sets the stem and first-stage width; smaller values give cheap
+    models for tests and CPU runs.
     """
 
     def __init__(
@@ -179,10 +180,17 @@ class BottleneckResNet(_ResNetBase):
         num_classes: int = 1000,
         activation: str = "relu",
         stem: str = "imagenet",
+        base_width: int = 64,
         scheme_options: dict | None = None,
     ) -> None:
         super().__init__()
-        check_positive(depth=depth, width=width, in_channels=in_channels, num_classes=num_classes)
+        check_positive(
+            depth=depth,
+            width=width,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            base_width=base_width,
+        )
         if depth not in BOTTLENECK_LAYERS:
             valid = ", ".join(map(str, BOTTLENECK_LAYERS))
             raise DepthlabError(f"resnet-bottleneck depth must be one of {valid}, got {depth}")
@@ -200,19 +208,20 @@ class BottleneckResNet(_ResNetBase):
             num_classes=num_classes,
             activation=activation,
             stem=stem,
+            base_width=base_width,
         )
         num_blocks = sum(layers)
         with torch.device("meta"):
             if stem == "imagenet":
                 self.stem = nn.Sequential(
-                    nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=s.layer_bias),
+                    nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=s.layer_bias),
                     nn.MaxPool2d(3, stride=2, padding=1),
                 )
             else:
-                self.stem = conv3x3(in_channels, 64, bias=s.layer_bias)
-            blocks, c_in = [], 64
+                self.stem = conv3x3(in_channels, base_width, bias=s.layer_bias)
+            blocks, c_in = [], base_width
             for stage, n in enumerate(layers):
-                w = 64 * width * 2**stage
+                w = base_width * width * 2**stage
                 for i in range(n):
                     stride = 2 if (stage > 0 and i == 0) else 1
                     blocks.append(bottleneck_block(s, c_in, w, stride, num_blocks, activation))

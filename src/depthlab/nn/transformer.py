@@ -51,7 +51,9 @@ def activation_fn(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Ten
     return ACTIVATION_FNS[activation]
 
 
-def causal_mask(size: int, source_size: int | None = None, device: torch.device | None = None) -> Tensor:
+def causal_mask(
+    size: int, source_size: int | None = None, device: torch.device | None = None
+) -> Tensor:
     """Boolean (T, S) mask in torch's convention: True above the diagonal = *not* attended
     (query t may only attend keys s ≤ t); S = T unless ``source_size`` is given."""
     s = size if source_size is None else source_size

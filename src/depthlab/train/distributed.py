@@ -52,8 +52,13 @@ def setup(device: torch.device) -> DistInfo:
     )
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, barrier: bool = True) -> None:
+    """Leave the process group setup() created; the barrier (skipped after an error, when a peer
+    may be gone) keeps a fast rank from closing its connections while a peer is still finishing
+    its last collective."""
     if info.owns_group and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -179,13 +179,16 @@ def train(
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     hooks: list = []
+    ok = False
     try:
         hooks = add_dropout(model, cfg.dropout)
-        return _run(model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume)
+        hist = _run(model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume)
+        ok = True
+        return hist
     finally:
         for h in hooks:
             h.remove()
-        dd.teardown(info)
+        dd.teardown(info, barrier=ok)
 
 
 def _run(
