@@ -170,10 +170,13 @@ def fit_random_labels(args: argparse.Namespace) -> dict:
     for step in range(1, args.fit_max_steps + 1):  # noqa: B007 — read after the loop
         opt.zero_grad(set_to_none=True)
         out = model(x)
-        F.cross_entropy(out, y).backward()
+        loss = F.cross_entropy(out, y)
+        loss.backward()
         opt.step()
         acc = (out.argmax(1) == y).float().mean().item()  # accuracy before this update
-        if acc == 1.0:
+        if args.verbose:
+            print(f"  fit step {step}: loss {loss.item():.4f}, accuracy {acc:.3f}", flush=True)
+        if acc == 1.0 or not math.isfinite(loss.item()):
             break
     return {
         "steps": step if acc == 1.0 else None,
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit", action="store_true", help="also time fitting 512 random labels")
     ap.add_argument("--fit-lr", type=float, default=0.01)
     ap.add_argument("--fit-max-steps", type=int, default=2000)
-    ap.add_argument("--fit-segments", type=int, default=0)
+    ap.add_argument("--fit-segments", type=int, default=0, help="checkpoint segments for --fit")
+    ap.add_argument("--fit-only", action="store_true", help="skip the timing and memory table")
+    ap.add_argument("--verbose", action="store_true", help="print every --fit step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         res = measure(args.depth, args.width, args.batch, args.steps, args.segments, args.momentum)
         print(json.dumps(res))
+        return 0
+    if args.fit_only:
+        print_fit(args)
         return 0
     segments = args.segments or max(1, round(math.sqrt(args.depth)))
     peak = matmul_peak(args.width, args.batch)
@@ -238,14 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     if not (plain["hwm_reset"] and ckpt["hwm_reset"]):
         print("note: /proc/self/clear_refs not writable; peaks include the warm-up step")
     if args.fit:
-        fit = fit_random_labels(args)
-        if fit["steps"] is None:
-            print(f"fit 512 random labels: not reached in {args.fit_max_steps} steps "
-                  f"({fit['seconds']:.0f} s, accuracy {fit['accuracy']:.3f})")  # fmt: skip
-        else:
-            print(f"fit 512 random labels to 100% train accuracy: {fit['steps']} steps, "
-                  f"{fit['seconds']:.1f} s wall, {fit['cpu_seconds']:.1f} s CPU")  # fmt: skip
+        print_fit(args)
     return 0
+
+
+def print_fit(args: argparse.Namespace) -> None:
+    fit = fit_random_labels(args)
+    where = f"depth {args.depth}, lr {args.fit_lr}, momentum 0.9"
+    if fit["steps"] is None:
+        print(
+            f"fit 512 random labels: not reached in {args.fit_max_steps} steps "
+            f"({fit['seconds']:.0f} s, accuracy {fit['accuracy']:.3f}; {where})"
+        )
+    else:
+        print(
+            f"fit 512 random labels to 100% train accuracy: {fit['steps']} steps, "
+            f"{fit['seconds']:.1f} s wall, {fit['cpu_seconds']:.1f} s CPU ({where})"
+        )
 
 
 if __name__ == "__main__":

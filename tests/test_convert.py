@@ -12,12 +12,12 @@ from torch import nn
 import depthlab as dl
 from depthlab.nn.residual import residual_blocks
 
-pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration")
+pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration")  # from mkldnn.flags
 
 
 @pytest.fixture(autouse=True)
 def _native_conv():
-    """Tiny convs: oneDNN's per-call primitive setup costs ~10x the native kernels here."""
+    """Tiny convs: oneDNN's per-call primitive setup costs more than native kernels here."""
     with torch.backends.mkldnn.flags(enabled=False):
         yield
 
@@ -115,7 +115,7 @@ def tiny(block) -> nn.Module:
     return TinyResNet(block, [2, 2])
 
 
-X = lambda: torch.randn(4, 3, 32, 32)  # noqa: E731
+X = lambda: torch.randn(4, 3, 16, 16)  # noqa: E731
 
 
 def _assert_blocks_are_identity(model: nn.Module, x: torch.Tensor) -> None:
@@ -142,7 +142,7 @@ def _no_batchnorm(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _trains(model: nn.Module, x: torch.Tensor, steps: int = 25, lr: float = 0.02) -> None:
+def _trains(model: nn.Module, x: torch.Tensor, steps: int = 12, lr: float = 0.03) -> None:
     """A few SGD steps on one random batch lower the loss."""
     y = torch.randint(0, 10, (x.shape[0],))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

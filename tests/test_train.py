@@ -28,7 +28,7 @@ def _one_thread():
 def test_rezero_mlp_depth32_reaches_95_percent_on_digits():
     torch.manual_seed(0)
     model = dl.create_model("mlp", depth=32, width=256, scheme="rezero")
-    hist = dl.train(model, "digits", TrainConfig(steps=150, lr=0.05, eval_every=50))
+    hist = dl.train(model, "digits", TrainConfig(steps=100, lr=0.05, eval_every=50))
     assert hist.summary["test_accuracy"] >= 0.95
     assert not hist.diverged
     first = hist.records[0]
@@ -39,10 +39,10 @@ def test_rezero_mlp_depth32_reaches_95_percent_on_digits():
 def test_fixup_resnet20_reaches_95_percent_on_digits():
     torch.manual_seed(0)
     model = dl.create_model("resnet", depth=20, scheme="fixup", in_channels=1)
-    cfg = TrainConfig(steps=120, lr=0.1, scalar_lr_mult=0.1)
+    cfg = TrainConfig(steps=100, lr=0.1, scalar_lr_mult=0.1)
     hist = dl.train(model, "digits", cfg)
     assert hist.summary["test_accuracy"] >= 0.95
-    assert [r["step"] for r in hist.records] == list(range(121))  # 120 steps + final eval
+    assert [r["step"] for r in hist.records] == list(range(101))  # 100 steps + final eval
 
 
 def test_plain_depth_1000_diverges_with_step_and_cli_exits_0(tmp_path, capsys):

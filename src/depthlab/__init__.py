@@ -7,6 +7,16 @@
 
 from depthlab.convert import convert
 from depthlab.data import DATASETS, create_dataset, list_datasets
+from depthlab.diagnostics import (
+    degeneracy,
+    gradient_norms,
+    jacobian_spectrum,
+    path_variance,
+    product_spectrum,
+    signal_callback,
+    signal_propagation,
+    spectrum_summary,
+)
 from depthlab.experiments import EXPERIMENTS, list_experiments, run_experiments
 from depthlab.models import MODELS, create_model, list_models
 from depthlab.nn import Bias, Gate, Residual, residual_blocks
@@ -17,6 +27,14 @@ from depthlab.train import History, TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "degeneracy",
+    "gradient_norms",
+    "jacobian_spectrum",
+    "path_variance",
+    "product_spectrum",
+    "signal_callback",
+    "signal_propagation",
+    "spectrum_summary",
     "DATASETS",
     "EXPERIMENTS",
     "list_experiments",

@@ -1,8 +1,8 @@
 """``depthlab train``: train one model on one data set and write the run folder.
 
     depthlab train --model resnet --depth 56 --scheme fixup --data digits --steps 500 --out runs/x
-    depthlab train --config f.yaml --set lr=0.05 --set model.width=512 \
-        --set scheme_options.alpha_init=0.1
+    depthlab train --config f.yaml --set lr=0.05 --set model.width=512
+    depthlab train --scheme skipinit --set scheme_options.alpha_init=0.1 --out runs/y
     depthlab train --out runs/x --resume            # continue from runs/x/checkpoint.pt
 
 The resolved configuration has four sections, the same in ``--config`` files, in the written

@@ -16,9 +16,9 @@ Three parts:
   degeneracy does.
 * ``product``: the singular values of ``W_k … W_1`` for k = 1, 10, 100 random matrices spread
   over orders of magnitude as k grows (the product degenerates), while with skip connections
-  ``(I + W_k) … (I + W_1)`` (scaled) they do not collapse.
-* the effective rank of those products, with and without skips, from
-  :func:`depthlab.degeneracy`.
+  ``(I + W_k/√k) … (I + W_1/√k)`` (SkipInit's α = 1/√d) they do not collapse.
+* the effective rank (exp of the entropy of the normalised singular values) of those products,
+  with and without skips, from :mod:`depthlab.diagnostics`.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Degeneracy(Experiment):
                 "scheme": scheme,
             }
             for d in cfg.product_depths
-            for scheme in ("noskip", "scaled")
+            for scheme in ("noskip", "skipinit")
         ]
         return out
 
@@ -169,20 +169,20 @@ class Degeneracy(Experiment):
         import torch
 
         import depthlab as dl
-        from depthlab.diagnostics import degeneracy
+        from depthlab.diagnostics import effective_rank, layer_maps, product_singular_values
 
         torch.manual_seed(cell["seed"])
+        d = cell["depth"]
+        opts = {"alpha_init": "1/sqrt(d)"} if cell["scheme"] == "skipinit" else None
         model = dl.create_model(
-            "linear", depth=cell["depth"], width=cell["width"], init="standard",
-            scheme=cell["scheme"],
+            "linear", depth=d, width=cell["width"], init="standard", scheme=cell["scheme"],
+            scheme_options=opts,
         )  # fmt: skip
-        df = degeneracy(model)
-        df = df[df["kind"] == "product"] if "kind" in df.columns else df
-        er = float(df["effective_rank"].iloc[0]) if "effective_rank" in df.columns else math.nan
-        sv = np.sort(df["singular_value"].to_numpy(float))[::-1]
-        sv = sv / sv[0] if len(sv) and sv[0] > 0 else sv
+        sv = product_singular_values(layer_maps(model), [d])[d]  # of M_d … M_1, descending
+        er = effective_rank(sv, singular_values=True)
+        sv = sv / sv[0] if sv[0] > 0 else sv
         return [
-            {"index": i, "singular_value": float(s), "effective_rank": er} for i, s in enumerate(sv)
+            {"index": i, "singular_value": float(v), "effective_rank": er} for i, v in enumerate(sv)
         ]
 
     def figures(self, df: pd.DataFrame, cfg: Config, out_dir: Path) -> list[Path]:
@@ -268,16 +268,16 @@ class Degeneracy(Experiment):
             dmax = max(d for d, _ in spread)
             dmin = min(d for d, _ in spread)
             ns_lo, ns_hi = spread[(dmin, "noskip")], spread[(dmax, "noskip")]
-            sk_hi = spread.get((dmax, "scaled"), (math.nan, math.nan))
+            sk_hi = spread.get((dmax, "skipinit"), (math.nan, math.nan))
             ok = ns_hi[0] > ns_lo[0] + 1 and (math.isnan(sk_hi[1]) or sk_hi[1] > ns_hi[1])
             rows.append(
                 Claim(
                     claim="Products of random matrices degenerate with depth "
                     "(singular values spread); skip connections break the degeneracy",
                     paper="spectra of 1, 10, 100-layer products widen (Saxe et al.)",
-                    measured=f"log10(σmax/σmin): {dmin} layers {fmt(ns_lo[0], 2)}, {dmax} layers "
-                    f"{fmt(ns_hi[0], 2)} (with skips {fmt(sk_hi[0], 2)}); effective rank at "
-                    f"{dmax}: {fmt(ns_hi[1], 3)} vs {fmt(sk_hi[1], 3)} with skips",
+                    measured=f"log10(σmax/σmin) of a product of {dmin}: {fmt(ns_lo[0], 2)}, of "
+                    f"{dmax}: {fmt(ns_hi[0], 2)} (with skips {fmt(sk_hi[0], 2)}); effective "
+                    f"rank at {dmax}: {fmt(ns_hi[1], 3)} vs {fmt(sk_hi[1], 3)} with skips",
                     verdict=verdict(ok, partly=ns_hi[0] > ns_lo[0]),
                 )
             )

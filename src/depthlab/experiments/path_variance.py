@@ -26,6 +26,11 @@ VARIANTS = {  # label -> (scheme, alpha) for depthlab.path_variance
 }
 
 
+def pct(x: float) -> str:
+    """A share as a percentage; tiny shares as '<0.01%'."""
+    return "<0.01%" if 0 <= x < 1e-4 else f"{fmt(100 * x, 3)}%"
+
+
 @dataclass(frozen=True)
 class Config:
     depths: tuple[int, ...] = (10, 100, 1000, 10000)  # numbers of residual blocks d
@@ -91,8 +96,8 @@ class PathVariance(Experiment):
                 claim="In a normalized ResNet most output variance flows through short paths; "
                 "with α=1 through paths of length ≈ d/2",
                 paper="97% from paths ≤ 15 branches (d=10,000)",
-                measured=f"d={d}: share of paths ≤ {cfg.short}: BN {fmt(100 * bn, 3)}%, "
-                f"α=1 {fmt(100 * one, 2)}%, α=1/√d {fmt(100 * inv, 3)}%",
+                measured=f"d={d}: share of paths ≤ {cfg.short}: BN {pct(bn)}, α=1 {pct(one)}, "
+                f"α=1/√d {pct(inv)}",
                 verdict=verdict(ok, partly=bn >= 0.5),
             )
         ]

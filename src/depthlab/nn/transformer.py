@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from depthlab.nn.scalars import Gate
 from depthlab.registry import DepthlabError
@@ -155,14 +156,18 @@ class MultiHeadAttention(nn.Module):
         if key_padding_mask is not None:
             pad = _additive(key_padding_mask, q.dtype).view(B, 1, 1, S)
             mask = pad if mask is None else mask + pad  # (B, h|1, T, S)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and mask is None,
-        )  # (B, h, T, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        if torch._C._functorch.is_functorch_wrapped_tensor(q):
+            # inside torch.func transforms (Jacobian diagnostics): the fused CPU kernels have
+            # neither a vmap rule nor a double backward, the composite "math" kernel has both
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(
+                    q, k, v, mask, dropout_p, is_causal=causal and mask is None
+                )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, mask, dropout_p, is_causal=causal and mask is None
+            )  # (B, h, T, hd)
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         if unbatched:
             return y.squeeze(0)

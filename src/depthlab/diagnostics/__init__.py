@@ -1,0 +1,59 @@
+"""Diagnostics: pure functions from a model (and a batch) to tidy records (pandas DataFrames).
+
+* :func:`path_variance` — variance share by path length (De & Smith 2020, arXiv 2002.10444);
+* :func:`signal_propagation` — per-block skip/branch/output variances, channel mean², BN stats
+  (Brock et al. 2021, arXiv 2101.08692);
+* :func:`jacobian_spectrum` — input-output Jacobian singular values, dense or matrix-free
+  (Bachlechner et al. 2020, arXiv 2003.04887);
+* :func:`gradient_norms` — per-parameter and per-block activation gradient norms
+  (Zhang et al. 2019, arXiv 1901.09321);
+* :func:`degeneracy` — effective/stable rank of weight products, participation ratio, dead ReLUs
+  (Orhan & Pitkow 2018, arXiv 1701.09175).
+
+Nothing here plots; :mod:`depthlab.report.plots` draws these frames.
+"""
+
+from depthlab.diagnostics.degeneracy import (
+    degeneracy,
+    effective_rank,
+    layer_maps,
+    participation_ratio,
+    product_singular_values,
+    product_spectrum,
+    stable_rank,
+)
+from depthlab.diagnostics.gradients import block_gradient_summary, gradient_norms
+from depthlab.diagnostics.jacobian import (
+    calibrate_batchnorm,
+    jacobian_spectrum,
+    spectrum_summary,
+)
+from depthlab.diagnostics.paths import (
+    path_summary,
+    path_variance,
+    path_variance_monte_carlo,
+    poisson_binomial_pmf,
+)
+from depthlab.diagnostics.signal import channel_stats, signal_callback, signal_propagation
+
+__all__ = [
+    "block_gradient_summary",
+    "calibrate_batchnorm",
+    "channel_stats",
+    "degeneracy",
+    "effective_rank",
+    "gradient_norms",
+    "jacobian_spectrum",
+    "layer_maps",
+    "participation_ratio",
+    "path_summary",
+    "path_variance",
+    "path_variance_monte_carlo",
+    "poisson_binomial_pmf",
+    "product_singular_values",
+    "product_spectrum",
+    "signal_callback",
+    "signal_propagation",
+    "spectrum_summary",
+    "stable_rank",
+]

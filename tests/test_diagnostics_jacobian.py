@@ -1,0 +1,107 @@
+"""Input-output Jacobian spectra (ReZero, Bachlechner et al. 2020, arXiv 2003.04887, Fig. 5)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import depthlab as dl
+from depthlab.diagnostics.jacobian import hutchinson_mean_sq
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return dl.create_model("mlp", depth=3, width=16, in_dim=12, num_classes=7, scheme="skipinit",
+                           scheme_options={"alpha_init": 0.5}).double()
+
+
+def test_dense_equals_autograd_jacobian_svdvals():
+    model = small_mlp()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    df = dl.jacobian_spectrum(model, x, method="dense")
+    assert set(df["kind"]) == {"all"} and len(df) == 3 * 7
+    for e in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[e])
+        ref = torch.linalg.svdvals(jac).numpy()
+        got = df[df.example == e].sort_values("index")["singular_value"].to_numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert model.training and next(model.parameters()).requires_grad  # state restored
+
+
+def test_matrix_free_top_bottom_within_one_percent_of_dense():
+    torch.manual_seed(0)
+    net = dl.create_model("resnet", depth=14, scheme="skipinit", scheme_options={"alpha_init": 1})
+    stage1 = nn.Sequential(*net.blocks[:2], nn.Flatten(), nn.Linear(16 * 12 * 12, 160)).double()
+    x = torch.randn(1, 16, 12, 12, dtype=torch.float64)  # input dimension 2,304
+    dense = dl.jacobian_spectrum(stage1, x, method="dense", k=5)
+    free = dl.jacobian_spectrum(stage1, x, method="lanczos", k=5)
+    for kind in ("top", "bottom"):
+        d = dense[dense.kind == kind].sort_values("index")
+        f = free[free.kind == kind].sort_values("index")
+        assert list(d["index"]) == list(f["index"])
+        np.testing.assert_allclose(f["singular_value"], d["singular_value"], rtol=0.01)
+    assert list(free[free.kind == "bottom"]["index"]) == list(range(155, 160))
+
+
+def test_orthogonal_linear_network_is_isometric():
+    torch.manual_seed(0)
+    model = dl.create_model("linear", depth=20, width=32, init="orthogonal")
+    df = dl.jacobian_spectrum(model, torch.randn(2, 32))
+    np.testing.assert_allclose(df["singular_value"], 1.0, atol=1e-4)
+    assert dl.spectrum_summary(df)["share_within_2"] == 1.0
+    v = torch.randn(32, dtype=torch.float64)
+    model = model.double()
+    ms = hutchinson_mean_sq(lambda u: model(u[None])[0], v, samples=4)
+    assert ms == pytest.approx(1.0, abs=1e-5)  # ‖Jᵀu‖² = ‖u‖² for orthogonal J (float32 init)
+
+
+def test_rezero_stack_has_identity_jacobian():
+    torch.manual_seed(0)
+    model = dl.create_model("mlp", depth=16, width=24, scheme="rezero")
+    h = torch.randn(4, 24)
+    df = dl.jacobian_spectrum(model.blocks, h)
+    np.testing.assert_allclose(df["singular_value"], 1.0, atol=1e-6)
+    jac = torch.autograd.functional.jacobian(lambda v: model.blocks(v[None])[0], h[0])
+    torch.testing.assert_close(jac, torch.eye(24))
+
+
+def test_hutchinson_estimates_mean_squared_singular_value():
+    model = small_mlp()
+    x = torch.randn(1, 12, dtype=torch.float64)
+    dense = dl.jacobian_spectrum(model, x, method="dense")["singular_value"].to_numpy()
+    hut = dl.jacobian_spectrum(model, x, method="hutchinson", samples=400)
+    assert list(hut["kind"]) == ["rms"]
+    assert hut["singular_value"].iloc[0] ** 2 == pytest.approx((dense**2).mean(), rel=0.1)
+
+
+def test_bad_input_errors_and_batchnorm_modes():
+    model = small_mlp()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    with pytest.raises(dl.DepthlabError, match="exceeds the Jacobian's dimension"):
+        dl.jacobian_spectrum(model, x, method="dense", k=8)
+    with pytest.raises(dl.DepthlabError, match="method='dense'"):
+        dl.jacobian_spectrum(model, x, method="lanczos", k=7)
+    with pytest.raises(dl.DepthlabError, match="choose one of"):
+        dl.jacobian_spectrum(model, x, method="svd")
+    with pytest.raises(dl.DepthlabError, match="floating-point"):
+        dl.jacobian_spectrum(model, torch.ones(2, 12, dtype=torch.long))
+    bn = dl.create_model("mlp", depth=2, width=8, in_dim=6, scheme="batchnorm")
+    with pytest.raises(dl.DepthlabError, match="couples the examples"):
+        dl.jacobian_spectrum(bn, torch.randn(4, 6), train_mode=True)
+    # default: eval mode (per-example Jacobian defined), train mode restored afterwards
+    df = dl.jacobian_spectrum(bn, torch.randn(4, 6))
+    assert len(df) == 4 * 6 and bn.training
+
+
+def test_spectrum_summary_known_values():
+    s = np.array([math.e, 1.0, 1 / math.e, 0.25])
+    df = pd.DataFrame({"example": 0, "index": range(4), "singular_value": s, "kind": "all",
+                       "method": "dense"})
+    out = dl.spectrum_summary(df)
+    logs = np.log(s)
+    assert out["mean_log_sv"] == pytest.approx(logs.mean())
+    assert out["std_log_sv"] == pytest.approx(logs.std())
+    assert out["share_within_2"] == 0.25
