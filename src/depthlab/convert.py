@@ -103,10 +103,13 @@ def convert(model: nn.Module, scheme: str | Scheme, inplace: bool = False, **opt
 
     * depthlab models are rebuilt with the same constructor arguments and the new scheme.
     * torchvision (and plain timm) ``BasicBlock``/``Bottleneck`` ResNets: every block becomes a
-      :class:`~depthlab.nn.Residual` ``relu(shortcut(x) + gate·f(x))``; BatchNorm is removed
-      (kept for ``batchnorm``) from branches, projections and the stem; convs get biases where
-      the scheme wants them; Fixup's scalar biases and multiplier are inserted; then
-      ``scheme.initialize`` applies (e.g. Fixup's rescaling and zero classifier ``fc``).
+      :class:`~depthlab.nn.Residual` ``relu(shortcut(x) + gate·f(x))``; each BatchNorm of the
+      branches, projections and stem becomes the scheme's norm (kept as it is, with its trained
+      statistics, for ``batchnorm``; removed for normalization-free schemes); convs left without
+      a norm get zero biases where the scheme wants them (SkipInit); Fixup's scalar biases and
+      multiplier are inserted; then ``scheme.initialize`` applies (e.g. Fixup's rescaling and
+      zero classifier ``fc``). Other weights are kept, so a SkipInit conversion of a trained
+      model computes ``relu(shortcut(x))`` in every block until α moves.
 
     Returns the converted model (``model`` itself when ``inplace=True``).
     """

@@ -216,7 +216,10 @@ class PreNorm(LayerNorm):
 @SCHEMES.register()
 @dataclass
 class PostNorm(LayerNorm):
-    """Post-LN: ``LN(x + f(x))``, the original Transformer (Vaswani et al. 2017, arXiv 1706.03762)."""
+    """Post-LN: ``LN(x + f(x))``, the original Transformer.
+
+    Vaswani et al. 2017, "Attention Is All You Need" (arXiv 1706.03762).
+    """
 
     name: ClassVar[str] = "postnorm"
     placement: str = "post"
@@ -297,8 +300,9 @@ class Fixup(Scheme):
        ``L^(-1/(2m-2))``, with L the number of residual branches and m the weight layers per
        branch (basic block m=2 → L^-1/2; bottleneck m=3 → L^-1/4).
     3. Add a scalar multiplier (init 1) at the end of each branch and scalar biases (init 0)
-       before each convolution, linear layer and activation. The reference code trains these
-       scalars at lr/10 (``TrainConfig.scalar_lr_mult``).
+       before each convolution, linear layer and activation, and one before the classifier
+       (the reference's ``fc(x + bias2)``). The reference code trains these scalars at lr/10
+       (``TrainConfig.scalar_lr_mult``).
 
     Branches with a single weight layer (m=1) only get rule 1.
     """

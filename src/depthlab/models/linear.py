@@ -69,7 +69,9 @@ class LinearNet(nn.Module):
         self.init = init
         self.depth, self.width = depth, width
         self.init_gain = 1.0
-        self.config = dict(depth=depth, width=width, init=init)  # constructor arguments but the scheme
+        self.config = dict(
+            depth=depth, width=width, init=init
+        )  # constructor arguments but the scheme
         self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
         blocks = []
         for _ in range(depth):

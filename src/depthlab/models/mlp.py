@@ -40,7 +40,9 @@ class MLP(nn.Module):
         check_positive(depth=depth, width=width, in_dim=in_dim, num_classes=num_classes)
         act = activation
         make_act(act)  # validate before building
-        self.config = dict(depth=depth, width=width, in_dim=in_dim, num_classes=num_classes, activation=activation)  # constructor arguments but the scheme
+        self.config = dict(
+            depth=depth, width=width, in_dim=in_dim, num_classes=num_classes, activation=activation
+        )  # constructor arguments but the scheme
         self.scheme = get_scheme(scheme, **(scheme_options or {}))
         self.depth, self.width, self.activation = depth, width, act
         self.init_gain = GAINS[act]
