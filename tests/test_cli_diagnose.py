@@ -33,11 +33,25 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, match):
 
 def test_full_run_writes_tables_and_figures(tmp_path, capsys):
     out = tmp_path / "diag"
-    rc = main([
-        "diagnose", "--model", "mlp", "--depth", "20", "--scheme", "batchnorm",
-        "--what", "paths,signal,jacobian,gradients,degeneracy", "--out", str(out),
-        "--batch", "32", "--set", "model.width=16",
-    ])
+    rc = main(
+        [
+            "diagnose",
+            "--model",
+            "mlp",
+            "--depth",
+            "20",
+            "--scheme",
+            "batchnorm",
+            "--what",
+            "paths,signal,jacobian,gradients,degeneracy",
+            "--out",
+            str(out),
+            "--batch",
+            "32",
+            "--set",
+            "model.width=16",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "signal propagation" in printed and "mean_log_sv" in printed
@@ -55,8 +69,23 @@ def test_full_run_writes_tables_and_figures(tmp_path, capsys):
 
 def test_dataset_batch_is_used(tmp_path):
     out = tmp_path / "d"
-    rc = main(["diagnose", "--model", "resnet", "--depth", "8", "--data", "digits",
-               "--what", "signal", "--batch", "16", "--out", str(out)])
+    rc = main(
+        [
+            "diagnose",
+            "--model",
+            "resnet",
+            "--depth",
+            "8",
+            "--data",
+            "digits",
+            "--what",
+            "signal",
+            "--batch",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     signal = pd.read_csv(out / "signal.csv")
     assert len(signal) == 3 and signal["bn_batch_var"].notna().all()

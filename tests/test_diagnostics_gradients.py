@@ -48,7 +48,9 @@ def test_block_activation_gradients_match_hand_computation():
     assert act[1] == pytest.approx(float(g1.norm()), rel=1e-12)
     assert act[0] == pytest.approx(float(g0.norm()), rel=1e-12)
     params = df[df.kind == "param"].set_index("name")
-    assert params.loc["0.branch.weight", "block"] == 0 and params.loc["1.branch.weight", "block"] == 1
+    assert (
+        params.loc["0.branch.weight", "block"] == 0 and params.loc["1.branch.weight", "block"] == 1
+    )
     assert params.loc["1.branch.weight", "norm"] == pytest.approx(float((g1.T @ h0).norm()))
     assert df.attrs["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-12)
 

@@ -14,8 +14,15 @@ from depthlab.diagnostics.jacobian import hutchinson_mean_sq
 
 def small_mlp():
     torch.manual_seed(0)
-    return dl.create_model("mlp", depth=3, width=16, in_dim=12, num_classes=7, scheme="skipinit",
-                           scheme_options={"alpha_init": 0.5}).double()
+    return dl.create_model(
+        "mlp",
+        depth=3,
+        width=16,
+        in_dim=12,
+        num_classes=7,
+        scheme="skipinit",
+        scheme_options={"alpha_init": 0.5},
+    ).double()
 
 
 def test_dense_equals_autograd_jacobian_svdvals():
@@ -31,19 +38,20 @@ def test_dense_equals_autograd_jacobian_svdvals():
     assert model.training and next(model.parameters()).requires_grad  # state restored
 
 
-def test_matrix_free_top_bottom_within_one_percent_of_dense():
+@pytest.mark.parametrize("solver", ["block", "arpack"])
+def test_matrix_free_top_bottom_within_one_percent_of_dense(solver):
     torch.manual_seed(0)
     net = dl.create_model("resnet", depth=14, scheme="skipinit", scheme_options={"alpha_init": 1})
-    stage1 = nn.Sequential(*net.blocks[:2], nn.Flatten(), nn.Linear(16 * 12 * 12, 160)).double()
+    stage1 = nn.Sequential(*net.blocks[:2], nn.Flatten(), nn.Linear(16 * 12 * 12, 300)).double()
     x = torch.randn(1, 16, 12, 12, dtype=torch.float64)  # input dimension 2,304
     dense = dl.jacobian_spectrum(stage1, x, method="dense", k=5)
-    free = dl.jacobian_spectrum(stage1, x, method="lanczos", k=5)
+    free = dl.jacobian_spectrum(stage1, x, method="lanczos", k=5, solver=solver, tol=1e-5)
     for kind in ("top", "bottom"):
         d = dense[dense.kind == kind].sort_values("index")
         f = free[free.kind == kind].sort_values("index")
         assert list(d["index"]) == list(f["index"])
         np.testing.assert_allclose(f["singular_value"], d["singular_value"], rtol=0.01)
-    assert list(free[free.kind == "bottom"]["index"]) == list(range(155, 160))
+    assert list(free[free.kind == "bottom"]["index"]) == list(range(295, 300))
 
 
 def test_orthogonal_linear_network_is_isometric():
@@ -98,8 +106,9 @@ def test_bad_input_errors_and_batchnorm_modes():
 
 def test_spectrum_summary_known_values():
     s = np.array([math.e, 1.0, 1 / math.e, 0.25])
-    df = pd.DataFrame({"example": 0, "index": range(4), "singular_value": s, "kind": "all",
-                       "method": "dense"})
+    df = pd.DataFrame(
+        {"example": 0, "index": range(4), "singular_value": s, "kind": "all", "method": "dense"}
+    )
     out = dl.spectrum_summary(df)
     logs = np.log(s)
     assert out["mean_log_sv"] == pytest.approx(logs.mean())

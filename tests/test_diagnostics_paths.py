@@ -59,8 +59,16 @@ def test_plain_and_scaled_mean_is_half_depth(depth):
 
 
 @pytest.mark.parametrize(
-    "scheme,alpha", [("batchnorm", None), ("plain", None), ("skipinit", None), ("rezero", 0.3),
-                     ("layernorm", 0.5), ("fixup", None), ("noskip", None)]
+    "scheme,alpha",
+    [
+        ("batchnorm", None),
+        ("plain", None),
+        ("skipinit", None),
+        ("rezero", 0.3),
+        ("layernorm", 0.5),
+        ("fixup", None),
+        ("noskip", None),
+    ],
 )
 def test_shares_sum_to_one(scheme, alpha):
     df = dl.path_variance(3000, scheme, alpha)

@@ -78,8 +78,9 @@ def test_no_residual_blocks_is_an_error():
 
 def test_callback_collects_records_with_step():
     torch.manual_seed(0)
-    model = dl.create_model("mlp", depth=3, width=16, scheme="skipinit",
-                            scheme_options={"alpha_init": 0.5})
+    model = dl.create_model(
+        "mlp", depth=3, width=16, scheme="skipinit", scheme_options={"alpha_init": 0.5}
+    )
     cb = dl.signal_callback(torch.randn(32, 64), every=2)
     for step in (0, 10, 20):
         cb(step, model, None)

@@ -109,9 +109,7 @@ def _random_input(model_name: str, kw: dict[str, Any], batch: int, gen: torch.Ge
         size = 64 if kw.get("stem", "imagenet") == "imagenet" and "bottleneck" in model_name else 32
         shape = (int(kw.get("in_channels", 3)), size, size)
     else:
-        raise DepthlabError(
-            f"no random input is known for model '{model_name}'; pass --data NAME"
-        )
+        raise DepthlabError(f"no random input is known for model '{model_name}'; pass --data NAME")
     x = torch.randn((batch, *shape), generator=gen)
     y = torch.randint(0, num_classes, (batch,), generator=gen)
     if model_name == "linear":
@@ -214,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
         frames["jacobian"] = df
         if (df["kind"] != "rms").any():
             summary["jacobian"] = s = spectrum_summary(df)
-            print(f"jacobian ({df['method'].iloc[0]}, {df['example'].nunique()} examples): "
-                  + _fmt(s))
+            print(
+                f"jacobian ({df['method'].iloc[0]}, {df['example'].nunique()} examples): " + _fmt(s)
+            )
         else:
             print(f"jacobian RMS singular values: {df['singular_value'].round(4).tolist()}")
     if "gradients" in what:
@@ -261,8 +260,10 @@ def _linspace(a: float, b: float, n: int) -> list[float]:
 
 
 def _fmt(d: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
-                     for k, v in d.items())
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+        for k, v in d.items()
+    )
 
 
 def _write(out: Path, frames: dict[str, pd.DataFrame], summary: dict, args) -> None:

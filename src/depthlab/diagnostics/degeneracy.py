@@ -94,7 +94,9 @@ def layer_maps(model: nn.Module) -> list[torch.Tensor]:
         ):
             return []
         w = branch.weight.detach().to(torch.float64)
-        alpha = float(blk.gate.alpha) if blk.gate is not None and hasattr(blk.gate, "alpha") else 1.0
+        alpha = (
+            float(blk.gate.alpha) if blk.gate is not None and hasattr(blk.gate, "alpha") else 1.0
+        )
         if blk.gate is not None and not hasattr(blk.gate, "alpha"):
             return []
         maps.append(blk.skip_mult * torch.eye(w.shape[0], dtype=torch.float64) + alpha * w)
@@ -145,18 +147,34 @@ def degeneracy(
     rows: list[dict] = []
     for i, layer in enumerate(weight_layers(model), start=1):
         s = _svals(layer.weight)
-        rows.append({"quantity": "weight_effective_rank", "layer": i,
-                     "value": effective_rank(s, singular_values=True)})
-        rows.append({"quantity": "weight_stable_rank", "layer": i,
-                     "value": stable_rank(s, singular_values=True)})
+        rows.append(
+            {
+                "quantity": "weight_effective_rank",
+                "layer": i,
+                "value": effective_rank(s, singular_values=True),
+            }
+        )
+        rows.append(
+            {
+                "quantity": "weight_stable_rank",
+                "layer": i,
+                "value": stable_rank(s, singular_values=True),
+            }
+        )
     maps = layer_maps(model)
     if maps:
         for k, s in product_singular_values(maps, ks).items():
             rows += [
-                {"quantity": "product_effective_rank", "layer": k,
-                 "value": effective_rank(s, singular_values=True)},
-                {"quantity": "product_stable_rank", "layer": k,
-                 "value": stable_rank(s, singular_values=True)},
+                {
+                    "quantity": "product_effective_rank",
+                    "layer": k,
+                    "value": effective_rank(s, singular_values=True),
+                },
+                {
+                    "quantity": "product_stable_rank",
+                    "layer": k,
+                    "value": stable_rank(s, singular_values=True),
+                },
                 {"quantity": "product_max_sv", "layer": k, "value": float(s.max())},
                 {"quantity": "product_min_sv", "layer": k, "value": float(s.min())},
             ]
@@ -195,10 +213,13 @@ def _activation_records(model: nn.Module, x: torch.Tensor) -> list[dict]:
     finally:
         for h in handles:
             h.remove()
-    rows = [{"quantity": "participation_ratio", "layer": i + 1, "value": participation_ratio(h)}
-            for i, h in sorted(outs.items())]
-    rows += [{"quantity": "dead_relu_share", "layer": i + 1, "value": v}
-             for i, v in sorted(dead.items())]
+    rows = [
+        {"quantity": "participation_ratio", "layer": i + 1, "value": participation_ratio(h)}
+        for i, h in sorted(outs.items())
+    ]
+    rows += [
+        {"quantity": "dead_relu_share", "layer": i + 1, "value": v} for i, v in sorted(dead.items())
+    ]
     return rows
 
 

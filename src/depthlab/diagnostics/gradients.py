@@ -86,8 +86,12 @@ def gradient_norms(
     for i, blk in enumerate(blocks):
         if i in acts:
             rows.append(
-                {"name": names.get(id(blk), f"block{i}"), "kind": "activation", "block": i,
-                 "norm": grads.get(i, 0.0)}
+                {
+                    "name": names.get(id(blk), f"block{i}"),
+                    "kind": "activation",
+                    "block": i,
+                    "norm": grads.get(i, 0.0),
+                }
             )
     df = pd.DataFrame(rows, columns=GRADIENT_COLUMNS)
     df.attrs["loss"] = float(loss.detach())

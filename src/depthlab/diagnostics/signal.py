@@ -67,7 +67,9 @@ def channel_stats(t: torch.Tensor) -> tuple[float, float]:
     elif t.dim() >= 4:  # (N, C, H, W, ...)
         dims = (0, *range(2, t.dim()))
     else:
-        raise DepthlabError(f"signal propagation needs batched activations, got shape {tuple(t.shape)}")
+        raise DepthlabError(
+            f"signal propagation needs batched activations, got shape {tuple(t.shape)}"
+        )
     mean = t.mean(dim=dims)
     var = t.var(dim=dims, unbiased=False)
     return float(var.mean()), float((mean**2).mean())
@@ -166,8 +168,9 @@ def signal_propagation(model: nn.Module, x: torch.Tensor, mode: str = "current")
     blocks = residual_blocks(model)
     if not blocks:
         raise DepthlabError(
-            f"{type(model).__name__} has no depthlab Residual blocks, so there is no skip/branch to "
-            "measure; build it with dl.create_model(...) or convert it with dl.convert(model, scheme=...)"
+            f"{type(model).__name__} has no depthlab Residual blocks, so there is no skip/branch "
+            "to measure; build it with dl.create_model(...) or convert it with "
+            "dl.convert(model, scheme=...)"
         )
     recorders = [_Recorder(i, b) for i, b in enumerate(blocks)]
     flags, buffers = _training_flags(model), _bn_buffers(model)
