@@ -10,8 +10,6 @@ from torch import nn
 
 import depthlab as dl
 from depthlab.data import create_dataset
-from depthlab.diagnostics.jacobian import jacobian_spectrum
-from depthlab.diagnostics.signal import signal_propagation
 from depthlab.models import TransformerBlock, TransformerLM
 from depthlab.nn import Bias, Gate, MultiHeadAttention, Residual
 from depthlab.schemes import DeepNorm
@@ -223,7 +221,7 @@ def test_diagnostics_on_the_transformer_stack():
     torch.manual_seed(0)
     model = lm("rezero", depth=2)
     x = tokens()
-    df = signal_propagation(model, x)
+    df = dl.signal_propagation(model, x)
     assert len(df) == 4  # one row per residual sublayer
     assert (df["gated_var"] == 0).all() and (df["branch_var"] > 0).all()  # α = 0 at init
     torch.testing.assert_close(
@@ -231,23 +229,41 @@ def test_diagnostics_on_the_transformer_stack():
     )
     with torch.no_grad():
         model.blocks[0].gate.alpha.fill_(0.5)  # shared by the layer's two sublayers
-    df = signal_propagation(model, x)
+    df = dl.signal_propagation(model, x)
     assert df["gated_var"][0] > 0 and df["gated_var"][1] > 0
     assert df["gated_var"][0] != df["gated_var"][1]  # each sublayer's gate hooked separately
+    # gradient norms: identity blocks pass ∂L/∂h unchanged, only the α's get a gradient at init
+    fresh = lm("rezero", depth=2)
+    g = dl.gradient_norms(fresh, x, tokens(seed=1))
+    act = g[g.kind == "activation"]["norm"].to_numpy()
+    assert len(act) == 4 and act.min() > 0 and act.max() == pytest.approx(act.min(), rel=1e-6)
+    alphas = g[g.name.str.endswith("gate.alpha")]
+    assert len(alphas) == 2 and (alphas["norm"] > 0).all()  # one shared α per layer
+    assert (g[g.name.str.endswith("q_proj.weight")]["norm"] == 0).all()
     # input-output Jacobian of the stack on the embedded sequence (T·C = 128 dims per example):
     # the identity for ReZero at init, far from it for Post-LN
-    fresh = lm("rezero", depth=2)
     h = fresh.embed(x[:2]).detach()
-    sv = jacobian_spectrum(fresh.blocks, h, method="dense")["singular_value"]
+    sv = dl.jacobian_spectrum(fresh.blocks, h, method="dense")["singular_value"]
     assert len(sv) == 2 * 8 * 16
     torch.testing.assert_close(
         torch.tensor(sv.to_numpy()), torch.ones(len(sv), dtype=torch.float64)
     )
     post = lm("postnorm", depth=2)
-    sv = jacobian_spectrum(post.blocks, post.embed(x[:2]).detach(), method="dense")[
-        "singular_value"
-    ]
+    hp = post.embed(x[:2]).detach()
+    sv = dl.jacobian_spectrum(post.blocks, hp, method="dense")["singular_value"]
     assert sv.max() / sv.min() > 10
+    # matrix-free Lanczos (double VJP through attention) agrees with the dense spectrum
+    with torch.no_grad():
+        for blk in fresh.blocks:
+            blk.gate.alpha.fill_(0.3)
+    dense = dl.jacobian_spectrum(fresh.blocks, h[:1], method="dense", k=3)
+    lanczos = dl.jacobian_spectrum(fresh.blocks, h[:1], method="lanczos", k=3)
+    torch.testing.assert_close(
+        torch.tensor(lanczos["singular_value"].to_numpy()),
+        torch.tensor(dense["singular_value"].to_numpy()),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.fixture

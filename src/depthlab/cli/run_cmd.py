@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set steps=200 --set depths=[10,100]",
+        help="override a config field, e.g. --set steps=200 --set 'depths=[10,100]'",
     )
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
     p.set_defaults(func=run_command)

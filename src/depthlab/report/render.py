@@ -168,7 +168,7 @@ def render_html(results: list[ExperimentResult], title: str = "depthlab reproduc
         parts.append(
             f'<tr class="{cls}"><td><a href="#{e(name)}"><code>{e(name)}</code></a></td>'
             f"<td>{e(claim)}</td><td>{e(paper)}</td><td>{e(measured)}</td>"
-            f"<td>{VERDICT_MARK.get(verdict, '')} {e(verdict)}</td></tr>"
+            f"<td><b>{e(verdict)}</b></td></tr>"  # the row colour marks the verdict
         )
     parts.append("</tbody></table>")
     parts.append("<table><tr><th>experiment</th><th>cells</th><th>wall time</th></tr>")
