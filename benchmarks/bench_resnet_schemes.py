@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.to(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,))
     runs = {}
     for name in schemes:
         model = dl.create_model("resnet", depth=args.depth, scheme=name, num_classes=10)
+        model = model.to(memory_format=fmt)
         # a small learning rate keeps the unnormalized 'plain' net finite over the timed steps
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         runs[name] = (model.train(), opt)
@@ -77,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_rate = {name: args.batch / statistics.median(t) for name, t in cpu.items()}
     print(
         f"ResNet-{args.depth} (CIFAR 3x32x32), batch {args.batch}, SGD train step, "
-        f"{torch.get_num_threads()} threads, {args.repeats * args.steps} timed steps per scheme "
-        "(interleaved), median step time"
+        f"{torch.get_num_threads()} threads, {'NHWC' if args.channels_last else 'NCHW'}, "
+        f"{args.repeats * args.steps} timed steps per scheme (interleaved), median step time"
     )
     header = ["scheme", "images/s", "vs batchnorm", "vs plain", "img/CPU-s", "vs bn", "vs plain"]
     print(

@@ -41,10 +41,10 @@ def test_dense_equals_autograd_jacobian_svdvals():
 def test_matrix_free_top_bottom_within_one_percent_of_dense():
     torch.manual_seed(0)
     net = dl.create_model(
-        "mlp", depth=2, width=2304, scheme="skipinit", scheme_options={"alpha_init": 1}
+        "mlp", depth=2, width=2048, scheme="skipinit", scheme_options={"alpha_init": 1}
     )
-    stage1 = nn.Sequential(net.blocks, nn.Linear(2304, 300)).double()
-    x = torch.randn(1, 2304, dtype=torch.float64)  # input dimension 2,304
+    stage1 = nn.Sequential(net.blocks, nn.Linear(2048, 200)).double()
+    x = torch.randn(1, 2048, dtype=torch.float64)  # input dimension 2,048
     dense = dl.jacobian_spectrum(stage1, x, method="dense", k=5)
     free = dl.jacobian_spectrum(stage1, x, method="lanczos", k=5, tol=1e-3)
     for kind in ("top", "bottom"):
@@ -52,7 +52,7 @@ def test_matrix_free_top_bottom_within_one_percent_of_dense():
         f = free[free.kind == kind].sort_values("index")
         assert list(d["index"]) == list(f["index"])
         np.testing.assert_allclose(f["singular_value"], d["singular_value"], rtol=0.01)
-    assert list(free[free.kind == "bottom"]["index"]) == list(range(295, 300))
+    assert list(free[free.kind == "bottom"]["index"]) == list(range(195, 200))
 
 
 def test_arpack_solver_matches_dense():

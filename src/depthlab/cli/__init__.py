@@ -1,4 +1,4 @@
-"""The ``depthlab`` command: list, run, train, diagnose, report, bench.
+"""The ``depthlab`` command: list, run, train, diagnose, report.
 
 Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser
 whose ``func(args) -> int`` runs it. Bad input (:class:`~depthlab.DepthlabError`) is reported in
@@ -13,7 +13,7 @@ import sys
 
 from depthlab.registry import DepthlabError
 
-SUBCOMMANDS = ("list", "run", "train", "diagnose", "report", "bench")
+SUBCOMMANDS = ("list", "run", "train", "diagnose", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
