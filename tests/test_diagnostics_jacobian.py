@@ -62,6 +62,10 @@ def test_arpack_solver_matches_dense():
     free = dl.jacobian_spectrum(model, x, method="lanczos", k=3, solver="arpack", tol=1e-10)
     np.testing.assert_allclose(free["singular_value"], dense["singular_value"], rtol=1e-6)
     assert list(free["kind"]) == list(dense["kind"]) and list(free["index"]) == list(dense["index"])
+    top = dl.jacobian_spectrum(model, x, method="lanczos", k=3, which="top", tol=1e-6)
+    assert set(top["kind"]) == {"top"}
+    d_top = dense[dense.kind == "top"]["singular_value"].to_numpy()
+    np.testing.assert_allclose(top["singular_value"], d_top, rtol=1e-6)
 
 
 def test_orthogonal_linear_network_is_isometric():

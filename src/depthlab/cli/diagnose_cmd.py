@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--examples", type=int, default=2, help="Jacobian: examples analysed")
     p.add_argument(
+        "--which",
+        default="both",
+        choices=("both", "top", "bottom"),
+        help="Jacobian (matrix-free): which end of the spectrum (default both)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -244,7 +250,13 @@ def _jacobian(model, x, args) -> pd.DataFrame:
     if h is not None:
         target, inp = model.blocks, h  # the residual stack, without stem and classifier
     return jacobian_spectrum(
-        target, inp, method=args.method, k=args.k, num_examples=args.examples, seed=args.seed
+        target,
+        inp,
+        method=args.method,
+        k=args.k,
+        num_examples=args.examples,
+        seed=args.seed,
+        which=args.which,
     )
 
 

@@ -204,7 +204,8 @@ def block_lanczos_singular_values(
     space ``span{Q, G Q, G² Q, …}`` grows by one block per step; Rayleigh–Ritz on ``Vᵀ G V``
     gives Ritz pairs (θ, x), and for a symmetric G each θ lies within ``‖G x − θ x‖`` of an
     eigenvalue. It stops when the wanted ends have ``‖G x − θ x‖ ≤ tol·θ`` (so s = √θ is within
-    about tol/2 relative) or the basis reaches ``max_dim`` (then a DepthlabError). Both ends come
+    about tol/2 relative; the residual is computed from ``Wᵀ W``, so tol below ~1e-7 is not
+    resolved) or the basis reaches ``max_dim`` (then a DepthlabError). Both ends come
     from the same basis, and batching makes each product far cheaper than ARPACK's one-at-a-time
     products on deep networks.
     """
@@ -215,32 +216,40 @@ def block_lanczos_singular_values(
     max_dim = min(size, max_dim or max(600, 20 * k))
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((size, block)))
-    basis, images = [q], [op.matmat(q)]
+    vb, wb = q, op.matmat(q)  # basis V (size, dim) and its image W = G V
+    t, wtw = vb.T @ wb, wb.T @ wb  # Vᵀ G V and Wᵀ W, grown block by block
     wanted = ("top", "bottom") if which == "both" else (which,)
+    next_check = 0
     while True:
-        vb, wb = np.hstack(basis), np.hstack(images)  # (size, dim)
-        t = vb.T @ wb
-        theta, y = np.linalg.eigh((t + t.T) / 2)  # ascending
-        done = {}
-        for part in wanted:
-            idx = np.arange(len(theta) - k, len(theta)) if part == "top" else np.arange(k)
-            r = wb @ y[:, idx] - (vb @ y[:, idx]) * theta[idx]
-            res = np.linalg.norm(r, axis=0)
-            done[part] = bool(np.all(res <= tol * np.maximum(np.abs(theta[idx]), 1e-300)))
-        if all(done.values()):
-            break
-        step = min(block, max_dim - vb.shape[1])
+        dim = vb.shape[1]
+        if dim >= next_check or dim >= max_dim:
+            theta, y = np.linalg.eigh((t + t.T) / 2)  # ascending Ritz values
+            converged = True  # (a basis of the whole space is exact)
+            for part in wanted if dim < size else ():
+                idx = np.arange(len(theta) - k, len(theta)) if part == "top" else np.arange(k)
+                yi = y[:, idx]
+                # ‖G x − θ x‖² = yᵀ Wᵀ W y − θ² for x = V y with Vᵀ W = T symmetric
+                res2 = np.einsum("ij,ij->j", yi, wtw @ yi) - theta[idx] ** 2
+                res = np.sqrt(np.clip(res2, 0.0, None))
+                converged &= bool(np.all(res <= tol * np.maximum(np.abs(theta[idx]), 1e-300)))
+            if converged:
+                break
+            next_check = dim + max(block, dim // 8)  # eigh costs O(dim³): check less often
+        step = min(block, max_dim - dim)
         if step <= 0:
             raise DepthlabError(
-                f"block Lanczos did not converge within {vb.shape[1]} basis vectors; loosen tol "
+                f"block Lanczos did not converge within {dim} basis vectors; loosen tol "
                 f"(now {tol}), raise max_dim, or use method='dense'"
             )
-        z = images[-1]
+        z = wb[:, -block:]
         for _ in range(2):  # full reorthogonalisation, twice is enough
             z = z - vb @ (vb.T @ z)
         q, _ = np.linalg.qr(z[:, :step])
-        basis.append(q)
-        images.append(op.matmat(q))
+        w = op.matmat(q)
+        tq, wq = vb.T @ w, wb.T @ w
+        t = np.block([[t, tq], [tq.T, q.T @ w]])
+        wtw = np.block([[wtw, wq], [wq.T, w.T @ w]])
+        vb, wb = np.hstack([vb, q]), np.hstack([wb, w])
     out: dict[str, np.ndarray] = {}
     for part in wanted:
         lam = theta[-k:] if part == "top" else theta[:k]
@@ -277,6 +286,7 @@ def jacobian_spectrum(
     samples: int = 64,
     seed: int = 0,
     solver: str = "block",
+    which: str = "both",
 ) -> pd.DataFrame:
     """Singular values of the input-output Jacobian of ``model`` at each example of ``x``.
 
@@ -287,10 +297,13 @@ def jacobian_spectrum(
     ``lanczos`` (default k = 6 there). With ``dense`` and a ``k``, the top and bottom k of the
     full spectrum are returned (for comparison with ``lanczos``). ``solver`` picks the Lanczos
     variant: ``"block"`` (:func:`block_lanczos_singular_values`, batched products, default) or
-    ``"arpack"`` (:func:`lanczos_singular_values`).
+    ``"arpack"`` (:func:`lanczos_singular_values`); ``which`` = ``"both"``, ``"top"`` or
+    ``"bottom"`` picks the ends it computes (the bottom of a rank-deficient J converges slowly).
     """
     if solver not in ("block", "arpack"):
         raise DepthlabError(f"unknown solver '{solver}'; choose one of: block, arpack")
+    if which not in ("both", "top", "bottom"):
+        raise DepthlabError(f"unknown which '{which}'; choose one of: both, top, bottom")
     if method not in METHODS:
         raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
     if not torch.is_tensor(x) or x.dim() < 1 or not x.is_floating_point():
@@ -316,7 +329,18 @@ def jacobian_spectrum(
             x = x.to(device=p.device, dtype=p.dtype)
     try:
         return _spectrum(
-            model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed, solver
+            model,
+            x,
+            method,
+            k,
+            num_examples,
+            dense_limit,
+            chunk_size,
+            tol,
+            samples,
+            seed,
+            solver,
+            which,
         )
     finally:
         for m, flag in flags:
@@ -326,7 +350,7 @@ def jacobian_spectrum(
 
 
 def _spectrum(
-    model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed, solver
+    model, x, method, k, num_examples, dense_limit, chunk_size, tol, samples, seed, solver, which
 ):
     shape = tuple(x.shape[1:])
     g = _per_example(model, shape)
@@ -352,8 +376,9 @@ def _spectrum(
                 parts = {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
         elif method == "lanczos":
             fn = block_lanczos_singular_values if solver == "block" else lanczos_singular_values
-            res = fn(g, v, k, tol=tol, seed=seed + e)
-            parts = {"top": (res["top"], 0), "bottom": (res["bottom"], r - k)}
+            res = fn(g, v, k, which=which, tol=tol, seed=seed + e)
+            parts = {"top": (res.get("top"), 0), "bottom": (res.get("bottom"), r - k)}
+            parts = {kind: part for kind, part in parts.items() if part[0] is not None}
         else:
             rms = math.sqrt(hutchinson_mean_sq(g, v, samples, seed + e))
             parts = {"rms": (np.array([rms]), 0)}

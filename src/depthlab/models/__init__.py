@@ -41,7 +41,8 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     valid = model_options(name)
     bad = [k for k in kwargs if k not in valid]
     if bad:
-        raise DepthlabError(f"unknown option(s) {bad} for model '{name}'; valid: {', '.join(valid)}")
+        choices = ", ".join(valid)
+        raise DepthlabError(f"unknown option(s) {bad} for model '{name}'; valid: {choices}")
     return cls(**kwargs)
 
 
