@@ -59,12 +59,18 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "in_process"}
     exec(SCRIPT, namespace)
     namespace["main"](str(tmp_path / "single.json"))  # the single-process run, in this process
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
-    cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    ddp = subprocess.run(
-        [*cmd, str(script), str(tmp_path / "ddp.json")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    for _attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        ddp = subprocess.run(
+            [*cmd, str(script), str(tmp_path / "ddp.json")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        # Seen once on a heavily loaded machine: a rank aborting at interpreter exit inside the
+        # C++ runtime ("terminate called without an active exception") after its work was done.
+        # That is a crash of the launcher environment, not a numerical difference: retry once.
+        if ddp.returncode == 0 or "terminate called" not in ddp.stderr:
+            break
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = json.loads((tmp_path / "single.json").read_text())
     b = json.loads((tmp_path / "ddp.json").read_text())

@@ -256,9 +256,10 @@ def test_linear_fold_init(k):
     width = 32
     net = dl.create_model("linear", depth=3, width=width, init=f"fold:{k}")
     for w in net.weights():
+        wt = w.T  # the paper's (in, out) layout: its upper and lower halves are equal
         rows = width // 2**k
         for i in range(1, 2**k):
-            assert torch.equal(w[i * rows : (i + 1) * rows], w[:rows])
+            assert torch.equal(wt[i * rows : (i + 1) * rows], wt[:rows])
         assert torch.linalg.matrix_rank(w).item() == rows
     if k == 1:
         std = dl.create_model("linear", depth=3, width=width, init="standard")

@@ -87,6 +87,8 @@ def parse_overrides(items: Iterable[str], valid: Iterable[str] | None = None) ->
         key, _, value = item.partition("=")
         key = key.strip()
         if valid_keys is not None and key not in valid_keys:
-            raise DepthlabError(f"unknown key '{key}' in --set; valid keys: {', '.join(valid_keys)}")
+            raise DepthlabError(
+                f"unknown key '{key}' in --set; valid keys: {', '.join(valid_keys)}"
+            )
         out[key] = parse_value(value)
     return out

@@ -8,12 +8,12 @@ Three parts:
   regression, MSE, SGD with momentum) from three inits: standard Gaussian ``N(0, 1/n)`` ("Fold
   0"), the same with every matrix folded once ("Fold 1", rank n/2: *more* degenerate), and
   orthogonal (the least degenerate). Orhan's code multiplies ``x @ W`` with ``W`` of shape
-  (in, out), so "copy the upper half onto the lower half" folds the *input* rows; in torch's
-  (out, in) layout that is :func:`~depthlab.models.linear.fold_` applied to ``Wᵀ`` (each layer
-  then sums the two halves of its input). The claim: Fold 1 has *larger* gradient norms (w.r.t.
-  the block activations, averaged over training) yet trains *worse* than Fold 0; orthogonal has
-  smaller gradients and trains best — the gradient norm does not explain trainability,
-  degeneracy does.
+  (in, out), so "copy the upper half onto the lower half" folds the *input* rows, which is what
+  the ``linear`` model's ``init="fold:k"`` does (:func:`~depthlab.models.linear.fold_`; each
+  layer then sums the two halves of its input). The claim: Fold 1 has *larger* gradient norms
+  (w.r.t. the block activations, averaged over training) yet trains *worse* than Fold 0;
+  orthogonal has smaller gradients and trains best — the gradient norm does not explain
+  trainability, degeneracy does.
 * ``product``: the singular values of ``W_k … W_1`` for k = 1, 10, 100 random matrices spread
   over orders of magnitude as k grows (the product degenerates), while with skip connections
   ``(I + W_k/√k) … (I + W_1/√k)`` (SkipInit's α = 1/√d) they do not collapse.
@@ -33,22 +33,6 @@ import pandas as pd
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fmt, train, verdict
 
 INIT_LABEL = {"fold:0": "Fold 0", "fold:1": "Fold 1", "orthogonal": "Ortho"}
-
-
-def orhan_fold_(model: object, k: int) -> None:
-    """Fold every weight matrix of a :class:`~depthlab.models.LinearNet` k times in Orhan's
-    (in, out) layout: ``fold_(Wᵀ, k)``."""
-    import torch
-
-    from depthlab.models.linear import fold_
-
-    if k == 0:
-        return
-    with torch.no_grad():
-        for layer in model.layers():
-            wt = layer.weight.T.clone()  # (in, out)
-            fold_(wt, k)
-            layer.weight.copy_(wt.T)
 
 
 @dataclass(frozen=True)
@@ -131,11 +115,8 @@ class Degeneracy(Experiment):
         data = create_dataset("synthetic", kind="teacher", dim=w, n=cell["n_train"], data_seed=0)
         init = cell["init"]
         model = dl.create_model(
-            "linear", depth=cell["depth"], width=w,
-            init="standard" if init.startswith("fold:") else init,
-        )  # fmt: skip
-        if init.startswith("fold:"):
-            orhan_fold_(model, int(init.split(":")[1]))
+            "linear", depth=cell["depth"], width=w, init="standard" if init == "fold:0" else init
+        )
         xb, yb = data.x_train[:256], data.y_train[:256]
         norms: dict[int, float] = {}
 

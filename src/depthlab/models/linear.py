@@ -16,17 +16,22 @@ INITS = ("standard", "orthogonal", "identity", "fold:k")
 
 
 def fold_(weight: torch.Tensor, k: int) -> torch.Tensor:
-    """Orhan & Pitkow's "Fold k" degeneracy: copy the upper half of the matrix onto its lower
-    half, k times over (each fold halves the block that is copied), so the matrix is 2^k stacked
-    copies of its top ``n/2^k`` rows and its rank drops to ``n/2^k``."""
-    n = weight.shape[0]
-    rows = n // 2**k
-    if rows < 1:
-        raise DepthlabError(f"fold:{k} needs at least 2^{k} rows, the matrix has {n}")
+    """Orhan & Pitkow's "Fold k" degeneracy (arXiv 1701.09175): copy the upper half of the matrix
+    onto its lower half, k times over (each fold halves the block that is copied).
+
+    The paper's code multiplies ``x @ W`` with ``W`` stored (in, out), so its rows are the
+    *inputs*; in torch's (out, in) layout those are the columns. After folding, ``W[:, :n/2^k]``
+    is repeated 2^k times along the input axis: each layer only sees sums of its input blocks,
+    and the rank drops to ``n/2^k``.
+    """
+    n = weight.shape[1]
+    cols = n // 2**k
+    if cols < 1:
+        raise DepthlabError(f"fold:{k} needs at least 2^{k} inputs, the matrix has {n}")
     with torch.no_grad():
-        top = weight[:rows].clone()
-        reps = -(-n // rows)  # ceil
-        weight.copy_(top.repeat(reps, 1)[:n])
+        left = weight[:, :cols].clone()
+        reps = -(-n // cols)  # ceil
+        weight.copy_(left.repeat(1, reps)[:, :n])
     return weight
 
 
