@@ -337,3 +337,12 @@ def test_nonpositive_sizes_are_refused(model, bad):
     size = "d_model" if model == "transformer-lm" else "width"
     with pytest.raises(dl.DepthlabError, match=f"{size} must be"):
         dl.create_model(model, **{size: bad})
+
+
+def test_wide_resnet_depth_counting():
+    # Wide-ResNet n-k counts the projection convs: WRN-28-k has 4 blocks per stage (6·4+4 = 28),
+    # the same network as the 6n+2 depth 26.
+    wrn = dl.create_model("resnet", depth=28, width=2, in_channels=1)
+    same = dl.create_model("resnet", depth=26, width=2, in_channels=1)
+    assert len(wrn.blocks) == len(same.blocks) == 12
+    assert wrn.blocks[-1].branch[-1].out_channels == 64 * 2

@@ -100,9 +100,10 @@ class ResNet(_ResNetBase):
     """CIFAR ResNet of depth 6n+2: a 3×3 stem, three stages of n basic blocks with 16k, 32k, 64k
     channels (strides 1, 2, 2), global average pooling and a linear classifier.
 
-    ``ResNet(depth=110)`` is He et al.'s ResNet-110 (arXiv 1512.03385); ``ResNet(depth=28,
-    width=10)`` is Zagoruyko & Komodakis' Wide-ResNet 28-10 (arXiv 1605.07146). Works on any
-    input size ≥ 4×4 (e.g. 8×8 digits with ``in_channels=1``).
+    ``ResNet(depth=110)`` is He et al.'s ResNet-110 (arXiv 1512.03385). Wide-ResNets count depth
+    as 6n+4 (the two projection convs included), so ``ResNet(depth=28, width=10)`` is
+    Zagoruyko & Komodakis' Wide-ResNet 28-10 with n = 4 (arXiv 1605.07146); both countings are
+    accepted. Works on any input size ≥ 4×4 (e.g. 8×8 digits with ``in_channels=1``).
     """
 
     def __init__(
@@ -117,14 +118,15 @@ class ResNet(_ResNetBase):
     ) -> None:
         super().__init__()
         check_positive(depth=depth, width=width, in_channels=in_channels, num_classes=num_classes)
-        if (depth - 2) % 6 != 0 or depth < 8:
+        if depth < 8 or depth % 6 not in (2, 4):
             valid = ", ".join(str(6 * n + 2) for n in (1, 2, 3, 5, 9, 18))
+            wide = ", ".join(str(6 * n + 4) for n in (2, 4, 6))
             raise DepthlabError(
-                f"resnet depth must be 6n+2 with n ≥ 1 (e.g. {valid}, ...), got {depth}; "
-                f"use 'resnet-bottleneck' for 50/101/152"
+                f"resnet depth must be 6n+2 with n ≥ 1 (e.g. {valid}, ...) or, in Wide-ResNet "
+                f"counting, 6n+4 (e.g. {wide}), got {depth}; use 'resnet-bottleneck' for 50/101/152"
             )
         make_act(activation)
-        n = (depth - 2) // 6
+        n = (depth - 2) // 6 if depth % 6 == 2 else (depth - 4) // 6  # blocks per stage
         self.config = dict(
             depth=depth,
             width=width,
