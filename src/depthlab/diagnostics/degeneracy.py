@@ -95,7 +95,9 @@ def layer_maps(model: nn.Module) -> list[torch.Tensor]:
             return []
         w = branch.weight.detach().to(torch.float64)
         alpha = (
-            float(blk.gate.alpha) if blk.gate is not None and hasattr(blk.gate, "alpha") else 1.0
+            float(blk.gate.alpha.detach())
+            if blk.gate is not None and hasattr(blk.gate, "alpha")
+            else 1.0
         )
         if blk.gate is not None and not hasattr(blk.gate, "alpha"):
             return []
