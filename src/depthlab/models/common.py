@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
@@ -40,19 +40,63 @@ class BlockStack(nn.Sequential):
     """The residual blocks of a model, run in order; optional activation checkpointing.
 
     With ``checkpoint_segments = s > 0`` the stack is split into s segments whose activations are
-    recomputed in the backward pass (``torch.utils.checkpoint``): memory O(s + depth/s) blocks
-    instead of O(depth), at the cost of one extra forward pass.
+    recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant, segments as in
+    ``checkpoint_sequential``: s − 1 checkpointed segments of ``len // s`` blocks, the rest run
+    normally): memory O(s + depth/s) blocks instead of O(depth), at the cost of one extra forward
+    pass. The recomputation restores every buffer of the segment afterwards, so BatchNorm running
+    statistics (and ``num_batches_tracked``) are updated once per step, as without checkpointing.
     """
 
     checkpoint_segments: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:
-            segments = min(self.checkpoint_segments, len(self))
-            return checkpoint_sequential(self, segments, x, use_reentrant=False)
-        for block in self:
+            blocks = list(self)
+            segments = min(self.checkpoint_segments, len(blocks))
+            size = len(blocks) // segments
+            end = 0
+            for start in range(0, size * (segments - 1), size):
+                end = start + size
+                x = checkpoint(_Segment(blocks[start:end]), x, use_reentrant=False)
+            blocks = blocks[end:]
+        else:
+            blocks = self
+        for block in blocks:
             x = block(x)
         return x
+
+
+class _Segment:
+    """A run of blocks for ``torch.utils.checkpoint``. Its first call is the forward pass; any
+    later call is a recomputation in the backward pass, which must not change module state: the
+    segment's buffers (BatchNorm running mean/var, batch counters) are put back as they were
+    after it, also when the checkpoint stops the recomputation early (by raising)."""
+
+    __slots__ = ("blocks", "calls")
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.blocks = blocks
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        saved = []
+        if self.calls > 1:
+            with torch.no_grad():
+                for block in self.blocks:
+                    for m in block.modules():
+                        for name, b in m._buffers.items():
+                            if b is not None:
+                                saved.append((m, name, b.clone()))
+        try:
+            for block in self.blocks:
+                x = block(x)
+            return x
+        finally:
+            if saved:
+                with torch.no_grad():
+                    for m, name, b in saved:
+                        m._buffers[name].copy_(b)
 
 
 #: models with more weights than this are initialised by several threads (see normal_init_)

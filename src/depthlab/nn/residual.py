@@ -65,8 +65,12 @@ class Branch(nn.Sequential):
     see exactly what an ``nn.Sequential`` would give them.
     """
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` through the modules in order; ``scale`` (a scalar tensor) multiplies the output."""
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` through the modules in order; ``scale`` (a scalar tensor) multiplies the output;
+        ``skip``, when given, is added to the result (``skip + scale·f(x)``, one ``addcmul``
+        when the scale could not be folded into a weight)."""
         mods = list(self._modules.values())
         fuse = not _global_hooks()
         i, n = 0, len(mods)
@@ -91,7 +95,9 @@ class Branch(nn.Sequential):
             for extra in scalars:
                 x = extra(x)
             i = j
-        return x if scale is None else x * scale
+        if skip is None:
+            return x if scale is None else x * scale
+        return skip + x if scale is None else torch.addcmul(skip, x, scale)
 
     @staticmethod
     def _fused(
@@ -129,7 +135,9 @@ class Residual(nn.Module):
     The attributes ``branch``, ``gate``, ``shortcut`` and ``post`` are what diagnostics hook and
     what schemes re-initialise. When ``branch`` is a :class:`Branch` and neither it nor the gate
     has hooks, the gate is folded into the branch's last weight layer (``α·(W h + c) =
-    (αW) h + αc``), which saves a full pass over the activations.
+    (αW) h + αc``), which saves a full pass over the activations; where the weight is larger
+    than the output, the gate and an identity skip are applied together
+    (``skip + α·f(x)`` as one ``addcmul``).
     """
 
     def __init__(
@@ -157,22 +165,26 @@ class Residual(nn.Module):
         return x if self.shortcut is None else self.shortcut(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate
+        gate, branch, post = self.gate, self.branch, self.post
+        one_skip = self.skip_mult == 1.0 and self.shortcut is None
         if (
             type(gate) is Gate
-            and isinstance(self.branch, Branch)
-            and not (_hooked(gate) or _hooked(self.branch) or _global_hooks())
+            and isinstance(branch, Branch)
+            and not (_hooked(gate) or _hooked(branch) or _global_hooks())
         ):
-            out = self.branch(x, scale=gate.alpha)  # the gate folded into the branch
+            if one_skip:  # skip + α·f(x) in one op (addcmul or the fused layer's add)
+                out = branch(x, scale=gate.alpha, skip=x)
+                return out if post is None else post(out)
+            out = branch(x, scale=gate.alpha)  # the gate folded into the branch
         else:
-            out = self.branch(x)
+            out = branch(x)
             if gate is not None:
                 out = gate(out)
         if self.skip_mult != 0.0:
             s = self.skip(x)
             out = s + out if self.skip_mult == 1.0 else torch.add(out, s, alpha=self.skip_mult)
-        if self.post is not None:
-            out = self.post(out)
+        if post is not None:
+            out = post(out)
         return out
 
     def extra_repr(self) -> str:

@@ -1,0 +1,157 @@
+"""Residual blocks with the gate and identity skip fused (``x + α·f(x)`` as one ``addcmul``)
+against the module-by-module path, and activation checkpointing: same gradients, and BatchNorm
+running statistics updated once per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import depthlab as dl
+from depthlab.nn import Gate, Residual
+from depthlab.nn.residual import Branch
+
+
+def _block(width: int, alpha: float, bias: bool = True, learnable: bool = True) -> Residual:
+    lin = nn.Linear(width, width, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, width**-0.5)
+        if bias:
+            lin.bias.normal_()
+    return Residual(Branch(nn.ReLU(), lin), gate=Gate(alpha, learnable=learnable))
+
+
+def _stack(depth: int, width: int, alpha: float, **kw) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[_block(width, alpha, **kw) for _ in range(depth)]).double()
+
+
+def _unfused(model: nn.Module):
+    """A no-op forward hook on every gate: forces the module-by-module path."""
+    return [m.register_forward_hook(lambda *a: None) for m in model.modules() if type(m) is Gate]
+
+
+def _grads(model, x, create_graph=False):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    loss = (out.sin() * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum()
+    inputs = [x] + [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph)
+    second = None
+    if create_graph:
+        second = torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+    return out, grads, second
+
+
+def _compare(model, x, create_graph=False):
+    fused = _grads(model, x, create_graph)
+    hooks = _unfused(model)
+    try:
+        plain = _grads(model, x, create_graph)
+    finally:
+        for h in hooks:
+            h.remove()
+    return fused, plain
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_gate_skip_gradients_equal_module_path(alpha, bias):
+    model = _stack(4, 12, alpha, bias=bias)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    (out_f, g_f, _), (out_p, g_p, _) = _compare(model, x)
+    assert out_f.grad_fn.name() == "AddcmulBackward0"  # skip + α·f(x) in one op
+    assert out_p.grad_fn.name() == "AddBackward0"
+    torch.testing.assert_close(out_f, out_p, rtol=0, atol=1e-12)
+    assert len(g_f) == len(g_p) == 1 + 4 * (3 if bias else 2)
+    for a, b in zip(g_f, g_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # the gate gradient is ⟨g, W relu(x) + b⟩: nonzero even at α = 0 (ReZero's init)
+    assert all(g.abs() > 1e-6 for g in g_f if g.dim() == 0)
+
+
+def test_fixed_gate_and_double_backward_equal_module_path():
+    model = _stack(3, 10, 0.5, learnable=False)  # α a buffer: no gate gradient
+    x = torch.randn(5, 10, dtype=torch.float64)
+    (out_f, g_f, s_f), (_, g_p, s_p) = _compare(model, x, create_graph=True)
+    assert out_f.grad_fn.name() == "AddcmulBackward0"
+    assert len(g_f) == 1 + 3 * 2
+    for a, b in zip(g_f + s_f, g_p + s_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert max(s.abs().max() for s in s_f) > 1e-3  # second derivatives really are nonzero
+
+
+def test_hooks_and_no_grad_and_functorch():
+    model = _stack(3, 8, 0.4)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    seen = []
+    h = model[1].branch.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    out = model(x)
+    h.remove()
+    assert len(seen) == 1  # the hooked block ran as modules; the hook saw W relu(x) + b
+    lin = model[1].branch[1]
+    x1 = model[0](x)
+    torch.testing.assert_close(seen[0], F.linear(torch.relu(x1), lin.weight, lin.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, rtol=0, atol=1e-12)
+    # torch.func (the Jacobian diagnostics) through the fused blocks
+    jac = torch.func.jacrev(model)(x[:1])[0, :, 0, :]
+    jac_ref = torch.autograd.functional.jacobian(lambda v: model(v), x[:1])[0, :, 0, :]
+    torch.testing.assert_close(jac, jac_ref, rtol=0, atol=1e-12)
+    # forward-mode AD with dual tensors (no torch.func): J v
+    v = torch.randn_like(x[:1])
+    with torch.autograd.forward_ad.dual_level():
+        dual = model(torch.autograd.forward_ad.make_dual(x[:1], v))
+        tangent = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    torch.testing.assert_close(tangent[0], jac_ref @ v[0], rtol=0, atol=1e-12)
+
+
+def test_rezero_mlp_checkpointing_gives_same_gradients():
+    torch.manual_seed(1)
+    model = dl.create_model("mlp", depth=9, width=16, in_dim=8, scheme="rezero").double()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.gate.alpha.fill_(0.2)
+    x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 10, (10,))
+
+    def grads():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = grads()
+    model.blocks.checkpoint_segments = 3  # segments of 3 blocks: 2 checkpointed, 1 run plainly
+    for a, b in zip(grads(), ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "resnet"])
+def test_checkpointing_updates_batchnorm_statistics_once(model_name):
+    """Recomputation in the backward pass must not update running statistics a second time."""
+    kw = dict(depth=6, width=16, in_dim=8) if model_name == "mlp" else dict(depth=8, width=4)
+    shape = (12, 8) if model_name == "mlp" else (12, 3, 8, 8)
+
+    def train(segments: int):
+        torch.manual_seed(0)
+        model = dl.create_model(model_name, scheme="batchnorm", **kw)
+        model.blocks.checkpoint_segments = segments
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(shape, generator=gen)
+            y = torch.randint(0, 10, (12,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model.state_dict()
+
+    plain, ckpt = train(0), train(3)
+    assert plain.keys() == ckpt.keys()
+    counters = [k for k in plain if k.endswith("num_batches_tracked")]
+    assert counters and all(int(plain[k]) == int(ckpt[k]) == 3 for k in counters)
+    running = [k for k in plain if "running_" in k]
+    assert running
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
