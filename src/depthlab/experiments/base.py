@@ -182,6 +182,11 @@ def train(model: Any, data: Any, callbacks: Any = (), **train_config: Any) -> An
     return dl_train(model, data, TrainConfig(**train_config), callbacks=callbacks, quiet=True)
 
 
+def per_scheme(cfg: Any, *fields: str) -> list[dict[str, Any]]:
+    """One cell per scheme in ``cfg.schemes``, each carrying the named ``cfg`` fields."""
+    return [{"scheme": s, **{f: getattr(cfg, f) for f in fields}} for s in cfg.schemes]
+
+
 def finite(x: Any) -> float:
     """``float(x)``, with None/inf mapped to NaN (for JSON/CSV records)."""
     try:

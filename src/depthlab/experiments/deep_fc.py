@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fmt, train, verdict
+from depthlab.experiments.base import (
+    EXPERIMENTS,
+    Claim,
+    Experiment,
+    finite,
+    fmt,
+    per_scheme,
+    train,
+    verdict,
+)
 
 
 @dataclass(frozen=True)
@@ -44,20 +53,9 @@ class DeepFC(Experiment):
     }
 
     def cells(self, cfg: Config) -> list[dict]:
-        return [
-            {
-                "scheme": s,
-                "depth": cfg.depth,
-                "width": cfg.width,
-                "steps": cfg.steps,
-                "batch_size": cfg.batch_size,
-                "optimizer": cfg.optimizer,
-                "lr": cfg.lr,
-                "checkpointing": cfg.checkpointing,
-                "seed": cfg.seed,
-            }
-            for s in cfg.schemes
-        ]
+        return per_scheme(
+            cfg, "depth", "width", "steps", "batch_size", "optimizer", "lr", "checkpointing", "seed"
+        )
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch

@@ -22,6 +22,7 @@ from depthlab.experiments.base import (
     Experiment,
     finite,
     fmt,
+    per_scheme,
     steps_to_target,
     train,
     verdict,
@@ -60,22 +61,19 @@ class FCConvergence(Experiment):
     }
 
     def cells(self, cfg: Config) -> list[dict]:
-        return [
-            {
-                "scheme": s,
-                "depth": cfg.depth,
-                "width": cfg.width,
-                "steps": cfg.steps,
-                "batch_size": cfg.batch_size,
-                "optimizer": cfg.optimizer,
-                "lr": cfg.lr,
-                "smooth": cfg.smooth,
-                "dataset": cfg.dataset,
-                "data_dir": cfg.data_dir,
-                "seed": cfg.seed,
-            }
-            for s in cfg.schemes
-        ]
+        return per_scheme(
+            cfg,
+            "depth",
+            "width",
+            "steps",
+            "batch_size",
+            "optimizer",
+            "lr",
+            "smooth",
+            "dataset",
+            "data_dir",
+            "seed",
+        )
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
