@@ -155,3 +155,74 @@ def test_checkpointing_updates_batchnorm_statistics_once(model_name):
     assert running
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _fixup_branch(conv: type, k: int, stride: int, padding: int) -> Branch:
+    """Fixup's bottleneck-style branch: relu, +b, layer, +b, relu, +b, layer, ·s, +b."""
+    from depthlab.nn import Bias
+
+    torch.manual_seed(3)
+    c = 4
+    if conv is nn.Linear:
+        layers = [nn.Linear(c, c, bias=False), nn.Linear(c, c)]
+    else:
+        layers = [
+            conv(c, c, k, stride=stride, padding=padding, bias=False),
+            conv(c, c, 1, bias=True),
+        ]
+    branch = Branch(
+        nn.ReLU(), Bias(), layers[0], Bias(), nn.ReLU(), Bias(), layers[1], Gate(1.0), Bias()
+    ).double()
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return branch
+
+
+@pytest.mark.parametrize(
+    "conv,dims,k,stride,padding",
+    [
+        (nn.Conv2d, 2, 1, 1, 0),
+        (nn.Conv2d, 2, 1, 2, 0),
+        (nn.Conv2d, 2, 3, 1, 0),
+        (nn.Conv2d, 2, 3, 2, 1),  # zero-padded: the first bias stays an add
+        (nn.Conv1d, 1, 1, 1, 0),
+        (nn.Conv3d, 3, 1, 1, 0),
+        (nn.Linear, 0, 1, 1, 0),
+    ],
+)
+def test_scalar_biases_before_a_layer_fold_exactly(conv, dims, k, stride, padding):
+    """Fixup's scalar biases between a ReLU and a linear layer or an unpadded conv are folded into
+    the layer's bias (``W(h + b) = W h + b·ΣW``): outputs and every gradient, the biases'
+    included, equal the module-by-module computation."""
+    branch = _fixup_branch(conv, k, stride, padding)
+    torch.manual_seed(4)
+    x = torch.randn(16, 4, *([7] * dims), dtype=torch.float64)
+    calls = []
+    real = Branch._fused
+
+    def spy(*args, **kw):
+        calls.append(args[4] if len(args) > 4 else kw.get("pre"))
+        return real(*args, **kw)
+
+    def grads():
+        xg = x.clone().requires_grad_(True)
+        out = branch(xg)
+        loss = (out.sin() * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum()
+        return out.detach(), torch.autograd.grad(loss, [xg, *branch.parameters()])
+
+    Branch._fused = staticmethod(spy)
+    try:
+        out, g = grads()
+    finally:
+        Branch._fused = staticmethod(real)
+    folded = [pre is not None for pre in calls]
+    assert folded == ([False, True] if padding else [True, True])
+    hook = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        ref_out, ref_g = grads()
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

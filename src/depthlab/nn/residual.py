@@ -49,20 +49,57 @@ def _affine(scalars: tuple[nn.Module, ...], scale: torch.Tensor | None):
     return mult, add
 
 
+def _bias_run(mods: list[nn.Module], i: int) -> int:
+    """The end of the run of unhooked :class:`Bias` modules starting at ``i``."""
+    while i < len(mods) and type(mods[i]) is Bias and not _hooked(mods[i]):
+        i += 1
+    return i
+
+
+def _bias_sum(biases: list[nn.Module]) -> torch.Tensor:
+    total = biases[0].bias
+    for m in biases[1:]:
+        total = total + m.bias
+    return total
+
+
+def _out_numel(layer: nn.Module, x: torch.Tensor) -> int:
+    """About the number of outputs of ``layer`` on ``x`` (exact for linear and stride-1 convs;
+    an upper bound for strided ones), to weigh weight-sized against output-sized work."""
+    if isinstance(layer, nn.Linear):
+        return x.numel() // max(x.shape[-1], 1) * layer.out_features
+    return x.numel() // max(x.shape[1], 1) * layer.out_channels
+
+
+def _unpadded(layer: nn.Module) -> bool:
+    """True for a linear layer or a convolution without padding: there ``W(h + b) = W h + b·ΣW``
+    holds exactly (a zero-padded conv would need its padding filled with ``-b``)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    pad = layer.padding
+    return pad == "valid" or (not isinstance(pad, str) and not any(pad))
+
+
 class Branch(nn.Sequential):
     """``nn.Sequential`` for residual branches, with the scalar slots fused into weight layers.
 
-    A weight layer followed by scalar multipliers and biases (Fixup's ``W h · s + b``; a
-    SkipInit/ReZero gate ``α · (W h + c)`` folded in by :class:`Residual`) is computed as one
-    layer call with an affine-transformed weight and bias,
+    Two exact rewrites remove the activation-sized pass a scalar would cost:
 
-        ``(W h + c) · s + b  =  (s·W) h + (s·c + b·1)``,
+    * **after a weight layer**: scalar multipliers and biases (Fixup's ``W h · s + b``; a
+      SkipInit/ReZero gate ``α · (W h + c)`` folded in by :class:`Residual`) become an
+      affine-transformed weight and bias, ``(W h + c)·s + b = (s·W) h + (s·c + b)``;
+    * **before a linear layer or an unpadded conv, after a ReLU**: ``W(h + b) = W h + b·ΣW``
+      (the sum over each output's weights; Fixup's bias before a 1×1 conv or a linear layer).
+      Before a zero-padded conv this would hold only with the padding filled with ``-b``; a
+      ReLU writing into such a padded buffer was built and measured slower than the add it
+      saves (strided border writes and a strided ReLU backward), so those biases stay adds.
 
-    which costs one weight-sized op instead of one activation-sized op per scalar (and the bias is
-    free inside the conv/GEMM). The result is the same function, parameters and gradients; the
-    module structure (state-dict keys, ``weight_layers``) is unchanged. Whenever a module involved
-    has hooks (diagnostics, dropout on branch outputs), it is called as a module instead, so hooks
-    see exactly what an ``nn.Sequential`` would give them.
+    Each costs a weight-sized op instead of an activation-sized one, and the biases ride free
+    inside the conv/GEMM. The result is the same function, parameters and gradients (up to
+    floating-point rounding, and except exactly at ReLU kinks); the module structure (state-dict
+    keys, ``weight_layers``) is unchanged. Whenever a module involved has hooks (diagnostics,
+    dropout on branch outputs), it is called as a module instead, so hooks see exactly what an
+    ``nn.Sequential`` would give them.
     """
 
     def forward(
@@ -74,19 +111,33 @@ class Branch(nn.Sequential):
         mods = list(self._modules.values())
         fuse = not _global_hooks()
         i, n = 0, len(mods)
+        pre = None  # a bias deferred into the next weight layer
         while i < n:
             m = mods[i]
+            free = fuse and not _hooked(m)
+            if free and pre is None and type(m) is nn.ReLU:
+                k = _bias_run(mods, i + 1)
+                layer = mods[k] if k < n else None
+                if (
+                    k > i + 1
+                    and type(layer) in _FUSABLE
+                    and not _hooked(layer)
+                    and _unpadded(layer)
+                    and layer.weight.numel() <= _out_numel(layer, x)
+                ):
+                    x, pre, i = torch.relu(x), _bias_sum(mods[i + 1 : k]), k
+                    continue
             j = i + 1
-            can = fuse and type(m) in _FUSABLE and not _hooked(m)
+            can = free and type(m) in _FUSABLE
             if can:
                 while j < n and type(mods[j]) in (Gate, Bias) and not _hooked(mods[j]):
                     j += 1
             last = j == n
             scalars = tuple(mods[i + 1 : j])
-            if can and (scalars or (last and scale is not None)):
-                y = self._fused(m, scalars, scale if last else None, x)
+            if can and (scalars or (last and scale is not None) or pre is not None):
+                y = self._fused(m, scalars, scale if last else None, x, pre)
                 if y is not None:
-                    x = y
+                    x, pre = y, None
                     if last:
                         scale = None
                     i = j
@@ -101,22 +152,27 @@ class Branch(nn.Sequential):
 
     @staticmethod
     def _fused(
-        m: nn.Module, scalars: tuple[nn.Module, ...], scale: torch.Tensor | None, x: torch.Tensor
+        m: nn.Module,
+        scalars: tuple[nn.Module, ...],
+        scale: torch.Tensor | None,
+        x: torch.Tensor,
+        pre: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``m`` then ``scalars`` then ``·scale`` as one layer call, or None when the weight is
-        larger than the output (then scaling the weight would cost more than it saves)."""
+        """``m(x + pre)·scalars·scale`` as one layer call, or None when the weight is larger than
+        the output (then scaling or summing the weight would cost more than it saves; the caller
+        only passes a ``pre`` for layers where it is not)."""
         mult, add = _affine(scalars, scale)
         weight, bias = m.weight, m.bias
+        if (mult is not None or pre is not None) and weight.numel() > _out_numel(m, x):
+            return None
         if mult is not None:
-            out_numel = x.numel() // max(x.shape[-1 if isinstance(m, nn.Linear) else 1], 1)
-            out_numel *= m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            if weight.numel() > out_numel:
-                return None
             weight = weight * mult
             bias = None if bias is None else bias * mult
+        if pre is not None:  # W(h + b) = W h + b·ΣW
+            shift = weight.sum(dim=tuple(range(1, weight.dim()))) * pre
+            bias = shift if bias is None else bias + shift
         if add is not None:
-            n_out = weight.shape[0]
-            bias = add.expand(n_out) if bias is None else bias + add
+            bias = add.expand(weight.shape[0]) if bias is None else bias + add
         if isinstance(m, nn.Linear):
             return F.linear(x, weight, bias)
         return m._conv_forward(x, weight, bias)
