@@ -8,7 +8,10 @@ peak memory with and without activation checkpointing.
 Method.
 
 * **Peak**: the best of (a) a chain of the model's own matmuls, ``(128×256) @ (256×256)`` in a
-  loop, and (b) ``1024×1024`` sgemms, each timed (CPU time) after a warm-up, in this process.
+  loop (300), and (b) three ``1024×1024`` sgemms, each timed (CPU time) after a warm-up, in the
+  child process *just before every timed step*: this VM's speed drifts by ±30% within minutes,
+  so each step is compared with the peak of its own moment, and ``% peak`` is the median of
+  those per-step ratios (their range is printed beside it).
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
   runs; median of ``--steps`` timed steps after one warm-up step. Both wall time and CPU time
@@ -57,12 +60,12 @@ import depthlab as dl
 from depthlab.train.optim import make_optimizer
 
 
-def matmul_peak(width: int, batch: int, reps: int = 1000) -> dict[str, float]:
-    """GFLOP per CPU-second of the model-shaped matmul chain and of a large sgemm."""
+def matmul_peak(width: int, batch: int, reps: int = 300, big: int = 3) -> dict[str, float]:
+    """GFLOP per CPU-second of the model-shaped matmul chain and of ``big`` 1024³ sgemms."""
     out = {}
     w = torch.randn(width, width) / math.sqrt(width)
     x = torch.randn(batch, width)
-    for _ in range(20):
+    for _ in range(10):
         y = x @ w
     t = time.process_time()
     y = x
@@ -74,9 +77,9 @@ def matmul_peak(width: int, batch: int, reps: int = 1000) -> dict[str, float]:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     t = time.process_time()
-    for _ in range(10):
+    for _ in range(big):
         a @ b
-    out["sgemm"] = 2 * n**3 * 10 / (time.process_time() - t) / 1e9
+    out["sgemm"] = 2 * n**3 * big / (time.process_time() - t) / 1e9
     return out
 
 
@@ -120,12 +123,15 @@ def measure(depth: int, width: int, batch: int, steps: int, segments: int, momen
         opt.step()
 
     step()  # warm-up: allocates gradients and optimizer state
-    times, cpu = [], []
+    times, cpu, peaks = [], [], []
     for _ in range(steps):
+        peaks.append(max(matmul_peak(width, batch).values()))  # just before this step
         t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
+    flops = step_flops(depth, width, batch, 64, 10)
+    ratios = [flops / c / 1e9 / p for c, p in zip(cpu, peaks)]
     _return_freed_memory()
     rss_model = _rss_kb("VmRSS")
     try:
@@ -140,6 +146,9 @@ def measure(depth: int, width: int, batch: int, steps: int, segments: int, momen
         "build_s": build_s,
         "step_s": statistics.median(times),
         "cpu_s": statistics.median(cpu),
+        "peak_gflops": statistics.median(peaks),
+        "peak_ratio": statistics.median(ratios),
+        "peak_ratio_range": (min(ratios), max(ratios)),
         "rss_model_mb": rss_model / 1024,
         "peak_mb": peak / 1024,
         "step_mem_mb": (peak - rss_model) / 1024,
@@ -237,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         print_fit(args)
         return 0
     segments = args.segments or max(1, round(math.sqrt(args.depth)))
-    peak = matmul_peak(args.width, args.batch)
-    best = max(peak.values())
     flops = step_flops(args.depth, args.width, args.batch, 64, 10)
     plain = run_child(args, 0)
     ckpt = run_child(args, segments)
@@ -247,17 +254,20 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {torch.get_num_threads()}; model built in {plain['build_s']:.1f} s"
     )
     print(
-        f"matmul peak (per CPU-second): chain (B×W)@(W×W) {peak['chain']:.1f} GFLOP/s, "
-        f"sgemm 1024³ "
-        f"{peak['sgemm']:.1f} GFLOP/s -> peak {best:.1f}; {flops / 1e9:.1f} GFLOP per step"
+        f"{flops / 1e9:.1f} GFLOP per step; matmul peak = best of a (B×W)@(W×W) chain and 1024³ "
+        "sgemms, GFLOP per CPU-second, measured just before each timed step; % peak = median "
+        "over steps of (step GFLOP/s) / (that peak)"
     )
-    head = f"{'config':<22}{'s/step':>9}{'CPU s':>8}{'GFLOP/s':>9}{'% peak':>8}{'model MB':>10}"
+    head = f"{'config':<22}{'s/step':>9}{'CPU s':>8}{'GFLOP/s':>9}{'peak':>7}{'% peak':>8}"
+    head += f"{'range':>10}{'model MB':>10}"
     head += f"{'peak MB':>9}{'step MB':>9}{'time x':>8}{'step mem x':>11}"
     print(head)
     for name, r in (("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)):
         gf = flops / r["cpu_s"] / 1e9
+        lo, hi = r["peak_ratio_range"]
         print(
-            f"{name:<22}{r['step_s']:>9.2f}{r['cpu_s']:>8.2f}{gf:>9.1f}{100 * gf / best:>7.0f}%"
+            f"{name:<22}{r['step_s']:>9.2f}{r['cpu_s']:>8.2f}{gf:>9.1f}{r['peak_gflops']:>7.0f}"
+            f"{100 * r['peak_ratio']:>7.0f}%{f'{100 * lo:.0f}-{100 * hi:.0f}%':>10}"
             f"{r['rss_model_mb']:>10.0f}{r['peak_mb']:>9.0f}{r['step_mem_mb']:>9.0f}"
             f"{r['cpu_s'] / plain['cpu_s']:>8.2f}"
             f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}"
@@ -273,7 +283,9 @@ def print_fit(args: argparse.Namespace) -> None:
     fit = fit_random_labels(args)
     where = f"depth {args.depth}, batch {args.fit_batch}, lr {args.fit_lr}, momentum 0.9"
     if fit["diverged"]:
-        print(f"fit 512 random labels: diverged (loss not finite) ({fit['seconds']:.0f} s; {where})")
+        print(
+            f"fit 512 random labels: diverged (loss not finite) ({fit['seconds']:.0f} s; {where})"
+        )
     elif fit["steps"] is None:
         print(
             f"fit 512 random labels: not reached in {args.fit_max_steps} steps "

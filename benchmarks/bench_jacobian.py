@@ -1,9 +1,13 @@
 """Jacobian spectra of a deep residual network: matrix-free (Lanczos on JVP/VJP) vs dense SVD.
 
 The network is the first stage of a CIFAR ResNet (``n`` pre-activation basic blocks, 16 channels,
-no downsampling; BatchNorm in eval mode with running statistics calibrated on a random batch),
-so J ∈ R^{16384 × 16384} for a 16×32×32 input (16,384 dimensions; ``--pool`` adds 2×2 average
-pooling: J ∈ R^{4096 × 16384}).
+no downsampling), so J ∈ R^{16384 × 16384} for a 16×32×32 input (16,384 dimensions; ``--pool``
+adds 2×2 average pooling: J ∈ R^{4096 × 16384}). ``--scheme skipinit --alpha 0.5`` (default):
+SkipInit blocks with their gates at 0.5 (a trained-like, non-identity J); ``--scheme batchnorm``:
+BatchNorm in eval mode with running statistics calibrated on a random batch — at init that J is
+nearly singular (bottom singular values 1e-5…6e-4 against a top of 11), below what a float32
+Gram operator (or float32 dense SVD, error ≈ 1e-6 absolute) resolves, so only its top end is a
+fair comparison.
 
 Side by side in one process: the dense path (``torch.func.jacrev`` + ``torch.linalg.svdvals``)
 and the matrix-free path (block Lanczos on J Jᵀ with vmapped products; ARPACK with --arpack) for
@@ -32,14 +36,16 @@ from depthlab.diagnostics.jacobian import (
 )
 
 
-def stage(blocks: int, pool: bool) -> nn.Module:
+def stage(blocks: int, pool: bool, scheme: str = "batchnorm", alpha: float = 0.5) -> nn.Module:
     torch.manual_seed(0)
-    net = dl.create_model("resnet", depth=6 * blocks + 2, scheme="batchnorm")
+    opts = {"alpha_init": alpha} if scheme in ("skipinit", "rezero") else {}
+    net = dl.create_model("resnet", depth=6 * blocks + 2, scheme=scheme, scheme_options=opts)
     layers = list(net.blocks[:blocks])  # stage 1: 16 channels, stride 1
     if pool:
         layers.append(nn.AvgPool2d(2))
     model = nn.Sequential(*layers)
-    calibrate_batchnorm(model, [torch.randn(64, 16, 32, 32)])
+    if scheme == "batchnorm":
+        calibrate_batchnorm(model, [torch.randn(64, 16, 32, 32)])
     return model.eval().requires_grad_(False)
 
 
@@ -51,7 +57,7 @@ def timed_free(g, v, k, which, args):
     t = time.perf_counter()
     try:
         res = block_lanczos_singular_values(
-            g, v, k, which=which, tol=args.tol, max_dim=args.max_dim
+            g, v, k, which=which, tol=args.tol, max_dim=args.max_dim, rtol=args.rtol or None
         )
     except dl.DepthlabError as e:
         return None, time.perf_counter() - t, str(e)
@@ -61,9 +67,14 @@ def timed_free(g, v, k, which, args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--scheme", default="skipinit", help="residual scheme of the stage")
+    ap.add_argument("--alpha", type=float, default=0.5, help="SkipInit/ReZero gate value")
+    ap.add_argument(
+        "--rtol", type=float, default=1e-3, help="stagnation stop (0: residual test only)"
+    )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--tol", type=float, default=1e-2, help="Ritz residual ≤ tol·θ (s: ≤ tol/2)")
-    ap.add_argument("--max-dim", type=int, default=2048, help="block Lanczos basis limit")
+    ap.add_argument("--max-dim", type=int, default=4096, help="block Lanczos basis limit")
     ap.add_argument("--pool", action="store_true", help="2×2 average pool: J is 4096 × 16384")
     ap.add_argument("--large-size", type=int, default=80, help="spatial size of the large input")
     ap.add_argument("--large-k", type=int, default=5, help="top-k for the large input")
@@ -71,15 +82,18 @@ def main() -> None:
     args = ap.parse_args()
     k = args.k
 
-    model = stage(args.blocks, pool=args.pool)
+    model = stage(args.blocks, args.pool, args.scheme, args.alpha)
     shape = (16, 32, 32)
     g = per_example(model, shape)
     v = torch.randn(shape).reshape(-1)
     with torch.no_grad():
         m = g(v).numel()
+    gate = f", alpha {args.alpha}" if args.scheme in ("skipinit", "rezero") else ""
     print(
-        f"stage of {args.blocks} BN basic blocks{' + avgpool' if args.pool else ''}: J is "
-        f"{m} x {v.numel()}, float32, threads={torch.get_num_threads()}"
+        f"stage of {args.blocks} {args.scheme}{gate} basic blocks"
+        f"{' + avgpool' if args.pool else ''}: J is {m} x {v.numel()}, float32, "
+        f"threads={torch.get_num_threads()}; stop: residual <= {args.tol}·θ or Ritz values "
+        f"moving < {args.rtol} per check"
     )
     t = time.perf_counter()
     s = dense_singular_values(g, v, chunk_size=256)
@@ -99,6 +113,7 @@ def main() -> None:
             f"| block Lanczos {which}-{k} | {sec:.1f} | {int(res['products'])} | {rel:.1e} | "
             f"{t_dense / sec:.1f}× |"
         )
+        print(f"<!-- {which}: dense {ref.tolist()} -->")
         print(
             f"<!-- {which} dense {np.round(ref, 4).tolist()} "
             f"free {np.round(res[which], 4).tolist()} -->"
@@ -114,7 +129,7 @@ def main() -> None:
         )
 
     size = args.large_size
-    big = stage(args.blocks, pool=False)
+    big = stage(args.blocks, False, args.scheme, args.alpha)
     shape = (16, size, size)
     g = per_example(big, shape)
     v = torch.randn(shape).reshape(-1)
