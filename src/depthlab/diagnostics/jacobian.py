@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
@@ -139,14 +140,14 @@ class _GramOperator:
         self.products += 1
         return out.detach().double().cpu().numpy()
 
-    def matmat(self, a: np.ndarray) -> np.ndarray:
+    def matmat(self, a: np.ndarray, dtype=np.float64) -> np.ndarray:
         """G A for a block A (size × b), with the products batched through ``torch.func.vmap``."""
         t = torch.as_tensor(np.ascontiguousarray(a.T), dtype=self.dtype).to(self.device)
         vjp = torch.func.vmap(self.vjp)
         jvp = torch.func.vmap(self.jvp)
         out = jvp(vjp(t)) if self.m <= self.n else vjp(jvp(t))
         self.products += a.shape[1]
-        return out.detach().double().cpu().numpy().T
+        return out.detach().cpu().numpy().astype(dtype, copy=False).T
 
     def linear_operator(self) -> LinearOperator:
         return LinearOperator((self.size, self.size), matvec=self.matvec, dtype=np.float64)
@@ -207,8 +208,8 @@ def block_lanczos_singular_values(
     so often (each time the basis has grown by an eighth) it checks two stopping rules:
 
     * **residual** (rigorous): every wanted Ritz pair has ``‖G x − θ x‖ ≤ tol·θ`` — then an
-      eigenvalue lies within tol·θ of θ (s within about tol/2; the residual is computed from
-      ``Wᵀ W``, so tol below ~1e-7 is not resolved);
+      eigenvalue lies within tol·θ of θ (s within about tol/2; the residual ``W y − θ V y``
+      carries the products' rounding, so tol much below the model's precision is not met);
     * **stagnation** (``rtol``, off by default): every wanted Ritz value moved by less than
       ``rtol`` (relative) since the previous check. Ritz values converge roughly like the square
       of the residual, so on clustered ends — the bottom of a Jacobian's spectrum, typically —
@@ -228,45 +229,46 @@ def block_lanczos_singular_values(
     block = max(1, min(block or max(k, 8), size))
     max_dim = min(size, max_dim or max(600, 20 * k))
     rng = np.random.default_rng(seed)
-    vb = np.empty((size, max_dim))  # basis V, filled block by block
-    wb = np.empty((size, max_dim))  # W = G V
+    # the basis is kept in the model's precision (float32 products carry no more digits), which
+    # halves the memory traffic of the reorthogonalisation that dominates large bases
+    dt = np.float32 if op.dtype in (torch.float32, torch.float16, torch.bfloat16) else np.float64
+    vb = np.empty((size, max_dim), dtype=dt, order="F")  # basis V, filled block by block
+    wb = np.empty((size, max_dim), dtype=dt, order="F")  # W = G V
     t = np.empty((max_dim, max_dim))  # Vᵀ G V
-    wtw = np.empty((max_dim, max_dim))  # Wᵀ W
     q, _ = np.linalg.qr(rng.standard_normal((size, block)))
+    q = q.astype(dt)
     wanted = ("top", "bottom") if which == "both" else (which,)
     dim, next_check, last = 0, 0, None
 
     def add(q: np.ndarray, dim: int) -> int:
         b = q.shape[1]
-        w = op.matmat(q)
+        w = op.matmat(q, dt)
         vb[:, dim : dim + b], wb[:, dim : dim + b] = q, w
         t[: dim + b, dim : dim + b] = vb[:, : dim + b].T @ w
         t[dim : dim + b, :dim] = t[:dim, dim : dim + b].T
-        wtw[: dim + b, dim : dim + b] = wb[:, : dim + b].T @ w
-        wtw[dim : dim + b, :dim] = wtw[:dim, dim : dim + b].T
         return dim + b
 
     dim = add(q, 0)
     while True:
         if dim >= next_check or dim >= max_dim:
             tt = t[:dim, :dim]
-            theta, y = np.linalg.eigh((tt + tt.T) / 2)  # ascending Ritz values
-            converged = True  # (a basis of the whole space is exact)
-            ends = {}
+            tt = (tt + tt.T) / 2
+            ritz = {}  # part -> (ascending Ritz values, their vectors in the basis)
             for part in wanted:
-                ends[part] = (
-                    np.arange(len(theta) - k, len(theta)) if part == "top" else np.arange(k)
-                )
-            for idx in ends.values() if dim < size else ():
-                yi = y[:, idx]
-                # ‖G x − θ x‖² = yᵀ Wᵀ W y − θ² for x = V y with Vᵀ W = T symmetric
-                res2 = np.einsum("ij,ij->j", yi, wtw[:dim, :dim] @ yi) - theta[idx] ** 2
-                res = np.sqrt(np.clip(res2, 0.0, None))
-                converged &= bool(np.all(res <= tol * np.maximum(np.abs(theta[idx]), 1e-300)))
-            now = np.concatenate([theta[idx] for idx in ends.values()])
+                lo = dim - k if part == "top" else 0
+                ritz[part] = scipy.linalg.eigh(tt, subset_by_index=[lo, lo + k - 1])
+            now = np.concatenate([theta for theta, _ in ritz.values()])
+            converged = dim >= size  # (a basis of the whole space is exact)
             if not converged and rtol is not None and last is not None:
                 change = np.abs(now - last) / np.maximum(np.abs(now), 1e-300)
                 converged = bool(np.all(change <= rtol))
+            if not converged:
+                converged = True
+                for theta, y in ritz.values():  # ‖G x − θ x‖ = ‖W y − θ V y‖ for x = V y
+                    yd = y.astype(dt)
+                    r = wb[:, :dim] @ yd - (vb[:, :dim] @ yd) * theta.astype(dt)
+                    res = np.linalg.norm(r.astype(np.float64), axis=0)
+                    converged &= bool(np.all(res <= tol * np.maximum(np.abs(theta), 1e-300)))
             if converged:
                 break
             last = now
@@ -282,11 +284,10 @@ def block_lanczos_singular_values(
         for _ in range(2):  # full reorthogonalisation, twice is enough
             z -= basis @ (basis.T @ z)
         q, _ = np.linalg.qr(z[:, :step])
-        dim = add(q, dim)
+        dim = add(q.astype(dt, copy=False), dim)
     out: dict[str, np.ndarray] = {}
-    for part in wanted:
-        lam = theta[-k:] if part == "top" else theta[:k]
-        out[part] = np.sqrt(np.clip(np.sort(lam)[::-1], 0.0, None))
+    for part, (theta, _) in ritz.items():
+        out[part] = np.sqrt(np.clip(np.sort(theta)[::-1], 0.0, None))
     out["products"] = np.array(op.products)
     out["dim"] = np.array(dim)
     return out
