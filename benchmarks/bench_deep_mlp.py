@@ -14,15 +14,17 @@ Method.
   those per-step ratios (their range is printed beside it).
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
-  runs; median of ``--steps`` timed steps after one warm-up step. Both wall time and CPU time
+  runs; median of ``--steps`` timed steps after one warm-up step. Both configurations (without
+  and with checkpointing) run in one child process, alternating step by step, so that the
+  time ratio compares steps taken minutes apart at most. Both wall time and CPU time
   (``time.process_time``) are taken; GFLOP/s, % of peak and the time ratio use CPU time, which
   on a shared machine does not count the time other processes hold the core (with one thread,
   CPU time is the compute time; with ``--threads`` > 1 it sums over threads). FLOPs are counted
   analytically: ``6·B·W²`` per hidden layer (forward ``2BW²``, backward ``4BW²``) plus the stem
   and classifier.
-* **Memory** (each configuration in its own subprocess; after the timed steps glibc's mmap
-  threshold is set to 64 KiB and ``malloc_trim`` run, so that freed tensors go back to the OS
-  and RSS tracks live memory): ``rss_model`` is the resident set after the timed steps
+* **Memory** (after the timed steps, one memory step per configuration; before each, glibc's
+  mmap threshold is set to 64 KiB and ``malloc_trim`` run, so that freed tensors go back to the
+  OS and RSS tracks live memory): ``rss_model`` is the resident set after the timed steps
   (parameters, gradients, optimizer state); then one more step runs with
   gradients zeroed in place (not freed), and its peak resident set is read from the kernel's
   high-water mark ``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to
@@ -108,52 +110,63 @@ def _return_freed_memory() -> None:
 
 
 def measure(depth: int, width: int, batch: int, steps: int, segments: int, momentum: float) -> dict:
-    """Build, warm up, then time ``steps`` steps; runs inside the child process."""
+    """Build and warm up; time ``steps`` rounds of one step without and one with checkpointing
+    (``segments``), alternating, each after a peak measurement; then one memory step per
+    configuration. Runs inside the child process."""
     torch.manual_seed(0)
     t = time.perf_counter()
     model = dl.create_model("mlp", depth=depth, width=width, scheme="rezero", in_dim=64)
     build_s = time.perf_counter() - t
-    model.blocks.checkpoint_segments = segments
     opt = make_optimizer(model, dl.TrainConfig(lr=1e-3, momentum=momentum))
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+    configs = (0, segments)
 
-    def step(set_to_none: bool = True) -> None:
+    def step(segs: int, set_to_none: bool = True) -> None:
+        model.blocks.checkpoint_segments = segs
         opt.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    step()  # warm-up: allocates gradients and optimizer state
-    times, cpu, peaks = [], [], []
-    for _ in range(steps):
-        peaks.append(max(matmul_peak(width, batch).values()))  # just before this step
-        t, c = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+    for segs in configs:  # warm-up: allocates gradients and optimizer state
+        step(segs)
     flops = step_flops(depth, width, batch, 64, 10)
-    ratios = [flops / c / 1e9 / p for c, p in zip(cpu, peaks)]
+    rec = {segs: {"wall": [], "cpu": [], "peak": [], "ratio": []} for segs in configs}
+    for r in range(steps):
+        for segs in configs[r % 2 :] + configs[: r % 2]:  # alternate which goes first
+            peak = max(matmul_peak(width, batch).values())  # just before this step
+            t, c = time.perf_counter(), time.process_time()
+            step(segs)
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            for key, val in (("wall", wall), ("cpu", cpu), ("peak", peak)):
+                rec[segs][key].append(val)
+            rec[segs]["ratio"].append(flops / cpu / 1e9 / peak)
     _return_freed_memory()
-    rss_model = _rss_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS high-water mark
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
-    step(set_to_none=False)  # memory step: gradients zeroed in place, so the baseline holds them
-    peak = _rss_kb("VmHWM")
-    return {
-        "build_s": build_s,
-        "step_s": statistics.median(times),
-        "cpu_s": statistics.median(cpu),
-        "peak_gflops": statistics.median(peaks),
-        "peak_ratio": statistics.median(ratios),
-        "peak_ratio_range": (min(ratios), max(ratios)),
-        "rss_model_mb": rss_model / 1024,
-        "peak_mb": peak / 1024,
-        "step_mem_mb": (peak - rss_model) / 1024,
-        "hwm_reset": hwm_reset,
-    }
+    out = {"build_s": build_s, "configs": {}}
+    for segs in configs:
+        rss_model = _rss_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS high-water mark
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        step(segs, set_to_none=False)  # gradients zeroed in place: the baseline holds them
+        peak_rss = _rss_kb("VmHWM")
+        _return_freed_memory()
+        r = rec[segs]
+        out["configs"][str(segs)] = {
+            "step_s": statistics.median(r["wall"]),
+            "cpu_s": statistics.median(r["cpu"]),
+            "cpu_all": r["cpu"],
+            "peak_gflops": statistics.median(r["peak"]),
+            "peak_ratio": statistics.median(r["ratio"]),
+            "peak_ratio_range": (min(r["ratio"]), max(r["ratio"])),
+            "rss_model_mb": rss_model / 1024,
+            "peak_mb": peak_rss / 1024,
+            "step_mem_mb": (peak_rss - rss_model) / 1024,
+            "hwm_reset": hwm_reset,
+        }
+    return out
 
 
 def run_child(args: argparse.Namespace, segments: int) -> dict:
@@ -247,16 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     segments = args.segments or max(1, round(math.sqrt(args.depth)))
     flops = step_flops(args.depth, args.width, args.batch, 64, 10)
-    plain = run_child(args, 0)
-    ckpt = run_child(args, segments)
+    res = run_child(args, segments)
+    plain, ckpt = res["configs"]["0"], res["configs"][str(segments)]
     print(
         f"ReZero MLP depth {args.depth}, width {args.width}, batch {args.batch}, "
-        f"threads {torch.get_num_threads()}; model built in {plain['build_s']:.1f} s"
+        f"threads {torch.get_num_threads()}; model built in {res['build_s']:.1f} s"
     )
     print(
         f"{flops / 1e9:.1f} GFLOP per step; matmul peak = best of a (B×W)@(W×W) chain and 1024³ "
         "sgemms, GFLOP per CPU-second, measured just before each timed step; % peak = median "
-        "over steps of (step GFLOP/s) / (that peak)"
+        "over steps of (step GFLOP/s) / (that peak); the two configurations alternate step by step"
     )
     head = f"{'config':<22}{'s/step':>9}{'CPU s':>8}{'GFLOP/s':>9}{'peak':>7}{'% peak':>8}"
     head += f"{'range':>10}{'model MB':>10}"
@@ -272,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cpu_s'] / plain['cpu_s']:>8.2f}"
             f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}"
         )
+    pairs = [c / p for c, p in zip(ckpt["cpu_all"], plain["cpu_all"])]
+    print(
+        "checkpointing time ratio per round (CPU): "
+        + ", ".join(f"{q:.2f}" for q in pairs)
+        + f"; median {statistics.median(pairs):.2f}"
+    )
     if not (plain["hwm_reset"] and ckpt["hwm_reset"]):
         print("note: /proc/self/clear_refs not writable; peaks include the warm-up step")
     if args.fit:
