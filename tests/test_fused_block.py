@@ -226,3 +226,66 @@ def test_scalar_biases_before_a_layer_fold_exactly(conv, dims, k, stride, paddin
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(g, ref_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last):
+    """Fixup's ``relu(z) + b`` before a zero-padded 3×3 conv runs as ``threshold(z + b, b, b)``
+    with ``b`` folded into the previous conv's bias: the forward is bit-identical to the ReLU and
+    the add, and all gradients (the bias's included, and second order) equal the module path."""
+    from depthlab.nn import Bias
+    from depthlab.nn.residual import _ReluShifted
+
+    torch.manual_seed(6)
+    branch = Branch(
+        nn.ReLU(),
+        Bias(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        Bias(),
+        nn.ReLU(),
+        Bias(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False),
+        Gate(1.0),
+        Bias(),
+    ).double()
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    if channels_last:
+        x, branch = (
+            x.to(memory_format=torch.channels_last),
+            branch.to(memory_format=torch.channels_last),
+        )
+    used = []
+    real = _ReluShifted.forward
+
+    def spy(ctx, y, b):
+        used.append(b.item())
+        return real(ctx, y, b)
+
+    def grads(create_graph=False):
+        xg = x.clone().requires_grad_(True)
+        out = branch(xg)
+        loss = (out.sin() * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum()
+        params = [xg, *branch.parameters()]
+        g = torch.autograd.grad(loss, params, create_graph=create_graph)
+        second = None
+        if create_graph:
+            second = torch.autograd.grad(sum((v**2).sum() for v in g), params)
+        return out.detach(), g, second
+
+    _ReluShifted.forward = staticmethod(spy)
+    try:
+        out, g, second = grads(create_graph=True)
+    finally:
+        _ReluShifted.forward = staticmethod(real)
+    assert used == [branch[5].bias.item()]  # the post-ReLU bias went through the threshold
+    hook = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        ref_out, ref_g, ref_second = grads(create_graph=True)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g + second, ref_g + ref_second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

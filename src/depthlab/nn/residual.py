@@ -63,6 +63,37 @@ def _bias_sum(biases: list[nn.Module]) -> torch.Tensor:
     return total
 
 
+def _functorch_active() -> bool:
+    """True inside ``torch.func`` transforms (vmap, jacrev, ...), which a custom autograd Function
+    without a vmap rule cannot run under."""
+    try:
+        return bool(torch._C._are_functorch_transforms_active())
+    except AttributeError:  # pragma: no cover - older torch
+        return True
+
+
+class _ReluShifted(torch.autograd.Function):
+    """``relu(z) + b`` from ``y = z + b`` in one pass: ``threshold(y, b, b)`` (``y`` where
+    ``y > b``, else ``b``). Bit-identical to the ReLU and the add in the forward pass. ``b``
+    reaches ``y`` detached (through the preceding layer's bias), so its whole gradient,
+    ``Σ grad``, is returned here, exactly what the add would give it."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        level = b.item()
+        out = F.threshold(y, level, level)
+        ctx.save_for_backward(out)
+        ctx.level = level
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        grad_y = torch.ops.aten.threshold_backward(grad, out, ctx.level)
+        grad_b = grad.sum() if ctx.needs_input_grad[1] else None
+        return grad_y, grad_b
+
+
 def _out_numel(layer: nn.Module, x: torch.Tensor) -> int:
     """About the number of outputs of ``layer`` on ``x`` (exact for linear and stride-1 convs;
     an upper bound for strided ones), to weigh weight-sized against output-sized work."""
@@ -129,18 +160,33 @@ class Branch(nn.Sequential):
                     continue
             j = i + 1
             can = free and type(m) in _FUSABLE
+            shift = None  # a bias after the ReLU that follows this layer (relu(z) + b)
             if can:
                 while j < n and type(mods[j]) in (Gate, Bias) and not _hooked(mods[j]):
                     j += 1
+                if j < n and type(mods[j]) is nn.ReLU and not _hooked(mods[j]):
+                    k = _bias_run(mods, j + 1)
+                    nxt = mods[k] if k < n else None
+                    if (
+                        k > j + 1
+                        and x.device.type == "cpu"  # float(b) would synchronise a GPU
+                        and not (type(nxt) in _FUSABLE and _unpadded(nxt))  # (folded there)
+                        and not _functorch_active()
+                    ):
+                        shift, shift_end = _bias_sum(mods[j + 1 : k]), k
             last = j == n
             scalars = tuple(mods[i + 1 : j])
-            if can and (scalars or (last and scale is not None) or pre is not None):
-                y = self._fused(m, scalars, scale if last else None, x, pre)
+            if can and (
+                scalars or (last and scale is not None) or pre is not None or shift is not None
+            ):
+                y = self._fused(m, scalars, scale if last else None, x, pre, shift)
                 if y is not None:
                     x, pre = y, None
                     if last:
                         scale = None
                     i = j
+                    if shift is not None:
+                        x, i = _ReluShifted.apply(x, shift), shift_end
                     continue
             x = m(x)
             for extra in scalars:
@@ -157,11 +203,14 @@ class Branch(nn.Sequential):
         scale: torch.Tensor | None,
         x: torch.Tensor,
         pre: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``m(x + pre)·scalars·scale`` as one layer call, or None when the weight is larger than
-        the output (then scaling or summing the weight would cost more than it saves; the caller
-        only passes a ``pre`` for layers where it is not)."""
+        """``m(x + pre)·scalars·scale (+ shift.detach())`` as one layer call, or None when the
+        weight is larger than the output (then scaling or summing the weight would cost more
+        than it saves; the caller only passes a ``pre`` for layers where it is not)."""
         mult, add = _affine(scalars, scale)
+        if shift is not None:
+            add = shift.detach() if add is None else add + shift.detach()
         weight, bias = m.weight, m.bias
         if (mult is not None or pre is not None) and weight.numel() > _out_numel(m, x):
             return None
