@@ -63,9 +63,13 @@ def _bias_sum(biases: list[nn.Module]) -> torch.Tensor:
     return total
 
 
-def _functorch_active() -> bool:
+def _transformed() -> bool:
     """True inside ``torch.func`` transforms (vmap, jacrev, ...), which a custom autograd Function
-    without a vmap rule cannot run under."""
+    without a vmap rule cannot run under, or while ``torch.compile`` traces (it fuses the ReLU
+    and the add by itself, and ``Tensor.item`` would break its graph)."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
     try:
         return bool(torch._C._are_functorch_transforms_active())
     except AttributeError:  # pragma: no cover - older torch
@@ -114,7 +118,7 @@ def _unpadded(layer: nn.Module) -> bool:
 class Branch(nn.Sequential):
     """``nn.Sequential`` for residual branches, with the scalar slots fused into weight layers.
 
-    Two exact rewrites remove the activation-sized pass a scalar would cost:
+    Three exact rewrites remove the activation-sized pass a scalar would cost:
 
     * **after a weight layer**: scalar multipliers and biases (Fixup's ``W h · s + b``; a
       SkipInit/ReZero gate ``α · (W h + c)`` folded in by :class:`Residual`) become an
@@ -123,14 +127,20 @@ class Branch(nn.Sequential):
       (the sum over each output's weights; Fixup's bias before a 1×1 conv or a linear layer).
       Before a zero-padded conv this would hold only with the padding filled with ``-b``; a
       ReLU writing into such a padded buffer was built and measured slower than the add it
-      saves (strided border writes and a strided ReLU backward), so those biases stay adds.
+      saves (strided border writes and a strided ReLU backward);
+    * **after a ReLU that follows a weight layer** (otherwise; CPU only, since it reads ``b``
+      as a Python number): ``relu(z) + b = threshold(z + b, b, b)``, with ``b`` joining the
+      layer's bias (detached) and its gradient ``Σ grad`` returned by the threshold
+      (:class:`_ReluShifted`; Fixup's bias before the second 3×3 conv). A ``clamp`` at a tensor
+      ``b`` would do the same with autograd, but its backward is several times slower.
 
     Each costs a weight-sized op instead of an activation-sized one, and the biases ride free
     inside the conv/GEMM. The result is the same function, parameters and gradients (up to
     floating-point rounding, and except exactly at ReLU kinks); the module structure (state-dict
     keys, ``weight_layers``) is unchanged. Whenever a module involved has hooks (diagnostics,
     dropout on branch outputs), it is called as a module instead, so hooks see exactly what an
-    ``nn.Sequential`` would give them.
+    ``nn.Sequential`` would give them; inside ``torch.func`` transforms the threshold rewrite
+    is skipped (a custom autograd Function has no vmap rule).
     """
 
     def forward(
@@ -171,7 +181,7 @@ class Branch(nn.Sequential):
                         k > j + 1
                         and x.device.type == "cpu"  # float(b) would synchronise a GPU
                         and not (type(nxt) in _FUSABLE and _unpadded(nxt))  # (folded there)
-                        and not _functorch_active()
+                        and not _transformed()
                     ):
                         shift, shift_end = _bias_sum(mods[j + 1 : k]), k
             last = j == n
