@@ -72,6 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Jacobian (matrix-free): which end of the spectrum (default both)",
     )
     p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="Jacobian (matrix-free): also stop when the wanted singular values move by less "
+        "than this (relative) between checks; e.g. 1e-3 for a clustered bottom end",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -257,6 +264,7 @@ def _jacobian(model, x, args) -> pd.DataFrame:
         num_examples=args.examples,
         seed=args.seed,
         which=args.which,
+        rtol=args.rtol,
     )
 
 

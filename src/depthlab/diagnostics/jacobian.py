@@ -102,6 +102,14 @@ def _check_k(k: int | None, r: int, method: str) -> None:
         )
 
 
+def _check_rtol(rtol: float | None) -> None:
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise DepthlabError(
+            f"rtol must be a number in (0, 1) (e.g. 1e-3) or None to use the residual test only, "
+            f"got {rtol!r}"
+        )
+
+
 def dense_singular_values(g: Callable, v: torch.Tensor, chunk_size: int | None = None):
     """All singular values (descending) of the Jacobian of ``g`` at the flat point ``v``."""
     jac = torch.func.jacrev(g, chunk_size=chunk_size)(v)  # (m, n)
@@ -223,6 +231,7 @@ def block_lanczos_singular_values(
     ``max(600, 20·k)``); reaching it raises a DepthlabError. Both ends come from one basis.
     Returns ``{"top": descending, "bottom": descending, "products": count, "dim": basis size}``.
     """
+    _check_rtol(rtol)
     op = _GramOperator(g, v)
     _check_k(k, op.size, "lanczos")
     size = op.size
@@ -342,6 +351,7 @@ def jacobian_spectrum(
         raise DepthlabError(f"unknown solver '{solver}'; choose one of: block, arpack")
     if which not in ("both", "top", "bottom"):
         raise DepthlabError(f"unknown which '{which}'; choose one of: both, top, bottom")
+    _check_rtol(rtol)
     if method not in METHODS:
         raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
     if not torch.is_tensor(x) or x.dim() < 1 or not x.is_floating_point():
