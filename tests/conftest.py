@@ -7,3 +7,18 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def module_by_module():
+    """``module_by_module(fn)`` returns ``fn()`` run with a no-op global forward hook installed,
+    which makes every ``Residual``/``Branch`` run module by module (the unfused reference)."""
+
+    def run(fn):
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            return fn()
+        finally:
+            hook.remove()
+
+    return run

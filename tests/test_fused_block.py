@@ -191,7 +191,9 @@ def _fixup_branch(conv: type, k: int, stride: int, padding: int) -> Branch:
         (nn.Linear, 0, 1, 1, 0),
     ],
 )
-def test_scalar_biases_before_a_layer_fold_exactly(conv, dims, k, stride, padding):
+def test_scalar_biases_before_a_layer_fold_exactly(
+    conv, dims, k, stride, padding, module_by_module
+):
     """Fixup's scalar biases between a ReLU and a linear layer or an unpadded conv are folded into
     the layer's bias (``W(h + b) = W h + b·ΣW``): outputs and every gradient, the biases'
     included, equal the module-by-module computation."""
@@ -218,18 +220,14 @@ def test_scalar_biases_before_a_layer_fold_exactly(conv, dims, k, stride, paddin
         Branch._fused = staticmethod(real)
     folded = [pre is not None for pre in calls]
     assert folded == ([False, True] if padding else [True, True])
-    hook = nn.modules.module.register_module_forward_hook(lambda *a: None)
-    try:
-        ref_out, ref_g = grads()
-    finally:
-        hook.remove()
+    ref_out, ref_g = module_by_module(grads)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(g, ref_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last):
+def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last, module_by_module):
     """Fixup's ``relu(z) + b`` before a zero-padded 3×3 conv runs as ``threshold(z + b, b, b)``
     with ``b`` folded into the previous conv's bias: the forward is bit-identical to the ReLU and
     the add, and all gradients (the bias's included, and second order) equal the module path."""
@@ -281,11 +279,7 @@ def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last):
     finally:
         _ReluShifted.forward = staticmethod(real)
     assert used == [branch[5].bias.item()]  # the post-ReLU bias went through the threshold
-    hook = nn.modules.module.register_module_forward_hook(lambda *a: None)
-    try:
-        ref_out, ref_g, ref_second = grads(create_graph=True)
-    finally:
-        hook.remove()
+    ref_out, ref_g, ref_second = module_by_module(lambda: grads(create_graph=True))
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(g + second, ref_g + ref_second, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -376,89 +376,57 @@ def jacobian_spectrum(
         if p is not None:
             x = x.to(device=p.device, dtype=p.dtype)
     try:
-        return _spectrum(
-            model,
-            x,
-            method,
-            k,
-            num_examples,
-            dense_limit,
-            chunk_size,
-            tol,
-            samples,
-            seed,
-            solver,
-            which,
-            rtol,
-        )
+        shape = tuple(x.shape[1:])
+        g = _per_example(model, shape)
+        n_ex = x.shape[0] if num_examples is None else min(int(num_examples), x.shape[0])
+        n = math.prod(shape)
+        with torch.no_grad():
+            m = g(x[0].reshape(-1)).numel()
+        r = min(m, n)
+        if method == "auto":
+            method = "dense" if m * n <= dense_limit else "lanczos"
+        if method == "lanczos" and k is None:
+            k = min(6, r - 1)
+        if method != "hutchinson":
+            _check_k(k, r, method)
+        rows: list[dict] = []
+        for e in range(n_ex):
+            v = x[e].reshape(-1).detach()
+            if method == "dense":
+                s = dense_singular_values(g, v, chunk_size)
+                if k is None:
+                    parts = {"all": (s, 0)}
+                else:
+                    parts = {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
+            elif method == "lanczos":
+                if solver == "block":
+                    res = block_lanczos_singular_values(
+                        g, v, k, which=which, tol=tol, seed=seed + e, rtol=rtol
+                    )
+                else:
+                    res = lanczos_singular_values(g, v, k, which=which, tol=tol, seed=seed + e)
+                parts = {"top": (res.get("top"), 0), "bottom": (res.get("bottom"), r - k)}
+                parts = {kind: part for kind, part in parts.items() if part[0] is not None}
+            else:
+                rms = math.sqrt(hutchinson_mean_sq(g, v, samples, seed + e))
+                parts = {"rms": (np.array([rms]), 0)}
+            for kind, (vals, start) in parts.items():
+                for j, val in enumerate(vals):
+                    rows.append(
+                        {
+                            "example": e,
+                            "index": start + j,
+                            "singular_value": float(val),
+                            "kind": kind,
+                            "method": method,
+                        }
+                    )
+        return pd.DataFrame(rows, columns=JACOBIAN_COLUMNS)
     finally:
         for m, flag in flags:
             m.training = flag
         for p, req in grads:
             p.requires_grad_(req)
-
-
-def _spectrum(
-    model,
-    x,
-    method,
-    k,
-    num_examples,
-    dense_limit,
-    chunk_size,
-    tol,
-    samples,
-    seed,
-    solver,
-    which,
-    rtol,
-):
-    shape = tuple(x.shape[1:])
-    g = _per_example(model, shape)
-    n_ex = x.shape[0] if num_examples is None else min(int(num_examples), x.shape[0])
-    n = math.prod(shape)
-    with torch.no_grad():
-        m = g(x[0].reshape(-1)).numel()
-    r = min(m, n)
-    if method == "auto":
-        method = "dense" if m * n <= dense_limit else "lanczos"
-    if method == "lanczos" and k is None:
-        k = min(6, r - 1)
-    if method != "hutchinson":
-        _check_k(k, r, method)
-    rows: list[dict] = []
-    for e in range(n_ex):
-        v = x[e].reshape(-1).detach()
-        if method == "dense":
-            s = dense_singular_values(g, v, chunk_size)
-            if k is None:
-                parts = {"all": (s, 0)}
-            else:
-                parts = {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
-        elif method == "lanczos":
-            if solver == "block":
-                res = block_lanczos_singular_values(
-                    g, v, k, which=which, tol=tol, seed=seed + e, rtol=rtol
-                )
-            else:
-                res = lanczos_singular_values(g, v, k, which=which, tol=tol, seed=seed + e)
-            parts = {"top": (res.get("top"), 0), "bottom": (res.get("bottom"), r - k)}
-            parts = {kind: part for kind, part in parts.items() if part[0] is not None}
-        else:
-            rms = math.sqrt(hutchinson_mean_sq(g, v, samples, seed + e))
-            parts = {"rms": (np.array([rms]), 0)}
-        for kind, (vals, start) in parts.items():
-            for j, val in enumerate(vals):
-                rows.append(
-                    {
-                        "example": e,
-                        "index": start + j,
-                        "singular_value": float(val),
-                        "kind": kind,
-                        "method": method,
-                    }
-                )
-    return pd.DataFrame(rows, columns=JACOBIAN_COLUMNS)
 
 
 def spectrum_summary(df: pd.DataFrame) -> dict[str, float]:
