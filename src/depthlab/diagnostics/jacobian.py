@@ -259,7 +259,7 @@ def block_lanczos_singular_values(
 
     dim = add(q, 0)
     while True:
-        if dim >= next_check or dim >= max_dim:
+        if (dim >= next_check or dim >= max_dim) and dim >= min(2 * k, max_dim):
             tt = t[:dim, :dim]
             tt = (tt + tt.T) / 2
             ritz = {}  # part -> (ascending Ritz values, their vectors in the basis)
