@@ -97,6 +97,20 @@ def main(argv: list[str] | None = None) -> int:
             cells.append((r[name], vs_bn, vs_plain))
         (a, b, c), (d, e, f) = cells
         print(f"{name:<10} {a:>9.1f} {b:>13} {c:>9}   {d:>9.1f} {e:>7} {f:>9}")
+    # each round runs every scheme once within seconds: the speed-up within a round, its median
+    # over rounds, and the spread (first to third quartile), are robust to the machine's drift
+    print("\nper-round CPU-time speed-ups (median [quartiles] over rounds):")
+    for ref in ("batchnorm", "plain"):
+        if ref not in cpu:
+            continue
+        parts = []
+        for name in schemes:
+            if name == ref:
+                continue
+            q = [b / a for a, b in zip(cpu[name], cpu[ref])]
+            lo, med, hi = statistics.quantiles(q, n=4) if len(q) > 1 else (q[0],) * 3
+            parts.append(f"{name} {med:.3f} [{lo:.3f}, {hi:.3f}]")
+        print(f"  vs {ref}: " + ", ".join(parts))
     return 0
 
 
