@@ -283,3 +283,32 @@ def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last, mod
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(g + second, ref_g + ref_second, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_of_a_fixup_resnet_matches_eager():
+    """``torch.compile`` traces the fused Fixup branch (the threshold rewrite, which reads a
+    bias as a Python number, steps aside while tracing): same outputs and gradients as eager."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    torch.manual_seed(0)
+    net = dl.create_model("resnet", depth=8, scheme="fixup", in_channels=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 1, 8, 8)
+    ref = net(x)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    try:
+        out = torch.compile(net)(x)
+    except Exception as e:  # a toolchain problem of the machine, not of depthlab
+        if "Compil" in type(e).__name__ or "compil" in str(e).lower():
+            pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
+        raise
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for p, g in zip(net.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
