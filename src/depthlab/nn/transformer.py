@@ -181,22 +181,26 @@ class MultiHeadAttention(nn.Module):
 
 
 class _ReZeroLayer(nn.Module):
-    """Shared parts of the drop-in layers: the feed-forward sublayer and the ReZero gate."""
+    """Shared parts of the drop-in layers: torch's constructor signature, the feed-forward
+    sublayer, the ReZero gate, cross-attention for decoders and one dropout per sublayer."""
+
+    #: residual sublayers: 2 (self-attention, feed-forward) or 3 (+ cross-attention)
+    sublayers: int = 2
 
     def __init__(
         self,
         d_model: int,
         nhead: int,
-        dim_feedforward: int,
-        dropout: float,
-        activation: str | Callable[[Tensor], Tensor],
-        layer_norm_eps: float,
-        batch_first: bool,
-        norm_first: bool,
-        bias: bool,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-        alpha_init: float,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        alpha_init: float = 0.0,
     ) -> None:
         super().__init__()
         check_heads(d_model, nhead)
@@ -210,6 +214,12 @@ class _ReZeroLayer(nn.Module):
         self.batch_first = batch_first
         # accepted for constructor compatibility with torch's layers; ReZero has no LayerNorm
         self.norm_first, self.layer_norm_eps = norm_first, layer_norm_eps
+        if self.sublayers == 3:  # torch's name for the decoder's cross-attention
+            self.multihead_attn = MultiHeadAttention(
+                d_model, nhead, dropout, bias, False, batch_first, **kw
+            )
+        for i in range(1, self.sublayers + 1):
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -229,38 +239,6 @@ class ReZeroEncoderLayer(_ReZeroLayer):
     ``batch_first=False`` layers) — pass ``enable_nested_tensor=False`` to silence it.
     ``layer_norm_eps`` and ``norm_first`` are accepted and have no effect (there is no norm).
     """
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str | Callable[[Tensor], Tensor] = F.relu,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = False,
-        norm_first: bool = False,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        alpha_init: float = 0.0,
-    ) -> None:
-        super().__init__(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            batch_first,
-            norm_first,
-            bias,
-            device,
-            dtype,
-            alpha_init,
-        )
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
 
     def forward(
         self,
@@ -288,42 +266,7 @@ class ReZeroDecoderLayer(_ReZeroLayer):
     masks, ``tgt_is_causal``, ``memory_is_causal``).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str | Callable[[Tensor], Tensor] = F.relu,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = False,
-        norm_first: bool = False,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        alpha_init: float = 0.0,
-    ) -> None:
-        super().__init__(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            batch_first,
-            norm_first,
-            bias,
-            device,
-            dtype,
-            alpha_init,
-        )
-        kw = {"device": device, "dtype": dtype}
-        self.multihead_attn = MultiHeadAttention(
-            d_model, nhead, dropout, bias, False, batch_first, **kw
-        )
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+    sublayers = 3
 
     def forward(
         self,
