@@ -16,6 +16,13 @@ from depthlab.registry import DepthlabError
 SUBCOMMANDS = ("list", "run", "train", "diagnose", "report")
 
 
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` override option, collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthlab",

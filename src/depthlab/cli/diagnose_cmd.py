@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from depthlab.cli import add_set_option
 from depthlab.diagnostics import (
     degeneracy,
     gradient_norms,
@@ -78,14 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Jacobian (matrix-free): also stop when the wanted singular values move by less "
         "than this (relative) between checks; e.g. 1e-3 for a clustered bottom end",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model.KEY, scheme_options.KEY or data.KEY, e.g. --set model.width=128",
-    )
+    add_set_option(p, "model.KEY, scheme_options.KEY or data.KEY, e.g. --set model.width=128")
     p.set_defaults(func=run)
 
 

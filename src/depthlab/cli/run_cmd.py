@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from depthlab.cli import add_set_option
 from depthlab.io import parse_overrides
 
 
@@ -21,14 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="experiment name, or 'all'")
     p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/PRESET)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set steps=200 --set 'depths=[10,100]'",
-    )
+    add_set_option(p, "override a config field, e.g. --set steps=200 --set 'depths=[10,100]'")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
     p.set_defaults(func=run_command)
 

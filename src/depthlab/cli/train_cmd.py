@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from depthlab.cli import add_set_option
 from depthlab.data import DATASETS, create_dataset, dataset_options
 from depthlab.io import load_yaml, parse_value, write_yaml
 from depthlab.models import create_model, model_options
@@ -81,12 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--config", help="YAML file with sections model, scheme_options, data, train")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override: train field (lr=0.1), model.width=512, scheme_options.alpha_init=0.1, "
+    add_set_option(
+        p,
+        "override: train field (lr=0.1), model.width=512, scheme_options.alpha_init=0.1, "
         "data.flat=true",
     )
     p.add_argument("--out", help="run folder (default runs/<model>-<scheme>-<data>)")
@@ -154,7 +152,7 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if value is not None:
             cfg[section][key] = value
     overrides = []
-    for item in args.set:
+    for item in args.overrides:
         if "=" not in item:
             raise DepthlabError(f"--set expects key=value, got {item!r}")
         key, _, text = item.partition("=")
