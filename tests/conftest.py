@@ -22,3 +22,12 @@ def module_by_module():
             hook.remove()
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (their subprocesses and timings assume it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ import yaml
 
 from depthlab.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = ["train", "--model", "resnet", "--depth", "8", "--scheme", "fixup", "--data", "digits"]

@@ -20,13 +20,7 @@ from depthlab.data import (
 from depthlab.data.base import TensorDataset, generator
 from depthlab.data.cifar10 import MEAN, STD
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_four_datasets_and_refuses_unknown_names():

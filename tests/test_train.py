@@ -16,13 +16,7 @@ from depthlab import DepthlabError, TrainConfig
 from depthlab.cli import main
 from depthlab.train import evaluate, lr_factor, param_groups
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rezero_mlp_depth32_reaches_95_percent_on_digits():

@@ -173,13 +173,23 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
     return math.inf
 
 
-def train(model: Any, data: Any, callbacks: Any = (), **train_config: Any) -> Any:
-    """``depthlab.train(model, data, TrainConfig(**train_config))`` on the CPU, quietly."""
+#: the training settings every training cell carries, passed on by :func:`train`
+CELL_TRAIN_KEYS = ("steps", "batch_size", "lr", "seed")
+
+
+def train(
+    model: Any, data: Any, cell: dict[str, Any] | None = None, callbacks: Any = (), **train_config
+) -> Any:
+    """``depthlab.train(model, data, TrainConfig(...))`` on the CPU, quietly: ``steps``,
+    ``batch_size``, ``lr`` and ``seed`` come from ``cell`` where it has them; ``train_config``
+    adds to and overrides them."""
     from depthlab.train import TrainConfig
     from depthlab.train import train as dl_train
 
-    train_config.setdefault("device", "cpu")
-    return dl_train(model, data, TrainConfig(**train_config), callbacks=callbacks, quiet=True)
+    config = {k: cell[k] for k in CELL_TRAIN_KEYS if cell and k in cell}
+    config["device"] = "cpu"
+    config.update(train_config)
+    return dl_train(model, data, TrainConfig(**config), callbacks=callbacks, quiet=True)
 
 
 def per_scheme(cfg: Any, *fields: str) -> list[dict[str, Any]]:

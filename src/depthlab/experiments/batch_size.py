@@ -75,14 +75,7 @@ class BatchSize(Experiment):
         model = dl.create_model(
             "mlp", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"]
         )
-        hist = train(
-            model,
-            data,
-            steps=steps,
-            batch_size=cell["batch_size"],
-            lr=cell["lr"],
-            seed=cell["seed"],
-        )
+        hist = train(model, data, cell, steps=steps)
         s = hist.summary
         return [
             {

@@ -71,11 +71,8 @@ class DeepFC(Experiment):
         hist = train(
             model,
             data,
-            steps=cell["steps"],
-            batch_size=cell["batch_size"],
+            cell,
             optimizer=cell["optimizer"],
-            lr=cell["lr"],
-            seed=cell["seed"],
             checkpointing=cell["checkpointing"],
             divergence_factor=None,
             log_every=max(1, cell["steps"] // 50),

@@ -129,9 +129,8 @@ class Degeneracy(Experiment):
 
         grad_norm(0, model)
         hist = train(
-            model, data, callbacks=[grad_norm], steps=cell["steps"],
-            batch_size=cell["batch_size"], lr=cell["lr"], optimizer="sgd", momentum=0.9,
-            seed=cell["seed"], eval_every=max(1, cell["steps"] // 10), divergence_factor=None,
+            model, data, cell, callbacks=[grad_norm], optimizer="sgd", momentum=0.9,
+            eval_every=max(1, cell["steps"] // 10), divergence_factor=None,
         )  # fmt: skip
         out = []
         for rec in hist.records:

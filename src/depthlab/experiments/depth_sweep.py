@@ -92,10 +92,7 @@ class DepthSweep(Experiment):
         hist = train(
             model,
             data,
-            steps=cell["steps"],
-            batch_size=cell["batch_size"],
-            lr=cell["lr"],
-            seed=cell["seed"],
+            cell,
             grad_clip=cell["grad_clip"] or None,
             scalar_lr_mult=0.1 if cell["scheme"] == "fixup" else 1.0,
         )

@@ -96,15 +96,7 @@ class FCConvergence(Experiment):
             num_classes=data.num_classes or 10,
         )
         hist = train(
-            model,
-            data,
-            steps=cell["steps"],
-            batch_size=cell["batch_size"],
-            optimizer=cell["optimizer"],
-            lr=cell["lr"],
-            momentum=0.0,
-            seed=cell["seed"],
-            divergence_factor=None,
+            model, data, cell, optimizer=cell["optimizer"], momentum=0.0, divergence_factor=None
         )
         frame = hist.frame()
         loss = frame["train_loss"].astype(float)

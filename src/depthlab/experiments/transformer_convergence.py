@@ -178,8 +178,7 @@ class TransformerConvergence(Experiment):
             context=cell["context"], scheme=scheme, scheme_options=options or None,
         )  # fmt: skip
         hist = train(
-            model, data, steps=cell["steps"], batch_size=cell["batch_size"], optimizer="adam",
-            lr=cell["lr"], warmup_steps=cell["warmup_steps"], seed=cell["seed"],
+            model, data, cell, optimizer="adam", warmup_steps=cell["warmup_steps"],
             divergence_factor=None,
         )  # fmt: skip
         frame = hist.frame().dropna(subset=["train_loss"])

@@ -137,10 +137,7 @@ class TransformerJacobian(Experiment):
 
         out = spectrum("init")
         if cell["steps"] > 0:
-            train(
-                model, data, steps=cell["steps"], batch_size=cell["batch_size"], optimizer="adam",
-                lr=cell["lr"], seed=cell["seed"], divergence_factor=None,
-            )  # fmt: skip
+            train(model, data, cell, optimizer="adam", divergence_factor=None)
             out += spectrum("trained")
         return out
 
