@@ -179,7 +179,7 @@ class Branch(nn.Sequential):
                     nxt = mods[k] if k < n else None
                     if (
                         k > j + 1
-                        and x.device.type == "cpu"  # float(b) would synchronise a GPU
+                        and x.device.type == "cpu"  # b.item() would synchronise a GPU
                         and not (type(nxt) in _FUSABLE and _unpadded(nxt))  # (folded there)
                         and not _transformed()
                     ):
@@ -228,8 +228,8 @@ class Branch(nn.Sequential):
             weight = weight * mult
             bias = None if bias is None else bias * mult
         if pre is not None:  # W(h + b) = W h + b·ΣW
-            shift = weight.sum(dim=tuple(range(1, weight.dim()))) * pre
-            bias = shift if bias is None else bias + shift
+            pre_out = weight.sum(dim=tuple(range(1, weight.dim()))) * pre
+            bias = pre_out if bias is None else bias + pre_out
         if add is not None:
             bias = add.expand(weight.shape[0]) if bias is None else bias + add
         if isinstance(m, nn.Linear):
