@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from depthlab.nn.fused import plan_stack, run_stack
 from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
@@ -45,11 +46,23 @@ class BlockStack(nn.Sequential):
     normally): memory O(s + depth/s) blocks instead of O(depth), at the cost of one extra forward
     pass. The recomputation restores every buffer of the segment afterwards, so BatchNorm running
     statistics (and ``num_batches_tracked``) are updated once per step, as without checkpointing.
+
+    A stack whose blocks are all ``s·x + α·W σ(x) + α·b`` (the MLP with ``rezero``, ``skipinit``,
+    ``plain``, ``scaled``, ``noskip``) runs fused (:mod:`depthlab.nn.fused`): a few autograd
+    nodes with a hand-written backward, the same function and gradients; checkpointing is then
+    done inside those nodes. ``fuse = False`` turns it off (double backward needs that).
     """
 
     checkpoint_segments: int = 0
+    #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as one autograd node
+    #: (:mod:`depthlab.nn.fused`); False runs it module by module (needed for double backward)
+    fuse: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse:
+            plans = plan_stack(list(self))
+            if plans is not None:
+                return run_stack(plans, x, self.checkpoint_segments)
         if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:
             blocks = list(self)
             segments = min(self.checkpoint_segments, len(blocks))

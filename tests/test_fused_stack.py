@@ -1,0 +1,166 @@
+"""A stack of gated linear blocks run as fused autograd nodes (``depthlab.nn.fused``) against the
+module-by-module stack: same outputs and gradients, the saved memory it claims, and the fallbacks
+(hooks, ``fuse=False``, double backward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depthlab as dl
+from depthlab.nn import fused
+
+CASES = [
+    ("rezero", "relu", {}),
+    ("skipinit", "tanh", {"alpha_init": 0.3}),
+    ("skipinit", "relu", {"alpha_init": 0.7, "learnable": False}),
+    ("plain", "linear", {}),
+    ("scaled", "relu", {}),
+    ("noskip", "tanh", {}),
+]
+
+
+def _model(scheme: str, act: str, opts: dict, depth: int = 9) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = dl.create_model(
+        "mlp", depth=depth, width=12, in_dim=5, scheme=scheme, activation=act, scheme_options=opts
+    ).double()
+    with torch.no_grad():  # move off the init (gates 0, zero biases) so every term counts
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+def _fused_nodes(out: torch.Tensor) -> int:
+    """The number of fused-stack nodes in the autograd graph of ``out``."""
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__ == "GatedLinearStackBackward"
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+def _run(m: torch.nn.Module, x: torch.Tensor):
+    m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = m(x)
+    (out.sin() * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return out.detach(), x.grad, grads, _fused_nodes(out)
+
+
+@pytest.mark.parametrize("segments", [0, 4])
+@pytest.mark.parametrize("scheme,act,opts", CASES)
+def test_fused_stack_equals_module_by_module(scheme, act, opts, segments, module_by_module):
+    m = _model(scheme, act, opts)
+    m.blocks.checkpoint_segments = segments
+    x = torch.randn(6, 5, dtype=torch.float64)
+    out, gx, grads, nodes = _run(m, x)
+    ref_out, ref_gx, ref_grads, ref_nodes = module_by_module(lambda: _run(m, x))
+    assert nodes >= 1 and ref_nodes == 0
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        if ref_grads[name] is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    if "learnable" in opts:  # fixed gates are buffers: nothing to train
+        assert all(b.gate.alpha.grad is None for b in m.blocks)
+
+
+def test_nodes_per_chunk_and_per_segment(monkeypatch):
+    m = _model("rezero", "relu", {}, depth=10)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    monkeypatch.setattr(fused, "CHUNK", 4)
+    assert _fused_nodes(m(x)) == 3  # 4 + 4 + 2 blocks
+    m.blocks.checkpoint_segments = 5
+    assert _fused_nodes(m(x)) == 5  # one node per segment of ⌈10/5⌉ blocks
+
+
+def _saved_activation_floats(m: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floats saved for backward by the blocks, parameters not counted."""
+    params = {p.data_ptr() for p in m.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.blocks(x)
+    return total
+
+
+def test_saved_memory_one_activation_per_block_or_one_per_segment():
+    depth, width, batch = 12, 12, 6
+    m = _model("rezero", "relu", {}, depth=depth)
+    x = torch.randn(batch, width, dtype=torch.float64, requires_grad=True)
+    # r_i = relu(h_i) per block (autograd also keeps y_i for the gate's gradient)
+    assert _saved_activation_floats(m, x) == depth * batch * width
+    m.blocks.checkpoint_segments = 3
+    assert _saved_activation_floats(m, x) == 3 * batch * width  # the inputs of the 3 segments
+    m.blocks.fuse = False
+    m.blocks.checkpoint_segments = 0
+    assert _saved_activation_floats(m, x) >= 2 * depth * batch * width
+
+
+def test_hooks_and_switch_fall_back_to_modules():
+    m = _model("rezero", "relu", {})
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert _fused_nodes(m(x)) == 1
+    seen = []
+    h = m.blocks[3].branch[1].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert _fused_nodes(m(x)) == 0 and seen == [torch.Size([4, 12])]
+    h.remove()
+    m.blocks.fuse = False
+    assert _fused_nodes(m(x)) == 0
+    with torch.no_grad():  # nothing to save: the plain loop
+        assert m(x).grad_fn is None
+
+
+def test_frozen_layers_get_no_gradient():
+    m = _model("skipinit", "relu", {"alpha_init": 0.5})
+    m.blocks[2].branch[1].weight.requires_grad_(False)
+    m.blocks[5].gate.alpha.requires_grad_(False)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    _, _, grads, nodes = _run(m, x)
+    assert nodes == 1
+    assert grads["blocks.2.branch.1.weight"] is None and grads["blocks.5.gate.alpha"] is None
+    assert grads["blocks.2.branch.1.bias"] is not None and grads["blocks.4.gate.alpha"] is not None
+
+
+def test_retain_graph_and_double_backward():
+    m = _model("rezero", "relu", {})
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = m(x).square().sum()
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    with pytest.raises(dl.DepthlabError, match="fuse = False"):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    m.blocks.fuse = False  # the documented way out: double backward module by module
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    assert g.requires_grad
+
+
+def test_fused_rezero_mlp_trains_on_random_labels():
+    """The fused path trains: a depth-100 ReZero MLP memorises 64 random labels."""
+    torch.manual_seed(0)
+    m = dl.create_model("mlp", depth=100, width=64, in_dim=16, scheme="rezero")
+    x, y = torch.randn(64, 16), torch.randint(0, 10, (64,))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+    assert _fused_nodes(out) == 2  # 64 + 36 blocks
+    assert (m(x).argmax(1) == y).float().mean().item() == 1.0
