@@ -50,6 +50,7 @@ import ctypes
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,19 @@ def _rss_kb(field: str) -> int:
     return -1
 
 
+def _keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the heap (no trimming; mmap only above 32 MiB), as a
+    caching allocator would: otherwise the two configurations, alternating, each give back the
+    other's memory and every step pays page faults for its activations and gradients (a
+    training loop repeating one configuration reaches that steady state by itself)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never trim
+        return bool(ok and libc.mallopt(-3, 32 << 20))  # M_MMAP_THRESHOLD: the maximum
+    except (OSError, AttributeError):
+        return False
+
+
 def _return_freed_memory() -> None:
     """From now on let glibc serve allocations ≥ 64 KiB with mmap (freed tensors leave the
     resident set at once) and give back what the heap holds free, so that RSS tracks live
@@ -104,44 +118,57 @@ def _return_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: glibc's default
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-def measure(depth: int, width: int, batch: int, steps: int, segments: int, momentum: float) -> dict:
+def measure(args: argparse.Namespace) -> dict:
     """Build and warm up; time ``steps`` rounds of one step without and one with checkpointing
     (``segments``), alternating, each after a peak measurement; then one memory step per
     configuration. Runs inside the child process."""
+    depth, width, batch, steps = args.depth, args.width, args.batch, args.steps
+    segments, momentum = args.segments, args.momentum
+    kept = args.malloc == "keep" and _keep_freed_memory()
     torch.manual_seed(0)
     t = time.perf_counter()
     model = dl.create_model("mlp", depth=depth, width=width, scheme="rezero", in_dim=64)
     build_s = time.perf_counter() - t
     opt = make_optimizer(model, dl.TrainConfig(lr=1e-3, momentum=momentum))
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
-    configs = (0, segments)
+    # (name, checkpoint segments, fused): the fused stack without and with checkpointing, and
+    # the same model run module by module (fuse=False) for comparison
+    configs = [("0", 0, True), (str(segments), segments, True)]
+    if not args.no_compare:
+        configs.append(("modules", 0, False))
+    settings = {name: (segs, fuse) for name, segs, fuse in configs}
+    configs = [name for name, *_ in configs]
 
-    def step(segs: int, set_to_none: bool = True) -> None:
-        model.blocks.checkpoint_segments = segs
+    def step(name: str, set_to_none: bool = True) -> None:
+        model.blocks.checkpoint_segments, model.blocks.fuse = settings[name]
         opt.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for segs in configs:  # warm-up: allocates gradients and optimizer state
-        step(segs)
+    for name in configs:  # warm-up: allocates gradients and optimizer state
+        step(name)
     flops = step_flops(depth, width, batch, 64, 10)
-    rec = {segs: {"wall": [], "cpu": [], "peak": [], "ratio": []} for segs in configs}
+    rec = {name: {"wall": [], "cpu": [], "peak": [], "ratio": [], "faults": []} for name in configs}
     for r in range(steps):
-        for segs in configs[r % 2 :] + configs[: r % 2]:  # alternate which goes first
+        k = r % len(configs)
+        for segs in configs[k:] + configs[:k]:  # rotate which goes first
             peak = max(matmul_peak(width, batch).values())  # just before this step
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, c = time.perf_counter(), time.process_time()
             step(segs)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
-            for key, val in (("wall", wall), ("cpu", cpu), ("peak", peak)):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            for key, val in (("wall", wall), ("cpu", cpu), ("peak", peak), ("faults", faults)):
                 rec[segs][key].append(val)
             rec[segs]["ratio"].append(flops / cpu / 1e9 / peak)
     _return_freed_memory()
-    out = {"build_s": build_s, "configs": {}}
+    out = {"build_s": build_s, "malloc_kept": kept, "configs": {}}
     for segs in configs:
         rss_model = _rss_kb("VmRSS")
         try:
@@ -154,10 +181,11 @@ def measure(depth: int, width: int, batch: int, steps: int, segments: int, momen
         peak_rss = _rss_kb("VmHWM")
         _return_freed_memory()
         r = rec[segs]
-        out["configs"][str(segs)] = {
+        out["configs"][segs] = {
             "step_s": statistics.median(r["wall"]),
             "cpu_s": statistics.median(r["cpu"]),
             "cpu_all": r["cpu"],
+            "faults": statistics.median(r["faults"]),
             "peak_gflops": statistics.median(r["peak"]),
             "peak_ratio": statistics.median(r["ratio"]),
             "peak_ratio_range": (min(r["ratio"]), max(r["ratio"])),
@@ -174,6 +202,7 @@ def run_child(args: argparse.Namespace, segments: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--depth", str(args.depth)]
     cmd += ["--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps)]
     cmd += ["--segments", str(segments), "--momentum", str(args.momentum)]
+    cmd += ["--malloc", args.malloc] + (["--no-compare"] if args.no_compare else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -240,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads (1 default: shared machine; 0: torch's)",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory (no page faults from the alternation; default)",
+    )
+    ap.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the module-by-module (fuse=False) configuration",
+    )
     ap.add_argument("--fit", action="store_true", help="also time fitting 512 random labels")
     ap.add_argument("--fit-lr", type=float, default=0.01)
     ap.add_argument("--fit-batch", type=int, default=128, help="minibatch size for --fit")
@@ -252,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        res = measure(args.depth, args.width, args.batch, args.steps, args.segments, args.momentum)
+        res = measure(args)
         print(json.dumps(res))
         return 0
     if args.fit_only:
@@ -264,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     plain, ckpt = res["configs"]["0"], res["configs"][str(segments)]
     print(
         f"ReZero MLP depth {args.depth}, width {args.width}, batch {args.batch}, "
-        f"threads {torch.get_num_threads()}; model built in {res['build_s']:.1f} s"
+        f"threads {torch.get_num_threads()}; model built in {res['build_s']:.1f} s; "
+        "malloc "
+        f"{'keeps freed memory' if res['malloc_kept'] else 'default'}"
     )
     print(
         f"{flops / 1e9:.1f} GFLOP per step; matmul peak = best of a (B×W)@(W×W) chain and 1024³ "
@@ -273,9 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = f"{'config':<22}{'s/step':>9}{'CPU s':>8}{'GFLOP/s':>9}{'peak':>7}{'% peak':>8}"
     head += f"{'range':>10}{'model MB':>10}"
-    head += f"{'peak MB':>9}{'step MB':>9}{'time x':>8}{'step mem x':>11}"
+    head += f"{'peak MB':>9}{'step MB':>9}{'time x':>8}{'step mem x':>11}{'faults':>9}"
     print(head)
-    for name, r in (("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)):
+    rows = [("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)]
+    if "modules" in res["configs"]:
+        rows.append(("module by module", res["configs"]["modules"]))
+    for name, r in rows:
         gf = flops / r["cpu_s"] / 1e9
         lo, hi = r["peak_ratio_range"]
         print(
@@ -283,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['peak_ratio']:>7.0f}%{f'{100 * lo:.0f}-{100 * hi:.0f}%':>10}"
             f"{r['rss_model_mb']:>10.0f}{r['peak_mb']:>9.0f}{r['step_mem_mb']:>9.0f}"
             f"{r['cpu_s'] / plain['cpu_s']:>8.2f}"
-            f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}"
+            f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}{r['faults']:>9.0f}"
         )
     pairs = [c / p for c, p in zip(ckpt["cpu_all"], plain["cpu_all"])]
     print(
@@ -291,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{q:.2f}" for q in pairs)
         + f"; median {statistics.median(pairs):.2f}"
     )
+    if "modules" in res["configs"]:
+        pairs = [m / p for m, p in zip(res["configs"]["modules"]["cpu_all"], plain["cpu_all"])]
+        print(
+            "fused speed-up over module by module per round (CPU): "
+            + ", ".join(f"{q:.2f}" for q in pairs)
+            + f"; median {statistics.median(pairs):.2f}"
+        )
     if not (plain["hwm_reset"] and ckpt["hwm_reset"]):
         print("note: /proc/self/clear_refs not writable; peaks include the warm-up step")
     if args.fit:
