@@ -312,3 +312,64 @@ def test_torch_compile_of_a_fixup_resnet_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for p, g in zip(net.parameters(), ref_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kw,shape",
+    [
+        ("resnet", dict(depth=14), (3, 3, 12, 12)),  # two stage changes: projection shortcuts
+        ("resnet-bottleneck", dict(depth=26, base_width=4), (2, 3, 24, 24)),
+        ("mlp", dict(depth=6, width=10, in_dim=7), (5, 7)),
+    ],
+)
+def test_fixup_blocks_carry_the_first_bias(name, kw, shape, module_by_module):
+    """Fixup blocks take their input carried as ``h + b`` (``relu(h) + b`` as one threshold, the
+    shift moved through the last layer's bias and a projection's bias): the network's output and
+    every gradient equal the module-by-module computation, second order included."""
+    torch.manual_seed(0)
+    net = dl.create_model(name, scheme="fixup", **kw).double()
+    with torch.no_grad():  # off the init: zero last layers and biases would hide mistakes
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(*shape, dtype=torch.float64)
+    carried = []
+    real = Residual.forward_carried
+
+    def spy(self, *args):
+        carried.append(self)
+        return real(self, *args)
+
+    def grads(create_graph=False):
+        xg = x.clone().requires_grad_(True)
+        out = net(xg)
+        loss = (out.sin() * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum()
+        params = [xg, *net.parameters()]
+        g = torch.autograd.grad(loss, params, create_graph=create_graph)
+        second = None
+        if create_graph:
+            second = torch.autograd.grad(sum((v**2).sum() for v in g), params)
+        return out.detach(), g, second
+
+    Residual.forward_carried = spy
+    try:
+        out, g, second = grads(create_graph=True)
+    finally:
+        Residual.forward_carried = real
+    assert carried == list(net.blocks)  # every block ran carried
+    ref_out, ref_g, ref_second = module_by_module(lambda: grads(create_graph=True))
+    scale = max(1.0, ref_out.abs().max().item())
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12 * scale)
+    for a, b in zip(g + second, ref_g + ref_second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * max(1.0, b.abs().max().item()))
+    # a hook on one block sends that block (and so its neighbours' carry) module by module
+    carried.clear()
+    seen = []
+    h = net.blocks[1].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    Residual.forward_carried = spy
+    try:
+        out2 = net(x)
+    finally:
+        Residual.forward_carried = real
+        h.remove()
+    assert net.blocks[1] not in carried and len(seen) == 1
+    torch.testing.assert_close(out2.detach(), ref_out, rtol=1e-12, atol=1e-12 * scale)
