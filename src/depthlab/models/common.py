@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from depthlab.nn.fused import plan_stack, run_stack
-from depthlab.nn.residual import Branch, run_blocks
+from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "linear": nn.Identity}
@@ -73,8 +73,10 @@ class BlockStack(nn.Sequential):
                 x = checkpoint(_Segment(blocks[start:end]), x, use_reentrant=False)
             blocks = blocks[end:]
         else:
-            blocks = list(self)
-        return run_blocks(blocks, x)
+            blocks = self
+        for block in blocks:
+            x = block(x)
+        return x
 
 
 class _Segment:

@@ -144,27 +144,15 @@ class Branch(nn.Sequential):
     """
 
     def forward(
-        self,
-        x: torch.Tensor,
-        scale: torch.Tensor | None = None,
-        skip: torch.Tensor | None = None,
-        shift_in: torch.Tensor | None = None,
-        extra: torch.Tensor | None = None,
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x`` through the modules in order; ``scale`` (a scalar tensor) multiplies the output;
         ``skip``, when given, is added to the result (``skip + scale·f(x)``, one ``addcmul``
-        when the scale could not be folded into a weight).
-
-        The carried form (:func:`carries_shift`, used by :class:`Residual`): with ``shift_in``,
-        ``x`` is ``h + shift_in`` for the true input ``h`` and the branch starts with a ReLU and
-        its biases summing to ``shift_in``, so ``relu(h) + shift_in = threshold(x, b, b)``;
-        ``extra`` (used detached) is added to the output, inside the last layer's bias."""
+        when the scale could not be folded into a weight)."""
         mods = list(self._modules.values())
         fuse = not _global_hooks()
         i, n = 0, len(mods)
         pre = None  # a bias deferred into the next weight layer
-        if shift_in is not None:
-            x, i = _ReluShifted.apply(x, shift_in), _bias_run(mods, 1)
         while i < n:
             m = mods[i]
             free = fuse and not _hooked(m)
@@ -198,28 +186,22 @@ class Branch(nn.Sequential):
                         shift, shift_end = _bias_sum(mods[j + 1 : k]), k
             last = j == n
             scalars = tuple(mods[i + 1 : j])
-            tail = extra if last else None
             if can and (
-                scalars
-                or (last and (scale is not None or tail is not None))
-                or pre is not None
-                or shift is not None
+                scalars or (last and scale is not None) or pre is not None or shift is not None
             ):
-                y = self._fused(m, scalars, scale if last else None, x, pre, shift, tail)
+                y = self._fused(m, scalars, scale if last else None, x, pre, shift)
                 if y is not None:
                     x, pre = y, None
                     if last:
-                        scale = extra = None
+                        scale = None
                     i = j
                     if shift is not None:
                         x, i = _ReluShifted.apply(x, shift), shift_end
                     continue
             x = m(x)
-            for scalar in scalars:
-                x = scalar(x)
+            for extra in scalars:
+                x = extra(x)
             i = j
-        if extra is not None:  # the last module was not a fusable layer
-            x = x + extra.detach()
         if skip is None:
             return x if scale is None else x * scale
         return skip + x if scale is None else torch.addcmul(skip, x, scale)
@@ -232,16 +214,13 @@ class Branch(nn.Sequential):
         x: torch.Tensor,
         pre: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
-        extra: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``m(x + pre)·scalars·scale (+ shift.detach() + extra.detach())`` as one layer call,
-        or None when the weight is larger than the output (then scaling or summing the weight
-        would cost more than it saves; the caller only passes a ``pre`` for layers where it is
-        not)."""
+        """``m(x + pre)·scalars·scale (+ shift.detach())`` as one layer call, or None when the
+        weight is larger than the output (then scaling or summing the weight would cost more
+        than it saves; the caller only passes a ``pre`` for layers where it is not)."""
         mult, add = _affine(scalars, scale)
-        for more in (shift, extra):
-            if more is not None:
-                add = more.detach() if add is None else add + more.detach()
+        if shift is not None:
+            add = shift.detach() if add is None else add + shift.detach()
         weight, bias = m.weight, m.bias
         if (mult is not None or pre is not None) and weight.numel() > _out_numel(m, x):
             return None
@@ -323,77 +302,8 @@ class Residual(nn.Module):
             out = post(out)
         return out
 
-    def forward_carried(
-        self, c: torch.Tensor, shift_in: torch.Tensor, shift_out: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The block on ``c = h + shift_in``, returning ``block(h) + shift_out`` (just
-        ``block(h)`` when ``shift_out`` is None); see :func:`run_blocks`."""
-        if self.shortcut is None:
-            skip = c
-            extra = -shift_in if shift_out is None else shift_out - shift_in
-        else:
-            skip = Branch._fused(self.shortcut, (), None, c, pre=-shift_in.detach())
-            if skip is None:
-                skip = self.shortcut(c - shift_in.detach())
-            extra = shift_out
-        return self.branch(c, skip=skip, shift_in=shift_in, extra=extra)
-
     def extra_repr(self) -> str:
         return f"skip_mult={self.skip_mult:g}"
-
-
-def carried_shift(block: nn.Module) -> torch.Tensor | None:
-    """The scalar ``b`` of a block ``s(h) + f(h)`` whose branch starts with ``relu(h) + b``
-    (Fixup's first bias), when the block can take its input carried as ``h + b`` (see
-    :func:`run_blocks`); else None."""
-    if (
-        type(block) is not Residual
-        or block.gate is not None
-        or block.skip_mult != 1.0
-        or block.post is not None
-        or _hooked(block)
-    ):
-        return None
-    cut = block.shortcut
-    if cut is not None and (type(cut) not in _FUSABLE or _hooked(cut) or not _unpadded(cut)):
-        return None
-    branch = block.branch
-    if type(branch) is not Branch or _hooked(branch):
-        return None
-    mods = list(branch._modules.values())
-    if not mods or type(mods[0]) is not nn.ReLU or _hooked(mods[0]):
-        return None
-    k = _bias_run(mods, 1)
-    if k == 1 or k == len(mods):
-        return None
-    return _bias_sum(mods[1:k])
-
-
-def run_blocks(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Apply ``blocks`` in order. Runs of blocks whose branches start with ``relu(h) + b``
-    (Fixup) pass their activations on *carried*: block i receives ``c = h + b_i`` and returns
-    ``h' + b_{i+1}``, with ``b_{i+1} - b_i`` added inside its last layer's bias. Then
-    ``relu(h) + b_i = threshold(c, b_i, b_i)`` is one op instead of a ReLU and an add (with
-    ``b_i``'s gradient ``Σ grad`` returned by the threshold, :class:`_ReluShifted`), and a
-    projection shortcut takes ``h = c - b_i`` inside its bias (``W(c - b) = W c - b·ΣW``, exact
-    for an unpadded conv). Only the run's first block pays one add. The same function and
-    gradients as calling the blocks (floating-point rounding aside); used on CPU, without
-    hooks, outside ``torch.func`` transforms and ``torch.compile`` tracing."""
-    carry = x.device.type == "cpu" and not _global_hooks() and not _transformed()
-    shifts = [carried_shift(b) for b in blocks] if carry else [None] * len(blocks)
-    i, n = 0, len(blocks)
-    while i < n:
-        if shifts[i] is None or i + 1 == n or shifts[i + 1] is None:
-            x, i = blocks[i](x), i + 1
-            continue
-        c = x + shifts[i].detach()
-        while i < n and shifts[i] is not None:
-            nxt = shifts[i + 1] if i + 1 < n else None
-            c, i = blocks[i].forward_carried(c, shifts[i], nxt), i + 1
-            if nxt is None:
-                break
-        x = c
-    return x
 
 
 def residual_blocks(model: nn.Module) -> list[Residual]:
