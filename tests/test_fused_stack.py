@@ -164,3 +164,19 @@ def test_fused_rezero_mlp_trains_on_random_labels():
         opt.step()
     assert _fused_nodes(out) == 2  # 64 + 36 blocks
     assert (m(x).argmax(1) == y).float().mean().item() == 1.0
+
+
+def test_autocast_and_mixed_dtypes_run_module_by_module():
+    m = _model("rezero", "relu", {}).float()
+    x = torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.bfloat16 and _fused_nodes(out) == 0
+    out.float().sum().backward()
+    assert m.blocks[0].branch[1].weight.grad.dtype == torch.float32
+    m.blocks[2].branch[1].double()  # one layer in another dtype: nothing to fuse safely
+    h = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert fused.plan_stack(list(m.blocks), h) is None
+    assert fused.plan_stack(list(m.blocks), h.float()) is None  # block 2 is float64
+    m.float()
+    assert fused.plan_stack(list(m.blocks), h.float()) is not None

@@ -60,7 +60,7 @@ class BlockStack(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse:
-            plans = plan_stack(list(self))
+            plans = plan_stack(list(self), x)
             if plans is not None:
                 return run_stack(plans, x, self.checkpoint_segments)
         if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:

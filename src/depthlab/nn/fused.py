@@ -62,11 +62,25 @@ def _plan_block(block: nn.Module) -> tuple | None:
     return _ACTS[type(act)], linear, gate, block.skip_mult
 
 
-def plan_stack(blocks: list[nn.Module]) -> list[tuple] | None:
-    """The per-block plans when every block of ``blocks`` can run fused (see module docstring)
-    and fusing applies now (no global hooks, no ``torch.func`` transform or ``torch.compile``
-    tracing, gradients enabled); else None."""
+def _autocast() -> bool:
+    """True inside ``torch.autocast`` for any device type."""
+    for device in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return True
+        except (TypeError, RuntimeError):  # torch < 2.4 has no device argument
+            return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return False
+
+
+def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
+    """The per-block plans when every block of ``blocks`` can run fused on ``x`` (see module
+    docstring) and fusing applies now (no global hooks, no ``torch.func`` transform,
+    ``torch.compile`` tracing or autocast, gradients enabled, parameters of ``x``'s dtype and
+    device); else None."""
     if len(blocks) < 2 or not torch.is_grad_enabled() or _global_hooks() or _transformed():
+        return None
+    if _autocast():  # autocast picks dtypes per op; the hand-written backward does not
         return None
     if _plan_block(blocks[0]) is None:  # cheap early exit for conv stacks and the like
         return None
@@ -75,6 +89,10 @@ def plan_stack(blocks: list[nn.Module]) -> list[tuple] | None:
         plan = _plan_block(block)
         if plan is None:
             return None
+        _, linear, gate, _ = plan
+        for p in (linear.weight, linear.bias, None if gate is None else gate.alpha):
+            if p is not None and (p.dtype != x.dtype or p.device != x.device):
+                return None
         plans.append(plan)
     return plans
 
