@@ -180,3 +180,13 @@ def test_autocast_and_mixed_dtypes_run_module_by_module():
     assert fused.plan_stack(list(m.blocks), h.float()) is None  # block 2 is float64
     m.float()
     assert fused.plan_stack(list(m.blocks), h.float()) is not None
+
+
+def test_stack_on_3d_input_runs_module_by_module(module_by_module):
+    """A BlockStack of gated linear blocks applied to (batch, tokens, features) is not fused
+    (the fused GEMMs take 2-d inputs) and still gives the module result."""
+    m = _model("rezero", "relu", {})
+    h = torch.randn(3, 4, 12, dtype=torch.float64)
+    out = m.blocks(h)
+    assert _fused_nodes(out) == 0
+    torch.testing.assert_close(out, module_by_module(lambda: m.blocks(h)))

@@ -80,7 +80,7 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     device); else None."""
     if len(blocks) < 2 or not torch.is_grad_enabled() or _global_hooks() or _transformed():
         return None
-    if _autocast():  # autocast picks dtypes per op; the hand-written backward does not
+    if x.dim() != 2 or _autocast():  # GEMMs on (batch, features); autocast picks dtypes per op
         return None
     if _plan_block(blocks[0]) is None:  # cheap early exit for conv stacks and the like
         return None
