@@ -188,3 +188,28 @@ def test_logging_writes_metrics_jsonl_and_tensorboard_events(tmp_path):
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
+
+
+def test_compile_option_reproduces_the_eager_loss_curve():
+    """``TrainConfig(compile=True)`` trains the ``torch.compile``d model (the fused ReZero stack
+    steps aside while tracing) and gives the eager loss curve."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    curves = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = dl.create_model("mlp", depth=3, width=32, scheme="rezero")
+        cfg = TrainConfig(steps=6, lr=0.05, batch_size=32, compile=compile_)
+        try:
+            hist = dl.train(model, "digits", cfg)
+        except Exception as e:  # a toolchain problem of the machine, not of depthlab
+            if compile_ and ("Compil" in type(e).__name__ or "compil" in str(e).lower()):
+                pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
+            raise
+        curves.append([r["train_loss"] for r in hist.records if "train_loss" in r])
+    eager, compiled = curves
+    assert len(eager) == len(compiled) >= 6
+    assert eager[-1] < eager[0]  # it trains
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
