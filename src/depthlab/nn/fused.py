@@ -36,30 +36,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthlab.nn.residual import Branch, Residual, _global_hooks, _hooked, _transformed
+from depthlab.nn.residual import Branch, Residual, _global_hooks, _transformed
 from depthlab.nn.scalars import Gate
 from depthlab.registry import DepthlabError
 
 _ACTS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Identity: "linear"}
 
 
-def _plan_block(block: nn.Module) -> tuple | None:
-    """``(act, linear, gate, skip_mult)`` when ``block`` is ``s·x + α·Linear(σ(x))`` with no
-    hooks anywhere and nothing else in it; else None."""
-    if type(block) is not Residual or block.shortcut is not None or block.post is not None:
+def _quiet(m: nn.Module) -> bool:
+    """No hooks on ``m`` (:func:`~depthlab.nn.residual._hooked`, inlined: this runs per block
+    per forward pass)."""
+    return not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(act, W, b or None, α or None, skip_mult)`` when ``block`` is ``s·x + α·Linear(σ(x))``
+    with no hooks anywhere, nothing else in it and its tensors of ``x``'s dtype and device;
+    else None. Reads the module dicts directly (``nn.Module.__getattr__`` is slow)."""
+    if type(block) is not Residual or not _quiet(block):
         return None
-    branch, gate = block.branch, block.gate
-    if type(branch) not in (Branch, nn.Sequential) or len(branch) != 2:
+    sub, own = block._modules, block.__dict__  # a None submodule may live in either
+    branch, gate = sub.get("branch"), sub.get("gate", own.get("gate"))
+    if (
+        sub.get("shortcut", own.get("shortcut")) is not None
+        or sub.get("post", own.get("post")) is not None
+    ):
         return None
-    act, linear = branch[0], branch[1]
-    if type(act) not in _ACTS or type(linear) is not nn.Linear:
+    if type(branch) not in (Branch, nn.Sequential) or len(branch._modules) != 2:
         return None
-    if gate is not None and type(gate) is not Gate:
+    act, linear = branch._modules.values()
+    kind = _ACTS.get(type(act))
+    if kind is None or type(linear) is not nn.Linear:
         return None
-    mods = (block, branch, act, linear) if gate is None else (block, branch, act, linear, gate)
-    if any(_hooked(m) for m in mods):
+    if not (_quiet(branch) and _quiet(act) and _quiet(linear)):
         return None
-    return _ACTS[type(act)], linear, gate, block.skip_mult
+    w, b = linear._parameters["weight"], linear._parameters["bias"]
+    alpha = None
+    if gate is not None:
+        if type(gate) is not Gate or not _quiet(gate):
+            return None
+        alpha = gate._parameters.get("alpha")
+        if alpha is None:
+            alpha = gate._buffers["alpha"]
+    dtype, device = x.dtype, x.device
+    for t in (w, b, alpha):
+        if t is not None and (t.dtype != dtype or t.device != device):
+            return None
+    return kind, w, b, alpha, block.skip_mult
 
 
 def _autocast() -> bool:
@@ -82,17 +107,13 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
         return None
     if x.dim() != 2 or _autocast():  # GEMMs on (batch, features); autocast picks dtypes per op
         return None
-    if _plan_block(blocks[0]) is None:  # cheap early exit for conv stacks and the like
+    if _plan_block(blocks[0], x) is None:  # cheap early exit for conv stacks and the like
         return None
     plans = []
     for block in blocks:
-        plan = _plan_block(block)
+        plan = _plan_block(block, x)
         if plan is None:
             return None
-        _, linear, gate, _ = plan
-        for p in (linear.weight, linear.bias, None if gate is None else gate.alpha):
-            if p is not None and (p.dtype != x.dtype or p.device != x.device):
-                return None
         plans.append(plan)
     return plans
 
@@ -111,14 +132,13 @@ def run_stack(plans: list[tuple], x: torch.Tensor, segments: int = 0) -> torch.T
     size = -(-n // min(segments, n)) if segments > 0 else CHUNK
     for start in range(0, n, size):
         spec, params = [], []
-        for act, linear, gate, skip in plans[start : start + size]:
-            has_b = linear.bias is not None
-            params.append(linear.weight)
-            if has_b:
-                params.append(linear.bias)
-            if gate is not None:
-                params.append(gate.alpha)
-            spec.append((act, has_b, gate is not None, skip))
+        for act, w, b, alpha, skip in plans[start : start + size]:
+            params.append(w)
+            if b is not None:
+                params.append(b)
+            if alpha is not None:
+                params.append(alpha)
+            spec.append((act, b is not None, alpha is not None, skip))
         x = GatedLinearStack.apply(x, tuple(spec), segments > 0, *params)
     return x
 
@@ -232,7 +252,7 @@ class GatedLinearStack(torch.autograd.Function):
                 grads[w_at] = torch.addmm(w, g.t(), r, beta=0, alpha=a)
             gw = torch.mm(g, w)  # ∂L/∂r divided by α
             if need_a:  # ⟨g, r Wᵀ⟩ = ⟨g W, r⟩
-                ga = torch.vdot(gw.flatten(), r.flatten())
+                ga = torch.dot(gw.view(-1), r.view(-1))
             if need_b or (need_a and b is not None):
                 gsum = g.sum(0)
                 if need_a and b is not None:
@@ -240,7 +260,7 @@ class GatedLinearStack(torch.autograd.Function):
                 if need_b:
                     grads[w_at + 1] = gsum.mul_(a)
             if need_a:
-                grads[w_at + 1 + (b is not None)] = ga.reshape(a_t.shape)
+                grads[w_at + 1 + (b is not None)] = ga if a_t.dim() == 0 else ga.view(a_t.shape)
             gr = _act_backward(act, gw, r)
             del r
             if skip == 1.0 and own:
