@@ -190,3 +190,25 @@ def test_stack_on_3d_input_runs_module_by_module(module_by_module):
     out = m.blocks(h)
     assert _fused_nodes(out) == 0
     torch.testing.assert_close(out, module_by_module(lambda: m.blocks(h)))
+
+
+@pytest.mark.parametrize("act,scheme", [("linear", "plain"), ("relu", "rezero")])
+def test_strided_input_and_expanded_gradient(act, scheme, module_by_module):
+    """A transposed (non-contiguous) input and the stride-0 gradient of ``.sum()``."""
+    m = _model(scheme, act, {})
+    h = torch.randn(12, 4, dtype=torch.float64).t()
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        x = h.clone().t().contiguous().t().requires_grad_(True)  # same strides as h
+        out = m.blocks(x)
+        out.sum().backward()
+        return out.detach(), x.grad, [p.grad for p in m.blocks.parameters()], _fused_nodes(out)
+
+    out, gx, grads, nodes = run()
+    ref_out, ref_gx, ref_grads, _ = module_by_module(run)
+    assert nodes == 1 and not h.is_contiguous()
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -252,7 +252,7 @@ class GatedLinearStack(torch.autograd.Function):
                 grads[w_at] = torch.addmm(w, g.t(), r, beta=0, alpha=a)
             gw = torch.mm(g, w)  # ∂L/∂r divided by α
             if need_a:  # ⟨g, r Wᵀ⟩ = ⟨g W, r⟩
-                ga = torch.dot(gw.view(-1), r.view(-1))
+                ga = torch.dot(gw.view(-1), r.reshape(-1))
             if need_b or (need_a and b is not None):
                 gsum = g.sum(0)
                 if need_a and b is not None:
