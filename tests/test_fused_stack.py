@@ -212,3 +212,15 @@ def test_strided_input_and_expanded_gradient(act, scheme, module_by_module):
     torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_ad_runs_module_by_module():
+    """Inside ``forward_ad.dual_level`` the stack runs module by module: the JVP is right."""
+    import torch.autograd.forward_ad as fwad
+
+    m = _model("rezero", "relu", {})
+    h, t = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    with fwad.dual_level():
+        out = fwad.unpack_dual(m.blocks(fwad.make_dual(h, t))).tangent
+    _, ref = torch.func.jvp(m.blocks, (h,), (t,))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

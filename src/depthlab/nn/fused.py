@@ -101,11 +101,13 @@ def _autocast() -> bool:
 def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     """The per-block plans when every block of ``blocks`` can run fused on ``x`` (see module
     docstring) and fusing applies now (no global hooks, no ``torch.func`` transform,
-    ``torch.compile`` tracing or autocast, gradients enabled, parameters of ``x``'s dtype and
-    device); else None."""
+    ``torch.compile`` tracing, forward-mode AD or autocast, gradients enabled, parameters of
+    ``x``'s dtype and device); else None."""
     if len(blocks) < 2 or not torch.is_grad_enabled() or _global_hooks() or _transformed():
         return None
     if x.dim() != 2 or _autocast():  # GEMMs on (batch, features); autocast picks dtypes per op
+        return None
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # no forward-mode rule
         return None
     if _plan_block(blocks[0], x) is None:  # cheap early exit for conv stacks and the like
         return None
