@@ -14,9 +14,14 @@ Method.
   those per-step ratios (their range is printed beside it).
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
-  runs; median of ``--steps`` timed steps after one warm-up step. Both configurations (without
-  and with checkpointing) run in one child process, alternating step by step, so that the
-  time ratio compares steps taken minutes apart at most. Both wall time and CPU time
+  runs; median of ``--steps`` timed steps after one warm-up step. Three configurations — the
+  fused stack (:mod:`depthlab.nn.fused`) without and with checkpointing, and the same model
+  module by module (``blocks.fuse = False``; ``--no-compare`` drops it) — run in one child
+  process, one step each per round in rotated order, so that the time ratios compare steps
+  taken minutes apart at most. The child first lets glibc keep freed memory (``--malloc
+  keep``: no heap trimming, mmap only above 32 MiB), so that the configurations do not hand
+  each other's memory back to the kernel between steps; minor page faults per step are
+  printed (``faults``). Both wall time and CPU time
   (``time.process_time``) are taken; GFLOP/s, % of peak and the time ratio use CPU time, which
   on a shared machine does not count the time other processes hold the core (with one thread,
   CPU time is the compute time; with ``--threads`` > 1 it sums over threads). FLOPs are counted
@@ -98,30 +103,33 @@ def _rss_kb(field: str) -> int:
     return -1
 
 
-def _keep_freed_memory() -> bool:
-    """Let glibc keep freed memory in the heap (no trimming; mmap only above 32 MiB), as a
-    caching allocator would: otherwise the two configurations, alternating, each give back the
-    other's memory and every step pays page faults for its activations and gradients (a
-    training loop repeating one configuration reaches that steady state by itself)."""
+def _malloc_policy(trim_threshold: int, mmap_threshold: int, trim_now: bool = False) -> bool:
+    """Set glibc's ``M_TRIM_THRESHOLD`` (-1: never trim) and ``M_MMAP_THRESHOLD``; optionally
+    give back what the heap holds free now. False where this is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never trim
-        return bool(ok and libc.mallopt(-3, 32 << 20))  # M_MMAP_THRESHOLD: the maximum
+        ok = libc.mallopt(-1, trim_threshold) and libc.mallopt(-3, mmap_threshold)
+        if trim_now:
+            libc.malloc_trim(0)
+        return bool(ok)
     except (OSError, AttributeError):
         return False
 
 
+def _keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the heap (no trimming; mmap only above 32 MiB), as a
+    caching allocator would: otherwise the configurations, alternating, each give back the
+    other's memory and every step pays page faults for its activations and gradients (a
+    training loop repeating one configuration reaches that steady state by itself)."""
+    return _malloc_policy(-1, 32 << 20)
+
+
 def _return_freed_memory() -> None:
     """From now on let glibc serve allocations ≥ 64 KiB with mmap (freed tensors leave the
-    resident set at once) and give back what the heap holds free, so that RSS tracks live
-    memory. Done only for the memory step: per-allocation mmap slows the timed steps."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: glibc's default
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    resident set at once; trimming at glibc's default 128 KiB) and give back what the heap
+    holds free, so that RSS tracks live memory. Done only for the memory step: per-allocation
+    mmap slows the timed steps."""
+    _malloc_policy(128 << 10, 64 << 10, trim_now=True)
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -54,7 +54,7 @@ class BlockStack(nn.Sequential):
     """
 
     checkpoint_segments: int = 0
-    #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as one autograd node
+    #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as fused autograd nodes
     #: (:mod:`depthlab.nn.fused`); False runs it module by module (needed for double backward)
     fuse: bool = True
 

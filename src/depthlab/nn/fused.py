@@ -36,26 +36,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthlab.nn.residual import Branch, Residual, _global_hooks, _transformed
+from depthlab.nn.residual import Branch, Residual, _global_hooks, _hooked, _transformed
 from depthlab.nn.scalars import Gate
 from depthlab.registry import DepthlabError
 
 _ACTS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Identity: "linear"}
 
 
-def _quiet(m: nn.Module) -> bool:
-    """No hooks on ``m`` (:func:`~depthlab.nn.residual._hooked`, inlined: this runs per block
-    per forward pass)."""
-    return not (
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    )
-
-
 def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(act, W, b or None, α or None, skip_mult)`` when ``block`` is ``s·x + α·Linear(σ(x))``
     with no hooks anywhere, nothing else in it and its tensors of ``x``'s dtype and device;
     else None. Reads the module dicts directly (``nn.Module.__getattr__`` is slow)."""
-    if type(block) is not Residual or not _quiet(block):
+    if type(block) is not Residual or _hooked(block):
         return None
     sub, own = block._modules, block.__dict__  # a None submodule may live in either
     branch, gate = sub.get("branch"), sub.get("gate", own.get("gate"))
@@ -70,12 +62,12 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     kind = _ACTS.get(type(act))
     if kind is None or type(linear) is not nn.Linear:
         return None
-    if not (_quiet(branch) and _quiet(act) and _quiet(linear)):
+    if _hooked(branch) or _hooked(act) or _hooked(linear):
         return None
     w, b = linear._parameters["weight"], linear._parameters["bias"]
     alpha = None
     if gate is not None:
-        if type(gate) is not Gate or not _quiet(gate):
+        if type(gate) is not Gate or _hooked(gate):
             return None
         alpha = gate._parameters.get("alpha")
         if alpha is None:
@@ -103,16 +95,18 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     docstring) and fusing applies now (no global hooks, no ``torch.func`` transform,
     ``torch.compile`` tracing, forward-mode AD or autocast, gradients enabled, parameters of
     ``x``'s dtype and device); else None."""
-    if len(blocks) < 2 or not torch.is_grad_enabled() or _global_hooks() or _transformed():
+    # the structural test of the first block first: conv and Transformer stacks leave here
+    first = _plan_block(blocks[0], x) if len(blocks) > 1 and x.dim() == 2 else None
+    if first is None:
         return None
-    if x.dim() != 2 or _autocast():  # GEMMs on (batch, features); autocast picks dtypes per op
+    if not torch.is_grad_enabled() or _global_hooks() or _transformed():
+        return None
+    if _autocast():  # autocast picks dtypes per op; the hand-written backward does not
         return None
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # no forward-mode rule
         return None
-    if _plan_block(blocks[0], x) is None:  # cheap early exit for conv stacks and the like
-        return None
-    plans = []
-    for block in blocks:
+    plans = [first]
+    for block in blocks[1:]:
         plan = _plan_block(block, x)
         if plan is None:
             return None

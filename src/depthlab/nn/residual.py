@@ -15,12 +15,13 @@ _FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _hooked(module: nn.Module) -> bool:
-    """True when calling ``module`` would run hooks (then it must be called, never fused)."""
+    """True when calling ``module`` would run hooks (then it must be called, never fused).
+    Reads the hook dicts directly: this runs for every module of every block per forward."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
+        or module._backward_pre_hooks
     )
 
 
