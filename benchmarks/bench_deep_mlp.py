@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 import depthlab as dl
+from depthlab.nn.fused import SGDInBackward
 from depthlab.train.optim import make_optimizer
 
 
@@ -147,15 +148,18 @@ def measure(args: argparse.Namespace) -> dict:
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
     # (name, checkpoint segments, fused): the fused stack without and with checkpointing, and
     # the same model run module by module (fuse=False) for comparison
-    configs = [("0", 0, True), (str(segments), segments, True)]
+    configs = [("0", 0, True, None), (str(segments), segments, True, None)]
+    if not args.no_sgd:  # the same SGD step, taken by the weights during the backward pass
+        configs.append(("sgd", 0, True, SGDInBackward(opt)))
     if not args.no_compare:
-        configs.append(("modules", 0, False))
-    settings = {name: (segs, fuse) for name, segs, fuse in configs}
+        configs.append(("modules", 0, False, None))
+    settings = {name: rest for name, *rest in configs}
     configs = [name for name, *_ in configs]
 
     def step(name: str, set_to_none: bool = True) -> None:
-        model.blocks.checkpoint_segments, model.blocks.fuse = settings[name]
-        opt.zero_grad(set_to_none=set_to_none)
+        blocks = model.blocks
+        blocks.checkpoint_segments, blocks.fuse, blocks.sgd_in_backward = settings[name]
+        opt.zero_grad(set_to_none=set_to_none or blocks.sgd_in_backward is not None)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
@@ -178,6 +182,9 @@ def measure(args: argparse.Namespace) -> dict:
     _return_freed_memory()
     out = {"build_s": build_s, "malloc_kept": kept, "configs": {}}
     for segs in configs:
+        if segs == "sgd":  # this configuration never holds the weight gradients
+            opt.zero_grad(set_to_none=True)
+            _return_freed_memory()
         rss_model = _rss_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -211,8 +218,8 @@ def run_child(args: argparse.Namespace, segments: int) -> dict:
     cmd += ["--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps)]
     cmd += ["--segments", str(segments), "--momentum", str(args.momentum)]
     cmd += ["--malloc", args.malloc] + (["--no-compare"] if args.no_compare else [])
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    cmd += ["--no-sgd"] if args.no_sgd else []
+    cmd += ["--threads", str(args.threads)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"child failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -288,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the module-by-module (fuse=False) configuration",
     )
+    ap.add_argument(
+        "--no-sgd",
+        action="store_true",
+        help="skip the SGD-in-the-backward-pass (SGDInBackward) configuration",
+    )
     ap.add_argument("--fit", action="store_true", help="also time fitting 512 random labels")
     ap.add_argument("--fit-lr", type=float, default=0.01)
     ap.add_argument("--fit-batch", type=int, default=128, help="minibatch size for --fit")
@@ -326,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     head += f"{'peak MB':>9}{'step MB':>9}{'time x':>8}{'step mem x':>11}{'faults':>9}"
     print(head)
     rows = [("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)]
+    if "sgd" in res["configs"]:
+        rows.append(("SGD in backward", res["configs"]["sgd"]))
     if "modules" in res["configs"]:
         rows.append(("module by module", res["configs"]["modules"]))
     for name, r in rows:
@@ -344,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{q:.2f}" for q in pairs)
         + f"; median {statistics.median(pairs):.2f}"
     )
+    if "sgd" in res["configs"]:
+        pairs = [p / s for s, p in zip(res["configs"]["sgd"]["cpu_all"], plain["cpu_all"])]
+        print(
+            "SGD-in-backward speed-up over the step with gradients per round (CPU): "
+            + ", ".join(f"{q:.2f}" for q in pairs)
+            + f"; median {statistics.median(pairs):.2f}"
+        )
     if "modules" in res["configs"]:
         pairs = [m / p for m, p in zip(res["configs"]["modules"]["cpu_all"], plain["cpu_all"])]
         print(

@@ -4,6 +4,8 @@ module-by-module stack: same outputs and gradients, the saved memory it claims, 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -224,3 +226,132 @@ def test_forward_mode_ad_runs_module_by_module():
         out = fwad.unpack_dual(m.blocks(fwad.make_dual(h, t))).tangent
     _, ref = torch.func.jvp(m.blocks, (h,), (t,))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("segments", [0, 4])
+@pytest.mark.parametrize("scheme,act,opts", CASES[:3])
+def test_gradient_thread_gives_the_inline_gradients(
+    scheme, act, opts, segments, two_threads, monkeypatch
+):
+    """With two torch threads the parameter gradients are computed on the gradient thread (each
+    block's jobs really run there) and equal the ones computed in line."""
+    m = _model(scheme, act, opts)
+    m.blocks.checkpoint_segments = segments
+    x = torch.randn(7, 5, dtype=torch.float64)
+    monkeypatch.setattr(fused, "GRAD_THREAD", False)
+    _, gx_ref, ref, _ = _run(m, x)
+    where, real = [], fused._param_grads
+
+    def spy(*job):
+        where.append(threading.current_thread().name)
+        real(*job)
+
+    monkeypatch.setattr(fused, "GRAD_THREAD", True)
+    monkeypatch.setattr(fused, "_param_grads", spy)
+    _, gx, grads, _ = _run(m, x)
+    assert where == ["depthlab-fused-grads"] * 9
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    for name, g in ref.items():
+        if g is None:
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
+    assert torch.get_num_threads() == 2  # given back after the backward pass
+
+
+def test_gradient_thread_error_reaches_the_caller(two_threads, monkeypatch):
+    m, x = _model("rezero", "relu", {}), torch.randn(7, 5, dtype=torch.float64)
+    _, _, ref, _ = _run(m, x)
+    real = fused._param_grads
+
+    def broken(*job):
+        raise RuntimeError("boom in the gradient thread")
+
+    monkeypatch.setattr(fused, "_param_grads", broken)
+    with pytest.raises(RuntimeError, match="boom in the gradient thread"):
+        _run(m, x)
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(fused, "_param_grads", real)  # the thread is free and healthy again
+    _, _, grads, _ = _run(m, x)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
+
+
+SGD_SETTINGS = [  # momentum, nesterov, dampening, weight decay
+    (0.0, False, 0.0, 0.0),
+    (0.0, False, 0.0, 0.05),
+    (0.9, False, 0.0, 0.05),
+    (0.9, True, 0.0, 0.0),
+    (0.8, False, 0.3, 0.0),
+]
+
+
+@pytest.mark.parametrize("grad_thread", [False, True])
+@pytest.mark.parametrize("mom,nesterov,damp,wd", SGD_SETTINGS)
+def test_sgd_in_backward_is_the_optimizer_step(mom, nesterov, damp, wd, grad_thread, monkeypatch):
+    """Weights stepped inside the backward pass end where ``optimizer.step()`` takes them: three
+    steps with a changing learning rate, momentum buffers in ``optimizer.state``, no ``.grad``."""
+    from depthlab.train.optim import make_optimizer
+
+    monkeypatch.setattr(fused, "GRAD_THREAD", grad_thread)
+    ref, m = (
+        _model("skipinit", "tanh", {"alpha_init": 0.3}),
+        _model("skipinit", "tanh", {"alpha_init": 0.3}),
+    )
+    cfg = dl.TrainConfig(lr=0.05, momentum=mom, nesterov=nesterov, weight_decay=wd)
+    opt_ref, opt = make_optimizer(ref, cfg), make_optimizer(m, cfg)
+    for o in (opt_ref, opt):
+        for group in o.param_groups:
+            group["dampening"] = damp
+    m.blocks.sgd_in_backward = fused.SGDInBackward(opt)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    weights = [blk.branch[1].weight for blk in m.blocks]
+    for step in range(3):
+        for model, o in ((ref, opt_ref), (m, opt)):
+            for group in o.param_groups:
+                group["lr"] = group["base_lr"] * (1 + step)
+            o.zero_grad(set_to_none=True)
+            (model(x).sin() * torch.linspace(-1, 1, 10, dtype=x.dtype)).sum().backward()
+            if model is m:
+                assert all(w.grad is None for w in weights)
+                assert m.stem.weight.grad is not None and m.blocks[0].gate.alpha.grad is not None
+            o.step()
+    for (name, p), q in zip(ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-11, atol=1e-12, msg=name)
+    if mom:
+        ref_w = [blk.branch[1].weight for blk in ref.blocks]
+        for w, rw in zip(weights, ref_w):
+            torch.testing.assert_close(
+                opt.state[w]["momentum_buffer"], opt_ref.state[rw]["momentum_buffer"]
+            )
+
+
+def test_sgd_in_backward_refuses_what_it_cannot_do():
+    m = _model("rezero", "relu", {})
+    with pytest.raises(dl.DepthlabError, match="torch.optim.SGD"):
+        fused.SGDInBackward(torch.optim.Adam(m.parameters()))
+    with pytest.raises(dl.DepthlabError, match="maximize"):
+        fused.SGDInBackward(torch.optim.SGD(m.parameters(), lr=0.1, maximize=True))
+    with pytest.raises(dl.DepthlabError, match="sgd_in_backward"):
+        dl.TrainConfig(sgd_in_backward=True, optimizer="adam")
+    with pytest.raises(dl.DepthlabError, match="grad_clip"):
+        dl.TrainConfig(sgd_in_backward=True, grad_clip=1.0)
+    # a weight that already holds a gradient takes the ordinary step (nothing is lost)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.blocks.sgd_in_backward = fused.SGDInBackward(opt)
+    w = m.blocks[3].branch[1].weight
+    w.grad = torch.ones_like(w)
+    before = w.detach().clone()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    m(x).sum().backward()
+    assert w.grad is not None and not torch.equal(w.grad, torch.ones_like(w))
+    assert torch.equal(w, before)  # not stepped in the backward pass
+    assert m.blocks[2].branch[1].weight.grad is None

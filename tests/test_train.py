@@ -213,3 +213,45 @@ def test_compile_option_reproduces_the_eager_loss_curve():
     assert len(eager) == len(compiled) >= 6
     assert eager[-1] < eager[0]  # it trains
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+
+
+def test_sgd_in_backward_reproduces_the_run_and_resumes(tmp_path):
+    """``TrainConfig(sgd_in_backward=True)``: the fused ReZero stack's weights take their SGD
+    step (momentum, weight decay, cosine schedule) in the backward pass; the loss curve and the
+    weights are those of the ordinary step, a run stopped after a checkpoint and resumed ends
+    bit-identical to an uninterrupted one (momentum buffers are in the checkpoint), and the
+    model is left without the hook."""
+    base = dict(
+        steps=12, lr=0.05, momentum=0.9, weight_decay=1e-3, schedule="cosine", batch_size=64
+    )
+
+    def run(sgd: bool, out=None, resume=False, stop_at=None):
+        torch.manual_seed(0)
+        model = dl.create_model("mlp", depth=6, width=32, scheme="rezero")
+        if resume:
+            model.load_state_dict(runs["full"][1].state_dict())  # any weights: the checkpoint wins
+        cfg = TrainConfig(**base, sgd_in_backward=sgd, checkpoint_every=5, eval_every=1)
+
+        def stop(step, m, h):
+            if stop_at is not None and step == stop_at:
+                raise KeyboardInterrupt  # a run killed after its step-5 checkpoint
+
+        try:
+            hist = dl.train(model, "digits", cfg, out_dir=out, callbacks=[stop], resume=resume)
+        except KeyboardInterrupt:
+            return None, model
+        return hist, model
+
+    runs = {"ref": run(False), "full": run(True, tmp_path / "full")}
+    (h_ref, m_ref), (h, m) = runs["ref"], runs["full"]
+    assert m.blocks.sgd_in_backward is None
+    loss = [r["train_loss"] for r in h.records if "train_loss" in r]
+    loss_ref = [r["train_loss"] for r in h_ref.records if "train_loss" in r]
+    assert len(loss) == 12 and loss[-1] < 0.7 * loss[0]  # it trains
+    torch.testing.assert_close(torch.tensor(loss), torch.tensor(loss_ref), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(m_ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    assert run(True, tmp_path / "cut", stop_at=7)[0] is None
+    _, resumed = run(True, tmp_path / "cut", resume=True)
+    for (name, p), q in zip(m.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from depthlab.nn.fused import plan_stack, run_stack
+from depthlab.nn.fused import SGDInBackward, plan_stack, run_stack
 from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
@@ -57,12 +57,15 @@ class BlockStack(nn.Sequential):
     #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as fused autograd nodes
     #: (:mod:`depthlab.nn.fused`); False runs it module by module (needed for double backward)
     fuse: bool = True
+    #: a :class:`~depthlab.nn.fused.SGDInBackward`: the fused blocks' weight matrices take that
+    #: optimizer's SGD step in the backward pass instead of getting gradients (None: off)
+    sgd_in_backward: SGDInBackward | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse:
             plans = plan_stack(list(self), x)
             if plans is not None:
-                return run_stack(plans, x, self.checkpoint_segments)
+                return run_stack(plans, x, self.checkpoint_segments, self.sgd_in_backward)
         if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:
             blocks = list(self)
             segments = min(self.checkpoint_segments, len(blocks))

@@ -33,6 +33,9 @@ fused node: it raises an error that names the switch (``BlockStack.fuse = False`
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import torch
 from torch import nn
 
@@ -119,11 +122,14 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
 CHUNK = 64
 
 
-def run_stack(plans: list[tuple], x: torch.Tensor, segments: int = 0) -> torch.Tensor:
+def run_stack(
+    plans: list[tuple], x: torch.Tensor, segments: int = 0, sgd: SGDInBackward | None = None
+) -> torch.Tensor:
     """The blocks of ``plans`` (from :func:`plan_stack`) applied to ``x``: a run of
     :data:`CHUNK` blocks per autograd node; with ``segments > 0``, one node per segment
     (``⌈depth/segments⌉`` blocks) that keeps only its input and recomputes its activations in
-    the backward pass."""
+    the backward pass. With ``sgd``, the weight matrices take that optimizer's step in the
+    backward pass instead of getting gradients (:class:`SGDInBackward`)."""
     n = len(plans)
     size = -(-n // min(segments, n)) if segments > 0 else CHUNK
     for start in range(0, n, size):
@@ -135,7 +141,7 @@ def run_stack(plans: list[tuple], x: torch.Tensor, segments: int = 0) -> torch.T
             if alpha is not None:
                 params.append(alpha)
             spec.append((act, b is not None, alpha is not None, skip))
-        x = GatedLinearStack.apply(x, tuple(spec), segments > 0, *params)
+        x = GatedLinearStack.apply(x, tuple(spec), segments > 0, sgd, *params)
     return x
 
 
@@ -202,11 +208,19 @@ def _forward(blocks: list[tuple], alphas: list[float], h: torch.Tensor, keep: li
 class GatedLinearStack(torch.autograd.Function):
     """A run of gated linear blocks as one autograd node (see the module docstring). Inputs:
     ``x``, the static ``spec`` (per block: activation, has-bias, has-gate, skip multiplier),
-    ``recompute`` (keep only ``x`` and recompute the activations in the backward pass), then the
-    parameters in block order (``W``, ``b`` if any, ``α`` if any)."""
+    ``recompute`` (keep only ``x`` and recompute the activations in the backward pass), ``sgd``
+    (an :class:`SGDInBackward` or None), then the parameters in block order (``W``, ``b`` if
+    any, ``α`` if any)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: tuple, recompute: bool, *params: torch.Tensor):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        spec: tuple,
+        recompute: bool,
+        sgd: SGDInBackward | None,
+        *params: torch.Tensor,
+    ):
         blocks = _unpack(spec, params)
         gates = [a for *_, a, _, _ in blocks if a is not None]
         values = torch.stack(gates).tolist() if gates else []  # one sync on a GPU, not one each
@@ -217,6 +231,7 @@ class GatedLinearStack(torch.autograd.Function):
         # saved as autograd saves tensors: freed after the backward pass unless retain_graph
         ctx.save_for_backward(*params, *([x] if recompute else kept))
         ctx.recompute, ctx.spec, ctx.alphas, ctx.num_params = recompute, spec, alphas, len(params)
+        ctx.sgd = sgd
         return h
 
     @staticmethod
@@ -235,34 +250,239 @@ class GatedLinearStack(torch.autograd.Function):
         else:
             rs = list(saved[ctx.num_params :])
         del saved
-        alphas, needs = ctx.alphas, ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * len(params)
-        g, own = grad, False  # own: g is this loop's scratch (grad itself must not change)
-        for i in range(len(blocks) - 1, -1, -1):
-            act, w, b, a_t, skip, w_at = blocks[i]
-            r, a = rs.pop(), alphas[i]
-            j = w_at + 3  # params start after x, spec, recompute
-            need_w, need_b = needs[j], b is not None and needs[j + 1]
-            need_a = a_t is not None and needs[j + 1 + (b is not None)]
-            if need_w:  # α·gᵀ r in the GEMM itself (beta=0 ignores the input)
-                grads[w_at] = torch.addmm(w, g.t(), r, beta=0, alpha=a)
-            gw = torch.mm(g, w)  # ∂L/∂r divided by α
-            if need_a:  # ⟨g, r Wᵀ⟩ = ⟨g W, r⟩
-                ga = torch.dot(gw.view(-1), r.reshape(-1))
-            if need_b or (need_a and b is not None):
-                gsum = g.sum(0)
-                if need_a and b is not None:
-                    ga = ga + torch.dot(gsum, b)
-                if need_b:
-                    grads[w_at + 1] = gsum.mul_(a)
-            if need_a:
-                grads[w_at + 1 + (b is not None)] = ga if a_t.dim() == 0 else ga.view(a_t.shape)
-            gr = _act_backward(act, gw, r)
-            del r
-            if skip == 1.0 and own:
-                g.add_(gr, alpha=a)
-            elif skip == 1.0:
-                g, own = torch.add(g, gr, alpha=a), True
-            else:
-                g, own = (torch.add(gr.mul_(a), g, alpha=skip) if skip else gr.mul_(a)), True
-        return (g if needs[0] else None, None, None, *grads)
+        sgd = ctx.sgd.groups() if ctx.sgd is not None else None
+        args = (blocks, rs, ctx.alphas, ctx.needs_input_grad, grad, grads, sgd)
+        worker = _grad_thread(grad)
+        if worker is None:
+            g = _backward_chain(*args, None)
+        else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(worker.threads)  # the other half of the threads is the worker's
+            try:
+                g = _backward_chain(*args, worker.jobs.put)
+            finally:
+                torch.set_num_threads(threads)
+                try:
+                    worker.join()
+                finally:
+                    _WORKER_LOCK.release()
+        return (g if ctx.needs_input_grad[0] else None, None, None, None, *grads)
+
+
+def _backward_chain(blocks, rs, alphas, needs, grad, grads, sgd, submit) -> torch.Tensor:
+    """∂L/∂x of a fused node from ``grad`` = ∂L/∂(its output), block by block from the last;
+    the parameter gradients go into ``grads`` (by :func:`_param_grads`, called here or, with
+    ``submit``, by the gradient thread), except that a weight found in ``sgd`` (from
+    :meth:`SGDInBackward.groups`) takes its step instead. The chain
+    ``g ← s·g + σ'(h) ⊙ (α·g W)`` is updated in place where nothing else holds ``g``; a job
+    handed to the thread holds its ``g``, so then each block's ``g`` is a new tensor."""
+    g, own = grad, False  # own: g is this loop's scratch (grad itself must not change)
+    for i in range(len(blocks) - 1, -1, -1):
+        act, w, b, a_t, skip, w_at = blocks[i]
+        r, a = rs.pop(), alphas[i]
+        j = w_at + 4  # params start after x, spec, recompute, sgd
+        need_w, need_b = needs[j], b is not None and needs[j + 1]
+        need_a = a_t is not None and needs[j + 1 + (b is not None)]
+        gw = torch.mm(g, w)  # ∂L/∂r divided by α
+        ga = torch.dot(gw.view(-1), r.reshape(-1)) if need_a else None  # ⟨g, r Wᵀ⟩ = ⟨g W, r⟩
+        step = None
+        if need_w and sgd is not None and w.grad is None:  # (a .grad to add: the usual way)
+            k = sgd[0].get(id(w))
+            if k is not None:  # its state entry made here, on this thread
+                step = (*sgd[1][k], sgd[2][w])
+        job = (grads, w_at, w, b, a_t, g, r, a, need_w, need_b, need_a, ga, step)
+        if submit is None:
+            _param_grads(*job)
+        else:
+            submit(job)
+        gr = _act_backward(act, gw, r)
+        del r, job
+        if skip == 1.0 and own and submit is None:
+            g.add_(gr, alpha=a)
+        elif skip == 1.0:
+            g, own = torch.add(g, gr, alpha=a), True
+        else:
+            g, own = (torch.add(gr.mul_(a), g, alpha=skip) if skip else gr.mul_(a)), True
+    return g
+
+
+def _param_grads(grads, w_at, w, b, a_t, g, r, a, need_w, need_b, need_a, ga, step) -> None:
+    """One block's parameter gradients into ``grads``: ``∂W = α·gᵀ r`` (in the GEMM itself;
+    ``beta=0`` ignores the input), ``∂b = α·Σ_n g``, ``∂α = ⟨g W, r⟩ + ⟨Σ_n g, b⟩`` (``ga``
+    holds the first term). With ``step`` (SGD settings and state), ``W`` takes its SGD step
+    instead of getting a gradient."""
+    if step is not None:
+        _sgd_step(w, g, r, a, *step)
+    elif need_w:
+        grads[w_at] = torch.addmm(w, g.t(), r, beta=0, alpha=a)
+    if need_b or (need_a and b is not None):
+        gsum = g.sum(0)
+        if need_a and b is not None:
+            ga = ga + torch.dot(gsum, b)
+        if need_b:
+            grads[w_at + 1] = gsum.mul_(a)
+    if need_a:
+        grads[w_at + 1 + (b is not None)] = ga if a_t.dim() == 0 else ga.view(a_t.shape)
+
+
+def _sgd_step(w, g, r, a, lr, wd, mu, damp, nesterov, state) -> None:
+    """``torch.optim.SGD``'s update of ``W`` for the gradient ``G = α·gᵀ r``, without forming
+    ``G`` where the update allows: ``d = G + wd·W``; with momentum ``μ``, ``buf ← d`` at the
+    first step, then ``buf ← μ·buf + (1 − dampening)·d``, and ``d = buf`` (``d + μ·buf`` with
+    Nesterov); ``W ← W − lr·d``. The GEMM accumulates into ``W`` (no momentum) or into ``buf``
+    (momentum after the first step, no Nesterov), so ``G`` is never written out."""
+    if mu == 0:
+        if wd:
+            w.mul_(1 - lr * wd)
+        w.addmm_(g.t(), r, alpha=-lr * a)
+        return
+    buf = state.get("momentum_buffer")
+    if buf is not None and not nesterov:
+        buf.mul_(mu)
+        if wd:
+            buf.add_(w, alpha=wd * (1 - damp))
+        buf.addmm_(g.t(), r, alpha=a * (1 - damp))
+        w.add_(buf, alpha=-lr)
+        return
+    d = torch.addmm(w, g.t(), r, beta=wd, alpha=a)  # beta=0 ignores w
+    if buf is None:
+        buf = state["momentum_buffer"] = d if not nesterov else d.clone()
+    else:
+        buf.mul_(mu).add_(d, alpha=1 - damp)
+    if nesterov:
+        d.add_(buf, alpha=mu)
+    w.add_(d if nesterov else buf, alpha=-lr)
+
+
+class SGDInBackward:
+    """Take a ``torch.optim.SGD`` step for the weight matrices of fused stacks inside the
+    backward pass, as each weight's gradient is formed, instead of writing the gradient out for
+    ``optimizer.step()`` to read back: the GEMM for ``α·gᵀ r`` accumulates straight into ``W``
+    (or into its momentum buffer). A 10,000-layer width-256 MLP then holds no 2.6 GB of weight
+    gradients, and the step saves two passes over them.
+
+    Fusing the update into the backward pass is LOMO's (Lv et al. 2023, "Full Parameter
+    Fine-tuning for Large Language Models with Limited Resources", arXiv 2306.09782); here it is
+    exactly SGD: every quantity a weight's update uses is computed before that weight changes,
+    the learning rate, weight decay, momentum, dampening and Nesterov settings are read from
+    the weight's parameter group at each backward pass (so lr schedules apply), and the momentum
+    buffer lives in ``optimizer.state`` (so checkpoints hold it). The weights so updated have no
+    ``.grad`` and ``optimizer.step()`` skips them; everything else (biases, gates, the stem and
+    the classifier, and every block that runs module by module) takes the usual step there. A
+    weight that already has a ``.grad`` takes the usual step too.
+
+    Not for gradient clipping or data-parallel training (both need the gradient before any
+    update: :func:`depthlab.train` refuses the combination), nor for ``maximize`` or
+    ``differentiable`` SGD (refused here). ``retain_graph`` backward passes through an updated
+    node a second time raise torch's in-place-modification error.
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.blocks.sgd_in_backward = SGDInBackward(opt)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise DepthlabError(
+                f"SGD in the backward pass needs a torch.optim.SGD optimizer, got "
+                f"{type(optimizer).__name__}; use optimizer 'sgd' or turn sgd_in_backward off"
+            )
+        for group in optimizer.param_groups:
+            if group.get("maximize") or group.get("differentiable"):
+                raise DepthlabError(
+                    "SGD in the backward pass does not support maximize=True or "
+                    "differentiable=True; turn sgd_in_backward off for those"
+                )
+        self.optimizer = optimizer
+        self._key: tuple | None = None
+        self._index: dict[int, int] = {}
+
+    def groups(self) -> tuple[dict[int, int], list[tuple], dict]:
+        """``({id(param): group index}, [(lr, weight_decay, momentum, dampening, nesterov) per
+        group, as set now], optimizer.state)``; the index is rebuilt only when the groups
+        change."""
+        groups = self.optimizer.param_groups
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if key != self._key:
+            self._index = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+            self._key = key
+        specs = [
+            (g["lr"], g["weight_decay"], g["momentum"], g["dampening"], g["nesterov"])
+            for g in groups
+        ]
+        return self._index, specs, self.optimizer.state
+
+
+#: compute the parameter gradients of the fused backward pass on a second thread (CPU, with
+#: ``torch.get_num_threads() ≥ 2``): the chain ``g ← g W_i`` is sequential, but each
+#: ``∂L/∂W_i = α·gᵀ r_i`` is off it, so the two GEMMs of a block run side by side, each on half
+#: of torch's threads, instead of each GEMM split over all of them (a 128×256×256 GEMM splits
+#: badly: the threads wait on each other). False computes them in line.
+GRAD_THREAD = True
+
+
+class _GradThread:
+    """A daemon thread that runs :func:`_param_grads` jobs from a queue. ``join`` waits for the
+    jobs handed in so far and re-raises the first error one of them raised."""
+
+    def __init__(self, threads: int) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = 0
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, name="depthlab-fused-grads", daemon=True).start()
+        self.set_threads(threads)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread; jobs update no graph
+        while True:
+            job = self.jobs.get()
+            if job is None:  # join
+                self.done.put(self.error)
+                self.error = None
+            elif self.error is None:
+                try:
+                    if type(job) is int:
+                        torch.set_num_threads(job)
+                    else:
+                        _param_grads(*job)
+                except BaseException as e:  # handed to the waiting thread by join
+                    self.error = e
+
+    def join(self) -> None:
+        self.jobs.put(None)
+        error = self.done.get()
+        if error is not None:
+            raise error
+
+    def set_threads(self, threads: int) -> None:
+        """Run the worker's ops on ``threads`` threads (waits: setting the count clears caches
+        that must not be in use by another thread meanwhile)."""
+        if threads != self.threads:
+            self.jobs.put(threads)
+            self.join()
+            self.threads = threads
+
+
+_WORKER: list[_GradThread] = []
+_WORKER_LOCK = threading.Lock()  # held by the backward pass that uses the thread
+
+
+def _grad_thread(grad: torch.Tensor) -> _GradThread | None:
+    """The gradient thread (started on first use), with half of torch's threads, now held by the
+    caller (``_WORKER_LOCK``, released after ``join``); None where it does not apply: switched
+    off, not CPU, one thread, or in use by a backward pass on another thread."""
+    threads = torch.get_num_threads()
+    if not GRAD_THREAD or grad.device.type != "cpu" or threads < 2:
+        return None
+    if not _WORKER_LOCK.acquire(blocking=False):
+        return None
+    try:
+        if not _WORKER:
+            _WORKER.append(_GradThread(threads // 2))
+        _WORKER[0].set_threads(threads // 2)
+    except BaseException:
+        _WORKER_LOCK.release()
+        raise
+    return _WORKER[0]

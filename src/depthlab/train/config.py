@@ -71,6 +71,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | mps
     checkpointing: int = 0  # activation checkpointing: number of segments of model.blocks (0: off)
     compile: bool = False  # torch.compile the model
+    sgd_in_backward: bool = (
+        False  # SGD: fused MLP stacks' weights step during backward (no weight gradients kept)
+    )
     divergence_factor: float | None = (
         10.0  # diverged if loss > factor × initial loss (None: only NaN/inf)
     )
@@ -132,6 +135,12 @@ class TrainConfig:
             )
         if self.nesterov and self.momentum == 0:
             raise DepthlabError("nesterov=True needs momentum > 0")
+        if self.sgd_in_backward and (self.optimizer != "sgd" or self.grad_clip is not None):
+            raise DepthlabError(
+                "sgd_in_backward needs optimizer 'sgd' and no grad_clip (clipping needs every "
+                f"gradient before any step), got optimizer {self.optimizer!r}, grad_clip "
+                f"{self.grad_clip!r}; set sgd_in_backward false"
+            )
         # YAML gives lists; keep the dataclass hashable-looking and comparable
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "milestones", tuple(self.milestones))

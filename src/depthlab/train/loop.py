@@ -28,6 +28,8 @@ from torch import nn
 from depthlab.data import Dataset, create_dataset
 from depthlab.data.base import generator
 from depthlab.io import write_json
+from depthlab.models.common import BlockStack
+from depthlab.nn.fused import SGDInBackward
 from depthlab.nn.residual import residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.train import checkpoint as ckpt
@@ -229,6 +231,20 @@ def _run(
         blocks.checkpoint_segments = cfg.checkpointing
     net = dd.wrap(model, info, device, cfg.sync_bn)
     optimizer = make_optimizer(model, cfg)
+    if cfg.sgd_in_backward:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, BlockStack):
+            raise DepthlabError(
+                "sgd_in_backward needs a depthlab model with .blocks (a BlockStack); set false"
+            )
+        if info.world_size > 1:
+            raise DepthlabError(
+                "sgd_in_backward cannot run data-parallel (gradients must be averaged over "
+                "ranks before any step); set sgd_in_backward false under torchrun"
+            )
+        sgd_step: SGDInBackward | None = SGDInBackward(optimizer)
+    else:
+        blocks, sgd_step = None, None
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
         ckpt.set_rng_state(payload["rng"])
@@ -275,6 +291,8 @@ def _run(
                 x, y_b, lam = _mixup(x, y, cfg.mixup, cfg.seed, step)
                 y_b = dd.shard(y_b, info).to(device)
             x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
+            if sgd_step is not None:  # attached for this step's forward and backward only
+                blocks.sgd_in_backward = sgd_step
             out = net(x)
             loss = compute_loss(out, y, dataset.task, cfg.label_smoothing)
             if y_b is not None:
@@ -299,9 +317,13 @@ def _run(
                 hist.diverged, hist.diverged_step = True, step
                 rec["diverged"] = True
                 log(rec)
+                if sgd_step is not None:
+                    blocks.sgd_in_backward = None
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sgd_step is not None:
+                blocks.sgd_in_backward = None
             if cfg.grad_clip is not None:
                 gn = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 rec["grad_norm"] = float(gn)
@@ -326,6 +348,8 @@ def _run(
         wall = wall0 + time.perf_counter() - t_start
         save(step, wall)
     finally:
+        if sgd_step is not None:  # callbacks and later backward passes take no step
+            blocks.sgd_in_backward = None
         logger.close()
     n_train = dataset.num_train()
     hist.summary = {
