@@ -14,10 +14,13 @@ Method.
   those per-step ratios (their range is printed beside it).
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
-  runs; median of ``--steps`` timed steps after one warm-up step. Three configurations — the
-  fused stack (:mod:`depthlab.nn.fused`) without and with checkpointing, and the same model
-  module by module (``blocks.fuse = False``; ``--no-compare`` drops it) — run in one child
-  process, one step each per round in rotated order, so that the time ratios compare steps
+  runs; median of ``--steps`` timed steps after one warm-up step. Four configurations — the
+  fused stack (:mod:`depthlab.nn.fused`) without and with checkpointing, the fused stack with
+  the same SGD step taken by its weights inside the backward pass
+  (:class:`~depthlab.nn.fused.SGDInBackward`, ``TrainConfig(sgd_in_backward=True)``;
+  ``--no-sgd`` drops it), and the same model module by module (``blocks.fuse = False``;
+  ``--no-compare`` drops it) — run in one child process, one step each per round in rotated
+  order, so that the time ratios compare steps
   taken minutes apart at most. The child first lets glibc keep freed memory (``--malloc
   keep``: no heap trimming, mmap only above 32 MiB), so that the configurations do not hand
   each other's memory back to the kernel between steps; minor page faults per step are
@@ -30,7 +33,8 @@ Method.
 * **Memory** (after the timed steps, one memory step per configuration; before each, glibc's
   mmap threshold is set to 64 KiB and ``malloc_trim`` run, so that freed tensors go back to the
   OS and RSS tracks live memory): ``rss_model`` is the resident set after the timed steps
-  (parameters, gradients, optimizer state); then one more step runs with
+  (parameters, gradients, optimizer state; for SGD in the backward pass, after the gradients
+  are freed, since it never holds the weights'); then one more step runs with
   gradients zeroed in place (not freed), and its peak resident set is read from the kernel's
   high-water mark ``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to
   ``/proc/self/clear_refs`` just before. ``step_mem`` = peak −
@@ -42,7 +46,8 @@ Method.
   only segment inputs are kept and each segment's forward is recomputed in the backward pass.
 * ``--fit``: SGD (lr ``--fit-lr``, momentum 0.9) on shuffled minibatches (``--fit-batch``, 128)
   of 512 Gaussian inputs with random labels (``synthetic`` data set, ``random-labels``) until an
-  epoch's predictions are all right and a full forward pass confirms 100% training accuracy.
+  epoch's predictions are all right and a full forward pass confirms 100% training accuracy;
+  the stack's weights step in the backward pass unless ``--fit-grads``.
 
 Targets (issue 3): ≥ 50% of the measured matmul peak; checkpointing cuts step memory to ≤ 1/3 at
 ≤ 1.4× the step time.
@@ -181,10 +186,13 @@ def measure(args: argparse.Namespace) -> dict:
             rec[segs]["ratio"].append(flops / cpu / 1e9 / peak)
     _return_freed_memory()
     out = {"build_s": build_s, "malloc_kept": kept, "configs": {}}
-    for segs in configs:
+    # SGD in the backward pass last: it frees the weight gradients the others hold
+    for segs in sorted(configs, key=lambda name: name == "sgd"):
         if segs == "sgd":  # this configuration never holds the weight gradients
             opt.zero_grad(set_to_none=True)
             _return_freed_memory()
+        elif any(p.grad is None for p in model.parameters()):  # (the last timed step was "sgd")
+            step(segs)
         rss_model = _rss_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -229,12 +237,15 @@ def run_child(args: argparse.Namespace, segments: int) -> dict:
 def fit_random_labels(args: argparse.Namespace) -> dict:
     """SGD (momentum 0.9) on shuffled minibatches of the 512 examples until one epoch's
     predictions (made before each update) are all right; then one forward pass over the whole
-    set (no update) confirms 100% training accuracy."""
+    set (no update) confirms 100% training accuracy. The stack's weights take their step in the
+    backward pass (:class:`~depthlab.nn.fused.SGDInBackward`) unless ``--fit-grads``."""
     torch.manual_seed(0)
     data = dl.create_dataset("synthetic", kind="random-labels", n=512, dim=64, num_classes=10)
     model = dl.create_model("mlp", depth=args.depth, width=args.width, scheme="rezero", in_dim=64)
     model.blocks.checkpoint_segments = args.fit_segments
     opt = torch.optim.SGD(model.parameters(), lr=args.fit_lr, momentum=0.9)
+    if not args.fit_grads:  # the same SGD, the stack's weights stepped in the backward pass
+        model.blocks.sgd_in_backward = SGDInBackward(opt)
     x, y = data.x_train, data.y_train
     n, bs = len(y), min(args.fit_batch, len(y))
     g = torch.Generator().manual_seed(0)
@@ -305,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-batch", type=int, default=128, help="minibatch size for --fit")
     ap.add_argument("--fit-max-steps", type=int, default=2000)
     ap.add_argument("--fit-segments", type=int, default=0, help="checkpoint segments for --fit")
+    ap.add_argument(
+        "--fit-grads",
+        action="store_true",
+        help="--fit with weight gradients and optimizer.step() (default: SGD in the backward pass)",
+    )
     ap.add_argument("--fit-only", action="store_true", help="skip the timing and memory table")
     ap.add_argument("--verbose", action="store_true", help="print every --fit step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -381,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_fit(args: argparse.Namespace) -> None:
     fit = fit_random_labels(args)
-    where = f"depth {args.depth}, batch {args.fit_batch}, lr {args.fit_lr}, momentum 0.9"
+    where = f"depth {args.depth}, batch {args.fit_batch}, lr {args.fit_lr}, momentum 0.9, "
+    where += "optimizer.step()" if args.fit_grads else "SGD in the backward pass"
     if fit["diverged"]:
         print(
             f"fit 512 random labels: diverged (loss not finite) ({fit['seconds']:.0f} s; {where})"
