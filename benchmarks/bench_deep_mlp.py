@@ -193,6 +193,7 @@ def measure(args: argparse.Namespace) -> dict:
             _return_freed_memory()
         elif any(p.grad is None for p in model.parameters()):  # (the last timed step was "sgd")
             step(segs)
+            _return_freed_memory()
         rss_model = _rss_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
