@@ -255,3 +255,29 @@ def test_sgd_in_backward_reproduces_the_run_and_resumes(tmp_path):
     _, resumed = run(True, tmp_path / "cut", resume=True)
     for (name, p), q in zip(m.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_channels_last_trains_the_same_run_and_resumes(tmp_path):
+    """``TrainConfig(channels_last=True)``: conv kernels and image batches in NHWC give the NCHW
+    loss curve (to rounding), the kernels stay NHWC, and the checkpoint resumes."""
+    curves, models = [], []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = dl.create_model("resnet", depth=8, scheme="fixup", in_channels=1)
+        cfg = TrainConfig(steps=8, lr=0.05, batch_size=32, eval_every=4, channels_last=cl)
+        hist = dl.train(model, "digits", cfg, out_dir=tmp_path / str(cl))
+        curves.append([r["train_loss"] for r in hist.records if "train_loss" in r])
+        models.append(model)
+        assert (tmp_path / str(cl) / "checkpoint.pt").exists()
+    kernel = models[1].blocks[0].branch[2].weight  # (16, 16, 3, 3)
+    assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
+    torch.testing.assert_close(
+        torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5
+    )
+    assert curves[0][-1] < curves[0][0]
+    # resume the NHWC run to 12 steps from its checkpoint
+    torch.manual_seed(1)
+    again = dl.create_model("resnet", depth=8, scheme="fixup", in_channels=1)
+    cfg = TrainConfig(steps=12, lr=0.05, batch_size=32, eval_every=4, channels_last=True)
+    hist = dl.train(again, "digits", cfg, out_dir=tmp_path / "True", resume=True)
+    assert hist.summary["steps"] == 12 and not hist.diverged

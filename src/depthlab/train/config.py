@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | mps
     checkpointing: int = 0  # activation checkpointing: number of segments of model.blocks (0: off)
     compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # NHWC memory for conv weights and image batches (faster on CPU)
     sgd_in_backward: bool = (
         False  # SGD: fused MLP stacks' weights step during backward (no weight gradients kept)
     )

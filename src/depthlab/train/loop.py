@@ -93,6 +93,16 @@ def compute_loss(out: torch.Tensor, y: torch.Tensor, task: str, smoothing: float
 
 
 @torch.no_grad()
+def _channels_last(model: nn.Module) -> bool:
+    """True when the model's conv kernels are stored NHWC (``TrainConfig.channels_last``)."""
+    return any(
+        p.dim() == 4
+        and not p.is_contiguous()
+        and p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+    )
+
+
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
@@ -110,6 +120,8 @@ def evaluate(
         if k % info.world_size != info.rank:
             continue
         x, y = x.to(device), y.to(device)
+        if x.dim() == 4 and _channels_last(model):
+            x = x.contiguous(memory_format=torch.channels_last)
         out = model(x).float()
         if dataset.task == "regression":
             loss_sum += F.mse_loss(out, y, reduction="sum").item()
@@ -222,6 +234,8 @@ def _run(
         hist.records = [r for r in meta["records"] if r["step"] < start]
         hist.diverged, hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
     model.to(device)
+    if cfg.channels_last:  # conv kernels (4-d parameters) in NHWC; batches converted per step
+        model.to(memory_format=torch.channels_last)
     if cfg.checkpointing:
         blocks = getattr(model, "blocks", None)
         if blocks is None or not hasattr(blocks, "checkpoint_segments"):
@@ -291,6 +305,8 @@ def _run(
                 x, y_b, lam = _mixup(x, y, cfg.mixup, cfg.seed, step)
                 y_b = dd.shard(y_b, info).to(device)
             x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             if sgd_step is not None:  # attached for this step's forward and backward only
                 blocks.sgd_in_backward = sgd_step
             out = net(x)
