@@ -4,7 +4,10 @@ module-by-module stack: same outputs and gradients, the saved memory it claims, 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -294,9 +297,11 @@ SGD_SETTINGS = [  # momentum, nesterov, dampening, weight decay
 ]
 
 
-@pytest.mark.parametrize("grad_thread", [False, True])
+@pytest.mark.parametrize("grad_thread,segments", [(False, 0), (True, 0), (True, 4)])
 @pytest.mark.parametrize("mom,nesterov,damp,wd", SGD_SETTINGS)
-def test_sgd_in_backward_is_the_optimizer_step(mom, nesterov, damp, wd, grad_thread, monkeypatch):
+def test_sgd_in_backward_is_the_optimizer_step(
+    mom, nesterov, damp, wd, grad_thread, segments, monkeypatch, two_threads
+):
     """Weights stepped inside the backward pass end where ``optimizer.step()`` takes them: three
     steps with a changing learning rate, momentum buffers in ``optimizer.state``, no ``.grad``."""
     from depthlab.train.optim import make_optimizer
@@ -312,6 +317,7 @@ def test_sgd_in_backward_is_the_optimizer_step(mom, nesterov, damp, wd, grad_thr
         for group in o.param_groups:
             group["dampening"] = damp
     m.blocks.sgd_in_backward = fused.SGDInBackward(opt)
+    m.blocks.checkpoint_segments = segments
     x = torch.randn(7, 5, dtype=torch.float64)
     weights = [blk.branch[1].weight for blk in m.blocks]
     for step in range(3):
@@ -355,3 +361,54 @@ def test_sgd_in_backward_refuses_what_it_cannot_do():
     assert w.grad is not None and not torch.equal(w.grad, torch.ones_like(w))
     assert torch.equal(w, before)  # not stepped in the backward pass
     assert m.blocks[2].branch[1].weight.grad is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_gradient_thread_is_started_afresh_in_a_forked_child(two_threads):
+    """A child forked after the gradient thread started has no such thread: its first fused
+    backward starts its own instead of waiting forever on the parent's."""
+    m, x = _model("rezero", "relu", {}), torch.randn(7, 5, dtype=torch.float64)
+    _, _, ref, _ = _run(m, x)
+    assert fused._WORKER
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the gradients come out right
+        code = 1
+        try:
+            _, _, grads, _ = _run(m, x)
+            ok = all(torch.allclose(grads[k], g, rtol=1e-12, atol=1e-12) for k, g in ref.items())
+            code = 0 if ok and fused._WORKER else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's fused backward hung")
+
+
+def test_sgd_in_backward_steps_aside_for_a_weight_two_blocks_share():
+    """A stack whose blocks share one module (hence one W) gets ordinary gradients, so that W's
+    step sees both blocks' contributions."""
+    torch.manual_seed(0)
+    blk = dl.create_model("mlp", depth=1, width=12, in_dim=5, scheme="skipinit").blocks[0]
+    stack = dl.models.common.BlockStack(blk, blk, blk).double()
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    opt = torch.optim.SGD(stack.parameters(), lr=0.1)
+    stack.sgd_in_backward = fused.SGDInBackward(opt)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    out = stack(x)
+    assert _fused_nodes(out) == 1
+    out.sin().sum().backward()
+    w = blk.branch[1].weight
+    assert w.grad is not None  # the ordinary gradient, the sum over the three uses
+    stack.fuse, ref = False, w.grad.clone()
+    w.grad = None
+    stack(x).sin().sum().backward()
+    torch.testing.assert_close(ref, w.grad, rtol=1e-12, atol=1e-12)

@@ -33,6 +33,7 @@ fused node: it raises an error that names the switch (``BlockStack.fuse = False`
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -131,6 +132,8 @@ def run_stack(
     the backward pass. With ``sgd``, the weight matrices take that optimizer's step in the
     backward pass instead of getting gradients (:class:`SGDInBackward`)."""
     n = len(plans)
+    if sgd is not None and len({id(plan[1]) for plan in plans}) < n:
+        sgd = None  # a weight used by two blocks must see both gradients before any step
     size = -(-n // min(segments, n)) if segments > 0 else CHUNK
     for start in range(0, n, size):
         spec, params = [], []
@@ -374,8 +377,11 @@ class SGDInBackward:
 
     Not for gradient clipping or data-parallel training (both need the gradient before any
     update: :func:`depthlab.train` refuses the combination), nor for ``maximize`` or
-    ``differentiable`` SGD (refused here). ``retain_graph`` backward passes through an updated
-    node a second time raise torch's in-place-modification error.
+    ``differentiable`` SGD (refused here). A stack in which two blocks share a weight takes the
+    usual step (the weight needs both gradients first); a stack weight must not also be used
+    outside the stack before it (its backward would come after the step). ``retain_graph``
+    backward passes through an updated node a second time raise torch's in-place-modification
+    error.
 
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.blocks.sgd_in_backward = SGDInBackward(opt)
@@ -467,6 +473,18 @@ class _GradThread:
 
 _WORKER: list[_GradThread] = []
 _WORKER_LOCK = threading.Lock()  # held by the backward pass that uses the thread
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no gradient thread (only the parent's object) and may have inherited
+    the lock held: start afresh, so that the child's first fused backward starts its own."""
+    global _WORKER_LOCK
+    _WORKER.clear()
+    _WORKER_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _grad_thread(grad: torch.Tensor) -> _GradThread | None:
