@@ -14,11 +14,12 @@ Method.
   those per-step ratios (their range is printed beside it).
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
-  runs; median of ``--steps`` timed steps after one warm-up step. Four configurations — the
+  runs; median of ``--steps`` timed steps after one warm-up step. Four or five configurations — the
   fused stack (:mod:`depthlab.nn.fused`) without and with checkpointing, the fused stack with
   the same SGD step taken by its weights inside the backward pass
   (:class:`~depthlab.nn.fused.SGDInBackward`, ``TrainConfig(sgd_in_backward=True)``;
-  ``--no-sgd`` drops it), and the same model module by module (``blocks.fuse = False``;
+  ``--no-sgd`` drops it), with ``--threads`` ≥ 2 the fused stack without its gradient thread
+  (``GRAD_THREAD = False``), and the same model module by module (``blocks.fuse = False``;
   ``--no-compare`` drops it) — run in one child process, one step each per round in rotated
   order, so that the time ratios compare steps
   taken minutes apart at most. The child first lets glibc keep freed memory (``--malloc
@@ -70,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import depthlab as dl
+from depthlab.nn import fused
 from depthlab.nn.fused import SGDInBackward
 from depthlab.train.optim import make_optimizer
 
@@ -154,6 +156,8 @@ def measure(args: argparse.Namespace) -> dict:
     # (name, checkpoint segments, fused): the fused stack without and with checkpointing, and
     # the same model run module by module (fuse=False) for comparison
     configs = [("0", 0, True, None), (str(segments), segments, True, None)]
+    if torch.get_num_threads() >= 2:  # the fused backward without its gradient thread
+        configs.append(("inline", 0, True, None))
     if not args.no_sgd:  # the same SGD step, taken by the weights during the backward pass
         configs.append(("sgd", 0, True, SGDInBackward(opt)))
     if not args.no_compare:
@@ -164,6 +168,7 @@ def measure(args: argparse.Namespace) -> dict:
     def step(name: str, set_to_none: bool = True) -> None:
         blocks = model.blocks
         blocks.checkpoint_segments, blocks.fuse, blocks.sgd_in_backward = settings[name]
+        fused.GRAD_THREAD = name != "inline"
         opt.zero_grad(set_to_none=set_to_none or blocks.sgd_in_backward is not None)
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -209,6 +214,7 @@ def measure(args: argparse.Namespace) -> dict:
             "step_s": statistics.median(r["wall"]),
             "cpu_s": statistics.median(r["cpu"]),
             "cpu_all": r["cpu"],
+            "wall_all": r["wall"],
             "faults": statistics.median(r["faults"]),
             "peak_gflops": statistics.median(r["peak"]),
             "peak_ratio": statistics.median(r["ratio"]),
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("no checkpointing", plain), (f"checkpoint {segments} seg", ckpt)]
     if "sgd" in res["configs"]:
         rows.append(("SGD in backward", res["configs"]["sgd"]))
+    if "inline" in res["configs"]:
+        rows.append(("no gradient thread", res["configs"]["inline"]))
     if "modules" in res["configs"]:
         rows.append(("module by module", res["configs"]["modules"]))
     for name, r in rows:
@@ -375,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{q:.2f}" for q in pairs)
         + f"; median {statistics.median(pairs):.2f}"
     )
+    if "inline" in res["configs"]:
+        for key, label in (("cpu_all", "CPU"), ("wall_all", "wall")):
+            pairs = [i / p for i, p in zip(res["configs"]["inline"][key], plain[key])]
+            print(
+                f"gradient-thread speed-up over the fused backward without it per round ({label}): "
+                + ", ".join(f"{q:.2f}" for q in pairs)
+                + f"; median {statistics.median(pairs):.2f}"
+            )
     if "sgd" in res["configs"]:
         pairs = [p / s for s, p in zip(res["configs"]["sgd"]["cpu_all"], plain["cpu_all"])]
         print(
