@@ -412,3 +412,23 @@ def test_sgd_in_backward_steps_aside_for_a_weight_two_blocks_share():
     w.grad = None
     stack(x).sin().sum().backward()
     torch.testing.assert_close(ref, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_recompute_skips_each_segments_last_gemm(monkeypatch):
+    """A checkpointed segment of L blocks recomputes L − 1 blocks (the last block's GEMM only
+    made the next segment's input, which is kept); the gradients still equal module by module."""
+    m, x = _model("rezero", "tanh", {}, depth=12), torch.randn(7, 5, dtype=torch.float64)
+    _, gx_ref, ref, _ = _run(m, x)
+    m.blocks.checkpoint_segments = 4
+    lengths, real = [], fused._forward
+
+    def spy(blocks, alphas, h, keep):
+        lengths.append((len(blocks), keep is not None))
+        return real(blocks, alphas, h, keep)
+
+    monkeypatch.setattr(fused, "_forward", spy)
+    _, gx, grads, _ = _run(m, x)
+    assert lengths == [(3, False)] * 4 + [(2, True)] * 4  # 4 forwards, 4 shorter recomputes
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-12, msg=name)

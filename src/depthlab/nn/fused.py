@@ -18,8 +18,9 @@ segment) as one autograd node whose backward is written out by hand:
 with g = ∂L/∂h_{i+1}. Only r_i is saved per block (half of what autograd keeps: it also saves
 y_i for the gate's gradient), and with ``segments > 0`` only the inputs of the segments are kept
 and each segment's forward is recomputed just before its backward (activation checkpointing at
-the cost of one forward pass of GEMMs, without any autograd bookkeeping; the recomputed
-activations of a segment are still in cache when its backward reads them).
+the cost of ``(L−1)/L`` of a forward pass of GEMMs for segments of L blocks — the last block's
+GEMM only makes the next segment's input, which is kept — without any autograd bookkeeping;
+the recomputed activations of a segment are still in cache when its backward reads them).
 
 :class:`~depthlab.models.common.BlockStack` takes this path by itself when every block has this
 form, gradients are on, and nothing observes the modules: a hook on any module involved (or a
@@ -249,7 +250,9 @@ class GatedLinearStack(torch.autograd.Function):
         blocks = _unpack(ctx.spec, params)
         if ctx.recompute:
             rs: list[torch.Tensor] = []
-            _forward(blocks, ctx.alphas, saved[-1], rs)
+            # the last block's GEMM only makes this node's output: its r needs h_last alone
+            h_last = _forward(blocks[:-1], ctx.alphas[:-1], saved[-1], rs)
+            rs.append(_act(blocks[-1][0], h_last))
         else:
             rs = list(saved[ctx.num_params :])
         del saved
