@@ -416,8 +416,14 @@ class SGDInBackward:
         if key != self._key:
             self._index = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
             self._key = key
-        specs = [
-            (g["lr"], g["weight_decay"], g["momentum"], g["dampening"], g["nesterov"])
+        specs = [  # (float: a tensor lr, which torch allows, would not pass as a GEMM's alpha)
+            (
+                float(g["lr"]),
+                float(g["weight_decay"]),
+                float(g["momentum"]),
+                float(g["dampening"]),
+                bool(g["nesterov"]),
+            )
             for g in groups
         ]
         return self._index, specs, self.optimizer.state
