@@ -154,3 +154,79 @@ def test_block_lanczos_stagnation_stop_resolves_a_clustered_bottom():
     res = block_lanczos_singular_values(g, v, 5, which="bottom", tol=1e-3, max_dim=800, rtol=1e-3)
     assert np.abs(res["bottom"] / exact - 1).max() < 1e-3
     assert res["dim"] <= 600
+
+
+def _random_operator(n, s, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = (u * s) @ w.T
+    return lambda v: a @ v
+
+
+def test_partial_reorthogonalisation_matches_full_with_fewer_passes():
+    """Simon's partial reorthogonalisation gives the Ritz values of the fully reorthogonalised
+    block Lanczos (to 1e-9 here) while reorthogonalising against the whole basis far less
+    often than once per block."""
+    from depthlab.diagnostics.jacobian import block_lanczos_singular_values
+
+    n = 1500
+    s = torch.cat([torch.linspace(0.05, 0.2, 30), torch.linspace(0.3, 3.0, n - 30)]).double()
+    g = _random_operator(n, s)
+    v = torch.zeros(n, dtype=torch.float64)
+    kw = dict(which="both", tol=1e-8, max_dim=1200, block=6)
+    full = block_lanczos_singular_values(g, v, 4, reorth="full", **kw)
+    part = block_lanczos_singular_values(g, v, 4, reorth="partial", **kw)
+    exact = np.sort(s.numpy())[::-1]
+    for kind, ref in (("top", exact[:4]), ("bottom", exact[-4:])):
+        np.testing.assert_allclose(part[kind], full[kind], rtol=1e-9)
+        np.testing.assert_allclose(part[kind], ref, rtol=1e-7)
+    steps = int(part["dim"]) // 6
+    assert int(full["reorths"]) == steps and int(part["reorths"]) < steps // 2
+    with pytest.raises(dl.DepthlabError, match="partial, full"):
+        block_lanczos_singular_values(g, v, 4, reorth="none")
+
+
+def test_banded_ritz_residual_bounds_the_eigenvalue_error():
+    """The residual bound from inverse iteration on the banded T equals ‖B y_last‖ of T's exact
+    eigenvector for an isolated Ritz value, and bounds the distance to an eigenvalue of G."""
+    from depthlab.diagnostics.jacobian import _banded_ritz_residuals
+
+    rng = np.random.default_rng(0)
+    n, w = 60, 3
+    t = np.zeros((n, n))
+    for o in range(w + 1):
+        d = rng.standard_normal(n - o)
+        t += np.diag(d, -o) + (np.diag(d, o) if o else 0)
+    band = np.zeros((w + 1, n))
+    for o in range(w + 1):
+        band[o, : n - o] = np.diag(t, -o)
+    b_last = np.triu(rng.standard_normal((w, w)))
+    lam, vec = np.linalg.eigh(t)
+    got = _banded_ritz_residuals(band, lam[[0, -1]], b_last)
+    ref = np.linalg.norm(b_last @ vec[n - w :, [0, -1]], axis=0)
+    np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-12)
+    # the full symmetric matrix [[T, Bᵀ-block], [B-block, C]] has an eigenvalue within the bound
+    m = n + w
+    big = np.zeros((m, m))
+    big[:n, :n] = t
+    big[n:, n - w : n] = b_last
+    big[n - w : n, n:] = b_last.T
+    big[n:, n:] = np.diag(rng.standard_normal(w))
+    lam_big = np.linalg.eigvalsh(big)
+    for theta, bound in zip(lam[[0, -1]], got):
+        assert np.abs(lam_big - theta).min() <= bound + 1e-12
+
+
+def test_block_lanczos_on_an_identity_jacobian_stops_after_one_block():
+    """ReZero at init: J = I, so the first block spans an invariant subspace (a breakdown the
+    solver continues past with fresh directions) and every singular value is exactly 1."""
+    from depthlab.diagnostics.jacobian import block_lanczos_singular_values
+
+    torch.manual_seed(0)
+    model = dl.create_model("mlp", depth=8, width=300, scheme="rezero")
+    g = lambda v: model.blocks(v[None])[0]  # noqa: E731
+    res = block_lanczos_singular_values(g, torch.randn(300), 5, tol=1e-6)
+    np.testing.assert_allclose(res["top"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(res["bottom"], 1.0, atol=1e-6)
+    assert int(res["products"]) == 8 + 8  # the first block and one fresh block
