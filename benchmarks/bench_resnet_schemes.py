@@ -32,6 +32,8 @@ def train_step(model, opt, x, y) -> None:
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()  # time the kernels, not their launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (CPU-time columns: host time)")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -53,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = x.to(memory_format=fmt)
-    y = torch.randint(0, 10, (args.batch,))
+    x = x.to(dev, memory_format=fmt)
+    y = torch.randint(0, 10, (args.batch,)).to(dev)
     runs = {}
     for name in schemes:
         model = dl.create_model("resnet", depth=args.depth, scheme=name, num_classes=10)
-        model = model.to(memory_format=fmt)
+        model = model.to(dev, memory_format=fmt)
         # a small learning rate keeps the unnormalized 'plain' net finite over the timed steps
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         runs[name] = (model.train(), opt)
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ResNet-{args.depth} (CIFAR 3x32x32), batch {args.batch}, SGD train step, "
         f"{torch.get_num_threads()} threads, {'NHWC' if args.channels_last else 'NCHW'}, "
+        f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}, "
         f"{args.repeats * args.steps} timed steps per scheme (interleaved), median step time"
     )
     header = ["scheme", "images/s", "vs batchnorm", "vs plain", "img/CPU-s", "vs bn", "vs plain"]
