@@ -23,6 +23,7 @@ def test_unknown_what_exits_2_and_writes_nothing(tmp_path, capsys):
         (["--set", "model.colour=1"], "unknown option"),
         (["--batch", "1"], "at least 2"),
         (["--what", "jacobian", "--method", "lanczos", "--k", "2", "--rtol", "0"], "rtol"),
+        (["--what", "jacobian", "--method", "lanczos", "--k", "2", "--max-dim", "0"], "max_dim"),
     ],
 )
 def test_bad_input_exits_2(tmp_path, capsys, argv, match):

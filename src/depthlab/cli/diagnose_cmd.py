@@ -79,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Jacobian (matrix-free): also stop when the wanted singular values move by less "
         "than this (relative) between checks; e.g. 1e-3 for a clustered bottom end",
     )
+    p.add_argument(
+        "--max-dim",
+        type=int,
+        default=None,
+        help="Jacobian (matrix-free): Krylov basis limit (default max(600, 20·k))",
+    )
     add_set_option(p, "model.KEY, scheme_options.KEY or data.KEY, e.g. --set model.width=128")
     p.set_defaults(func=run)
 
@@ -259,6 +265,7 @@ def _jacobian(model, x, args) -> pd.DataFrame:
         seed=args.seed,
         which=args.which,
         rtol=args.rtol,
+        max_dim=args.max_dim,
     )
 
 

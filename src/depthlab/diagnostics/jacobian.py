@@ -390,14 +390,16 @@ def block_lanczos_singular_values(
         if (dim >= next_check or dim + b > max_dim) and dim >= min(2 * k, max_dim):
             theta = ends(dim)
             now = np.concatenate([theta[p] for p in wanted])
-            change = None if last is None else np.abs(now - last) / np.maximum(np.abs(now), 1e-300)
+            # eigenvalues below ε·‖G‖ are zero to the products' precision: measured against it
+            floor = max(eps * gnorm, 1e-300)
+            change = None if last is None else np.abs(now - last) / np.maximum(np.abs(now), floor)
             if change is not None and rtol is not None and np.all(change <= rtol):
                 result = theta
                 break
             ok = True
             for th in theta.values():
                 res = _banded_ritz_residuals(band[:, :dim], th, r)
-                ok &= bool(np.all(res <= tol * np.maximum(np.abs(th), 1e-300)))
+                ok &= bool(np.all(res <= tol * np.maximum(np.abs(th), floor)))
             if ok:
                 result = theta
                 break
@@ -454,6 +456,7 @@ def jacobian_spectrum(
     solver: str = "block",
     which: str = "both",
     rtol: float | None = None,
+    max_dim: int | None = None,
 ) -> pd.DataFrame:
     """Singular values of the input-output Jacobian of ``model`` at each example of ``x``.
 
@@ -467,13 +470,18 @@ def jacobian_spectrum(
     ``"arpack"`` (:func:`lanczos_singular_values`); ``which`` = ``"both"``, ``"top"`` or
     ``"bottom"`` picks the ends it computes (the bottom of a rank-deficient J converges slowly).
     ``tol`` is the Lanczos residual tolerance; ``rtol`` (block solver) adds the stagnation stop
-    of :func:`block_lanczos_singular_values`, the practical choice for the bottom end.
+    of :func:`block_lanczos_singular_values`, the practical choice for the bottom end;
+    ``max_dim`` caps its Krylov basis (default ``max(600, 20·k)``).
     """
     if solver not in ("block", "arpack"):
         raise DepthlabError(f"unknown solver '{solver}'; choose one of: block, arpack")
     if which not in ("both", "top", "bottom"):
         raise DepthlabError(f"unknown which '{which}'; choose one of: both, top, bottom")
     _check_rtol(rtol)
+    if max_dim is not None and (
+        not isinstance(max_dim, (int, np.integer)) or isinstance(max_dim, bool) or max_dim < 1
+    ):
+        raise DepthlabError(f"max_dim must be a positive integer or None, got {max_dim!r}")
     if method not in METHODS:
         raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
     if not torch.is_tensor(x) or x.dim() < 1 or not x.is_floating_point():
@@ -523,7 +531,7 @@ def jacobian_spectrum(
             elif method == "lanczos":
                 if solver == "block":
                     res = block_lanczos_singular_values(
-                        g, v, k, which=which, tol=tol, seed=seed + e, rtol=rtol
+                        g, v, k, which=which, tol=tol, seed=seed + e, rtol=rtol, max_dim=max_dim
                     )
                 else:
                     res = lanczos_singular_values(g, v, k, which=which, tol=tol, seed=seed + e)
