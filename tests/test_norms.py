@@ -117,3 +117,70 @@ def test_gate_and_bias():
     torch.testing.assert_close(b(g(x)), 3 * x + 2)
     g.reset_parameters(), b.reset_parameters()
     assert g.alpha.item() == 0.0 and b.bias.item() == 0.0
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (removed afterwards)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "layout,momentum,channels_last", [("channels", 0.1, False), ("channels", None, True)]
+)
+def test_distributed_batchnorm_equals_torch_batchnorm(
+    one_rank_group, layout, momentum, channels_last
+):
+    """Through its all-gather/all-reduce path (a one-rank group), DistributedBatchNorm gives
+    torch's BatchNorm2d outputs, input and parameter gradients and running statistics over
+    three train steps, then the same eval output; conversion keeps dtype and values."""
+    from depthlab.nn import DistributedBatchNorm, convert_distributed_batchnorm
+
+    ref = nn.BatchNorm2d(6, momentum=momentum).double()
+    _randomize_affine(ref)
+    with torch.no_grad():
+        ref.running_mean.uniform_(-1, 1)
+        ref.running_var.uniform_(0.5, 2)
+    model = convert_distributed_batchnorm(nn.Sequential(nn.Identity(), ref.__class__(6)))
+    assert isinstance(model[1], DistributedBatchNorm)
+    new = convert_distributed_batchnorm(ref.__class__(6, momentum=momentum).double())
+    new.load_state_dict(ref.state_dict())
+    assert new.weight.dtype == torch.float64 and new.momentum == momentum
+    for step in range(3):
+        x = torch.randn(8, 6, 5, 4, dtype=torch.float64) * (step + 1) + step
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        outs = []
+        for bn in (ref, new):
+            bn.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = bn(xi)
+            (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            outs.append((y.detach(), xi.grad, bn.weight.grad, bn.bias.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(new.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert int(new.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    ref.eval(), new.eval()
+    x = torch.randn(4, 6, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(new(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_distributed_batchnorm_on_token_layout(one_rank_group):
+    from depthlab.nn import convert_distributed_batchnorm
+
+    ref = create_norm("batchnorm", 5, "tokens").double()
+    _randomize_affine(ref)
+    new = convert_distributed_batchnorm(create_norm("batchnorm", 5, "tokens").double())
+    new.load_state_dict(ref.state_dict())
+    assert new.layout == "tokens"
+    x = torch.randn(3, 7, 5, dtype=torch.float64)  # (N, T, C)
+    torch.testing.assert_close(new(x), ref(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new.running_var, ref.running_var, rtol=1e-12, atol=1e-12)

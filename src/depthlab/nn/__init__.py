@@ -1,6 +1,12 @@
 """Building blocks: scalar gates and biases, the Residual wrapper, normalization layers."""
 
-from depthlab.nn.norm import ReferenceBatchNorm, ReferenceLayerNorm, create_norm
+from depthlab.nn.norm import (
+    DistributedBatchNorm,
+    ReferenceBatchNorm,
+    ReferenceLayerNorm,
+    convert_distributed_batchnorm,
+    create_norm,
+)
 from depthlab.nn.residual import Branch, Residual, residual_blocks, weight_layers
 from depthlab.nn.scalars import Bias, Gate
 from depthlab.nn.transformer import MultiHeadAttention, ReZeroDecoderLayer, ReZeroEncoderLayer
@@ -16,6 +22,8 @@ __all__ = [
     "ReZeroEncoderLayer",
     "Residual",
     "create_norm",
+    "DistributedBatchNorm",
+    "convert_distributed_batchnorm",
     "residual_blocks",
     "weight_layers",
 ]

@@ -124,3 +124,139 @@ class _TokenBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Batch normalization whose statistics span every rank of ``group`` (train mode).
+
+    Forward: each rank's per-channel count n_r, mean μ_r and sum of squared deviations M2_r are
+    gathered and combined exactly (Chan, Golub & LeVeque 1979): ``μ = Σ n_r μ_r / n``,
+    ``M2 = Σ M2_r + n_r (μ_r − μ)²``, ``σ² = M2 / n`` (biased). Backward, with ``x̂`` the
+    normalized input and ``ĝ = γ·∂L/∂y``: ``∂L/∂x = (ĝ − mean(ĝ) − x̂·mean(ĝ x̂)) / sqrt(σ² + ε)``
+    where both means run over the whole distributed batch (one all-reduce of 2C numbers); the
+    gradients of γ and β are this rank's sums, which data parallelism then averages.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group, world):
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n_local = x.numel() // x.shape[1]
+        mean_l = x.mean(dims, dtype=torch.float64)
+        dev = x - mean_l.to(x.dtype).view(shape)
+        m2_l = (dev * dev).sum(dims, dtype=torch.float64)
+        del dev
+        stats = torch.stack([torch.full_like(mean_l, n_local), mean_l, m2_l])
+        parts = [torch.empty_like(stats) for _ in range(world)]
+        torch.distributed.all_gather(parts, stats, group=group)
+        allstats = torch.stack(parts)  # (world, 3, C)
+        counts, means, m2s = allstats[:, 0], allstats[:, 1], allstats[:, 2]
+        n = counts.sum(0)
+        mean = (counts * means).sum(0) / n
+        var = (m2s + counts * (means - mean) ** 2).sum(0) / n
+        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
+        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.group, ctx.n, ctx.dims, ctx.shape = group, float(n[0]), dims, shape
+        mean, var, count = mean.to(x.dtype), var.to(x.dtype), n[0]
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar, _gn):
+        xhat, invstd, weight = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        ghat = gy if weight is None else gy * weight.view(shape)
+        sums = torch.cat([ghat.sum(dims), (ghat * xhat).sum(dims)])
+        torch.distributed.all_reduce(sums, group=ctx.group)
+        c = xhat.shape[1]
+        mean_g, mean_gx = (sums[:c] / ctx.n).view(shape), (sums[c:] / ctx.n).view(shape)
+        gx = (ghat - mean_g - xhat * mean_gx) * invstd.view(shape)
+        gw = gb = None
+        if weight is not None:
+            gw, gb = (gy * xhat).sum(dims), gy.sum(dims)
+        return gx, gw, gb, None, None, None
+
+
+class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose train-mode batch statistics span all ranks of a process group, on any
+    device — torch's ``SyncBatchNorm`` has no CPU kernel, so this is what data-parallel CPU runs
+    (gloo) use; with equal shards a run under ``torchrun`` then normalizes exactly as one
+    process on the whole batch (Ioffe & Szegedy 2015, arXiv 1502.03167; cross-device statistics
+    as in Peng et al. 2018, "MegDet", arXiv 1711.07240). ``layout="tokens"`` takes (N, T, C)
+    sequences (statistics over batch and tokens). Outside a process group, or in eval mode, it
+    is ``F.batch_norm``. Running statistics follow ``_BatchNorm`` (momentum, or a cumulative
+    average with ``momentum=None``; the unbiased variance over the whole batch)."""
+
+    def __init__(self, num_features: int, *args, layout: str = "channels", group=None, **kw):
+        super().__init__(num_features, *args, **kw)
+        if layout not in ("channels", "tokens"):
+            raise DepthlabError(f"unknown layout '{layout}'; choose one of: channels, tokens")
+        self.layout, self.group = layout, group
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input (N, C, ...), got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "tokens":
+            return self._normalize(x.transpose(1, 2)).transpose(1, 2)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        dist = torch.distributed
+        synced = self.training and dist.is_available() and dist.is_initialized()
+        if not synced:
+            return super().forward(x)
+        y, mean, var, n = _SyncBatchNormFn.apply(
+            x, self.weight, self.bias, self.eps, self.group, dist.get_world_size(self.group)
+        )
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                m = 1.0 / float(self.num_batches_tracked) if m is None else m
+                n = float(n)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)), alpha=m)
+        return y
+
+
+def convert_distributed_batchnorm(module: nn.Module, group=None, cpu: bool = True) -> nn.Module:
+    """Every BatchNorm of ``module`` made to normalize over the whole distributed batch: torch's
+    ``SyncBatchNorm`` on GPUs, :class:`DistributedBatchNorm` on the CPU (``cpu=True``) and for
+    token-layout BatchNorms (which ``SyncBatchNorm`` would treat as (N, C, L)). Parameters,
+    buffers and train/eval flags carry over; returns the converted module (the same object
+    unless ``module`` itself is a BatchNorm)."""
+    if isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        tokens = isinstance(module, _TokenBatchNorm)
+        if not (cpu or tokens):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+        new = DistributedBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            layout="tokens" if tokens else "channels",
+            group=group,
+        )
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        ref = next((t for t in tensors if t.is_floating_point()), None)
+        if ref is not None:
+            new.to(device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(module.state_dict())
+        if module.affine:
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new = convert_distributed_batchnorm(child, group, cpu)
+        if new is not child:
+            setattr(module, name, new)
+    return module

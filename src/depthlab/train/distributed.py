@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from depthlab.nn.norm import convert_distributed_batchnorm
 from depthlab.registry import DepthlabError
 
 
@@ -81,12 +82,14 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: bool = True) -> nn.Module:
-    """``DistributedDataParallel`` around ``model``; BatchNorm → SyncBatchNorm when ``sync_bn`` on
-    GPUs (torch's SyncBatchNorm has no CPU kernel: on CPU each rank normalizes over its shard)."""
+    """``DistributedDataParallel`` around ``model``. With ``sync_bn``, every BatchNorm normalizes
+    over the whole distributed batch: torch's ``SyncBatchNorm`` on GPUs,
+    :class:`~depthlab.nn.norm.DistributedBatchNorm` on the CPU (torch's has no CPU kernel) and
+    for token-layout BatchNorms; without it each rank normalizes over its own shard."""
     if not info.enabled:
         return model
-    if sync_bn and device.type != "cpu" and has_batchnorm(model):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_bn and has_batchnorm(model):
+        model = convert_distributed_batchnorm(model, cpu=device.type == "cpu")
     ids = (
         [device.index if device.index is not None else info.local_rank]
         if device.type == "cuda"
