@@ -36,25 +36,18 @@ def _mlp(scheme: str, act: str, opts: dict, depth: int = 70) -> torch.nn.Module:
     return m.to(CUDA)
 
 
-def _fused_nodes(out: torch.Tensor) -> int:
-    seen, stack, count = set(), [out.grad_fn], 0
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        count += type(fn).__name__ == "GatedLinearStackBackward"
-        stack.extend(f for f, _ in fn.next_functions)
-    return count
-
-
 def _step(m: torch.nn.Module, x: torch.Tensor):
     m.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     out = m(x)
     w = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype, device=out.device)
     (out.sin() * w).sum().backward()
-    return out.detach(), x.grad, {n: p.grad for n, p in m.named_parameters()}, _fused_nodes(out)
+    return (
+        out.detach(),
+        x.grad,
+        {n: p.grad for n, p in m.named_parameters()},
+        fused.count_fused_nodes(out),
+    )
 
 
 @pytest.mark.parametrize("segments", [0, 5])

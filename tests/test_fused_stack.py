@@ -36,26 +36,13 @@ def _model(scheme: str, act: str, opts: dict, depth: int = 9) -> torch.nn.Module
     return m
 
 
-def _fused_nodes(out: torch.Tensor) -> int:
-    """The number of fused-stack nodes in the autograd graph of ``out``."""
-    seen, stack, count = set(), [out.grad_fn], 0
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        count += type(fn).__name__ == "GatedLinearStackBackward"
-        stack.extend(f for f, _ in fn.next_functions)
-    return count
-
-
 def _run(m: torch.nn.Module, x: torch.Tensor):
     m.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     out = m(x)
     (out.sin() * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum().backward()
     grads = {n: p.grad for n, p in m.named_parameters()}
-    return out.detach(), x.grad, grads, _fused_nodes(out)
+    return out.detach(), x.grad, grads, fused.count_fused_nodes(out)
 
 
 @pytest.mark.parametrize("segments", [0, 4])
@@ -83,9 +70,9 @@ def test_nodes_per_chunk_and_per_segment(monkeypatch):
     m = _model("rezero", "relu", {}, depth=10)
     x = torch.randn(3, 5, dtype=torch.float64)
     monkeypatch.setattr(fused, "CHUNK", 4)
-    assert _fused_nodes(m(x)) == 3  # 4 + 4 + 2 blocks
+    assert fused.count_fused_nodes(m(x)) == 3  # 4 + 4 + 2 blocks
     m.blocks.checkpoint_segments = 5
-    assert _fused_nodes(m(x)) == 5  # one node per segment of ⌈10/5⌉ blocks
+    assert fused.count_fused_nodes(m(x)) == 5  # one node per segment of ⌈10/5⌉ blocks
 
 
 def _saved_activation_floats(m: torch.nn.Module, x: torch.Tensor) -> int:
@@ -120,13 +107,13 @@ def test_saved_memory_one_activation_per_block_or_one_per_segment():
 def test_hooks_and_switch_fall_back_to_modules():
     m = _model("rezero", "relu", {})
     x = torch.randn(4, 5, dtype=torch.float64)
-    assert _fused_nodes(m(x)) == 1
+    assert fused.count_fused_nodes(m(x)) == 1
     seen = []
     h = m.blocks[3].branch[1].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
-    assert _fused_nodes(m(x)) == 0 and seen == [torch.Size([4, 12])]
+    assert fused.count_fused_nodes(m(x)) == 0 and seen == [torch.Size([4, 12])]
     h.remove()
     m.blocks.fuse = False
-    assert _fused_nodes(m(x)) == 0
+    assert fused.count_fused_nodes(m(x)) == 0
     with torch.no_grad():  # nothing to save: the plain loop
         assert m(x).grad_fn is None
 
@@ -167,7 +154,7 @@ def test_fused_rezero_mlp_trains_on_random_labels():
         out = m(x)
         torch.nn.functional.cross_entropy(out, y).backward()
         opt.step()
-    assert _fused_nodes(out) == 2  # 64 + 36 blocks
+    assert fused.count_fused_nodes(out) == 2  # 64 + 36 blocks
     assert (m(x).argmax(1) == y).float().mean().item() == 1.0
 
 
@@ -176,7 +163,7 @@ def test_autocast_and_mixed_dtypes_run_module_by_module():
     x = torch.randn(4, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-    assert out.dtype == torch.bfloat16 and _fused_nodes(out) == 0
+    assert out.dtype == torch.bfloat16 and fused.count_fused_nodes(out) == 0
     out.float().sum().backward()
     assert m.blocks[0].branch[1].weight.grad.dtype == torch.float32
     m.blocks[2].branch[1].double()  # one layer in another dtype: nothing to fuse safely
@@ -193,7 +180,7 @@ def test_stack_on_3d_input_runs_module_by_module(module_by_module):
     m = _model("rezero", "relu", {})
     h = torch.randn(3, 4, 12, dtype=torch.float64)
     out = m.blocks(h)
-    assert _fused_nodes(out) == 0
+    assert fused.count_fused_nodes(out) == 0
     torch.testing.assert_close(out, module_by_module(lambda: m.blocks(h)))
 
 
@@ -208,7 +195,12 @@ def test_strided_input_and_expanded_gradient(act, scheme, module_by_module):
         x = h.clone().t().contiguous().t().requires_grad_(True)  # same strides as h
         out = m.blocks(x)
         out.sum().backward()
-        return out.detach(), x.grad, [p.grad for p in m.blocks.parameters()], _fused_nodes(out)
+        return (
+            out.detach(),
+            x.grad,
+            [p.grad for p in m.blocks.parameters()],
+            fused.count_fused_nodes(out),
+        )
 
     out, gx, grads, nodes = run()
     ref_out, ref_gx, ref_grads, _ = module_by_module(run)
@@ -404,7 +396,7 @@ def test_sgd_in_backward_steps_aside_for_a_weight_two_blocks_share():
     stack.sgd_in_backward = fused.SGDInBackward(opt)
     x = torch.randn(6, 12, dtype=torch.float64)
     out = stack(x)
-    assert _fused_nodes(out) == 1
+    assert fused.count_fused_nodes(out) == 1
     out.sin().sum().backward()
     w = blk.branch[1].weight
     assert w.grad is not None  # the ordinary gradient, the sum over the three uses

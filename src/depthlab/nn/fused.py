@@ -149,6 +149,21 @@ def run_stack(
     return x
 
 
+def count_fused_nodes(out: torch.Tensor) -> int:
+    """The number of fused-stack autograd nodes (:class:`GatedLinearStack`) in the graph that
+    produced ``out``: 0 when a stack ran module by module — a way to see whether a model (on
+    this device, with these hooks and settings) takes the fused path."""
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__ == "GatedLinearStackBackward"
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
 def _unpack(spec: tuple, params: tuple) -> list[tuple]:
     """Per block ``(act, W, b or None, α tensor or None, skip, index of W in params)``."""
     out, j = [], 0
