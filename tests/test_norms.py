@@ -182,5 +182,12 @@ def test_distributed_batchnorm_on_token_layout(one_rank_group):
     new.load_state_dict(ref.state_dict())
     assert new.layout == "tokens"
     x = torch.randn(3, 7, 5, dtype=torch.float64)  # (N, T, C)
-    torch.testing.assert_close(new(x), ref(x), rtol=1e-10, atol=1e-12)
+    grads = []
+    for bn in (ref, new):
+        xi = x.clone().requires_grad_(True)
+        y = bn(xi)
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append((y.detach(), xi.grad, bn.weight.grad, bn.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(new.running_var, ref.running_var, rtol=1e-12, atol=1e-12)

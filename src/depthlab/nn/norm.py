@@ -129,54 +129,66 @@ class _TokenBatchNorm(nn.BatchNorm1d):
 class _SyncBatchNormFn(torch.autograd.Function):
     """Batch normalization whose statistics span every rank of ``group`` (train mode).
 
-    Forward: each rank's per-channel count n_r, mean μ_r and sum of squared deviations M2_r are
-    gathered and combined exactly (Chan, Golub & LeVeque 1979): ``μ = Σ n_r μ_r / n``,
-    ``M2 = Σ M2_r + n_r (μ_r − μ)²``, ``σ² = M2 / n`` (biased). Backward, with ``x̂`` the
-    normalized input and ``ĝ = γ·∂L/∂y``: ``∂L/∂x = (ĝ − mean(ĝ) − x̂·mean(ĝ x̂)) / sqrt(σ² + ε)``
-    where both means run over the whole distributed batch (one all-reduce of 2C numbers); the
-    gradients of γ and β are this rank's sums, which data parallelism then averages.
+    Forward: each rank's per-channel count n_r, mean μ_r and sum of squared deviations M2_r
+    (one fused ``var_mean`` pass) are gathered and combined exactly (Chan, Golub & LeVeque
+    1979): ``μ = Σ n_r μ_r / n``, ``M2 = Σ M2_r + n_r (μ_r − μ)²``, ``σ² = M2 / n`` (biased);
+    the output is one fused pass of torch's batch norm with those statistics. Backward, with
+    ``x̂ = (x − μ)/sqrt(σ² + ε)``: ``∂L/∂x = γ/sqrt(σ²+ε) · (g − Σg/n − x̂ Σ(g x̂)/n)`` where both
+    sums run over the whole distributed batch — this rank's (one fused pass of torch's batch-norm
+    backward, which returns them as the bias and weight gradients) all-reduced, 2C numbers —
+    then ``∂L/∂x = A g + B x + C`` per channel in two passes. The gradients of γ and β are this
+    rank's sums, which data parallelism then averages.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world):
         dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
         n_local = x.numel() // x.shape[1]
-        mean_l = x.mean(dims, dtype=torch.float64)
-        dev = x - mean_l.to(x.dtype).view(shape)
-        m2_l = (dev * dev).sum(dims, dtype=torch.float64)
-        del dev
-        stats = torch.stack([torch.full_like(mean_l, n_local), mean_l, m2_l])
+        var_l, mean_l = torch.var_mean(x, dims, correction=0)
+        stats = torch.stack([torch.full_like(mean_l, n_local), mean_l, var_l * n_local]).double()
         parts = [torch.empty_like(stats) for _ in range(world)]
         torch.distributed.all_gather(parts, stats, group=group)
-        allstats = torch.stack(parts)  # (world, 3, C)
-        counts, means, m2s = allstats[:, 0], allstats[:, 1], allstats[:, 2]
+        counts, means, m2s = torch.stack(parts).unbind(1)  # each (world, C)
         n = counts.sum(0)
         mean = (counts * means).sum(0) / n
-        var = (m2s + counts * (means - mean) ** 2).sum(0) / n
-        invstd = torch.rsqrt(var + eps).to(x.dtype)
-        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
-        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
-        ctx.save_for_backward(xhat, invstd, weight)
-        ctx.group, ctx.n, ctx.dims, ctx.shape = group, float(n[0]), dims, shape
-        mean, var, count = mean.to(x.dtype), var.to(x.dtype), n[0]
+        var = ((m2s + counts * (means - mean) ** 2).sum(0) / n).to(x.dtype)
+        mean = mean.to(x.dtype)
+        invstd = torch.rsqrt(var + eps)
+        y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.group, ctx.n, ctx.eps = group, float(n[0]), eps
+        count = n[0]
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gn):
-        xhat, invstd, weight = ctx.saved_tensors
-        dims, shape = ctx.dims, ctx.shape
-        ghat = gy if weight is None else gy * weight.view(shape)
-        sums = torch.cat([ghat.sum(dims), (ghat * xhat).sum(dims)])
+        x, mean, invstd, weight = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=_memory_format(x))
+        _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )  # this rank's Σ g x̂ and Σ g
+        gw, gb = (sum_gx.clone(), sum_g.clone()) if weight is not None else (None, None)
+        sums = torch.cat([sum_g, sum_gx])
         torch.distributed.all_reduce(sums, group=ctx.group)
-        c = xhat.shape[1]
-        mean_g, mean_gx = (sums[:c] / ctx.n).view(shape), (sums[c:] / ctx.n).view(shape)
-        gx = (ghat - mean_g - xhat * mean_gx) * invstd.view(shape)
-        gw = gb = None
-        if weight is not None:
-            gw, gb = (gy * xhat).sum(dims), gy.sum(dims)
+        c = x.shape[1]
+        mean_g, mean_gx = sums[:c] / ctx.n, sums[c:] / ctx.n
+        a = invstd if weight is None else invstd * weight
+        b = -a * invstd * mean_gx  # x̂ = (x − μ)·invstd
+        cc = -a * mean_g - b * mean
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        # A·g + C in one pass (batch norm in eval form: (g − 0)/sqrt(1 − ε + ε)·A + C), then + B·x
+        gx = torch.nn.functional.batch_norm(
+            gy, torch.zeros_like(a), torch.full_like(a, 1.0 - ctx.eps), a, cc, False, 0.0, ctx.eps
+        )
+        gx.addcmul_(x, b.view(shape))
         return gx, gw, gb, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
