@@ -131,12 +131,21 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "layout,momentum,channels_last", [("channels", 0.1, False), ("channels", None, True)]
-)
-def test_distributed_batchnorm_equals_torch_batchnorm(
-    one_rank_group, layout, momentum, channels_last
-):
+def _same_step(ref: nn.Module, new: nn.Module, x: torch.Tensor) -> None:
+    """One train step of both norms on ``x``: equal outputs, input and parameter gradients."""
+    outs = []
+    for bn in (ref, new):
+        bn.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = bn(xi)
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, bn.weight.grad, bn.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum,channels_last", [(0.1, False), (None, True)])
+def test_distributed_batchnorm_equals_torch_batchnorm(one_rank_group, momentum, channels_last):
     """Through its all-gather/all-reduce path (a one-rank group), DistributedBatchNorm gives
     torch's BatchNorm2d outputs, input and parameter gradients and running statistics over
     three train steps, then the same eval output; conversion keeps dtype and values."""
@@ -156,15 +165,7 @@ def test_distributed_batchnorm_equals_torch_batchnorm(
         x = torch.randn(8, 6, 5, 4, dtype=torch.float64) * (step + 1) + step
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        outs = []
-        for bn in (ref, new):
-            bn.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = bn(xi)
-            (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-            outs.append((y.detach(), xi.grad, bn.weight.grad, bn.bias.grad))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        _same_step(ref, new, x)
         torch.testing.assert_close(new.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(new.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
     assert int(new.num_batches_tracked) == int(ref.num_batches_tracked) == 3
@@ -182,12 +183,5 @@ def test_distributed_batchnorm_on_token_layout(one_rank_group):
     new.load_state_dict(ref.state_dict())
     assert new.layout == "tokens"
     x = torch.randn(3, 7, 5, dtype=torch.float64)  # (N, T, C)
-    grads = []
-    for bn in (ref, new):
-        xi = x.clone().requires_grad_(True)
-        y = bn(xi)
-        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        grads.append((y.detach(), xi.grad, bn.weight.grad, bn.bias.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    _same_step(ref, new, x)
     torch.testing.assert_close(new.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
