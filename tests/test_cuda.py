@@ -25,6 +25,15 @@ pytestmark = pytest.mark.skipif(
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """TF32 off (cuDNN convolutions use it by default): the CPU comparisons assume IEEE float32."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def _mlp(scheme: str, act: str, opts: dict, depth: int = 70) -> torch.nn.Module:
     torch.manual_seed(0)
     m = dl.create_model(
