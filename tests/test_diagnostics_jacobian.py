@@ -149,7 +149,7 @@ def test_block_lanczos_stagnation_stop_resolves_a_clustered_bottom():
 
     v = torch.zeros(n, dtype=torch.float64)
     exact = np.sort(s.numpy())[:5][::-1]
-    with pytest.raises(dl.DepthlabError, match="did not converge"):
+    with pytest.raises(dl.DepthlabError, match="did not converge.*singular values now .*per check"):
         block_lanczos_singular_values(g, v, 5, which="bottom", tol=1e-3, max_dim=600)
     res = block_lanczos_singular_values(g, v, 5, which="bottom", tol=1e-3, max_dim=800, rtol=1e-3)
     assert np.abs(res["bottom"] / exact - 1).max() < 1e-3

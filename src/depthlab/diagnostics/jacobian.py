@@ -325,7 +325,7 @@ def block_lanczos_singular_values(
     om_cur = np.eye(b)[None]  # Ω_{k,j}, k = 0..j (the estimated Q_kᵀ Q_j)
     om_prev = np.zeros((0, b, b))  # Ω_{k,j-1}, k = 0..j-1
     gnorm, reorths, full_next = 0.0, 0, False
-    j, next_check, last, result = 0, 0, None, None
+    j, next_check, last, result, change = 0, 0, None, None, None
     while result is None:
         dim = (j + 1) * b
         q = basis[dim - b : dim]
@@ -413,8 +413,15 @@ def block_lanczos_singular_values(
             result = {p: (lam[-k:] if p == "top" else lam[:k]) for p in wanted}
             dim = size
         elif dim + b > max_dim:
+            where = ""
+            if last is not None:  # what the user would get, and how fast it still moves
+                sv = np.sqrt(np.clip(last, 0.0, None))
+                where = f" (singular values now {np.array2string(sv, precision=4)}"
+                if change is not None:
+                    where += f", still moving by up to {float(change.max()):.1e} per check"
+                where += ")"
             raise DepthlabError(
-                f"block Lanczos did not converge within {dim} basis vectors; loosen tol "
+                f"block Lanczos did not converge within {dim} basis vectors{where}; loosen tol "
                 f"(now {tol}) or set rtol, raise max_dim, or use method='dense'"
             )
     out: dict[str, np.ndarray] = {}
