@@ -265,10 +265,10 @@ def block_lanczos_singular_values(
 
     Every so often (each time the basis has grown by an eighth) it checks two stopping rules:
 
-    * **residual** (rigorous): every wanted Ritz pair has ``‖G x − θ x‖ = ‖B_j y_last‖ ≤ tol·θ``
-      — then an eigenvalue lies within tol·θ of θ (s within about tol/2). Ritz vectors of T are
-      only formed for this test while the basis is small or the wanted Ritz values moved by
-      less than ``tol`` since the previous check;
+    * **residual** (rigorous): every wanted Ritz value has ``‖G x − θ x‖ ≤ tol·θ`` for a unit
+      x = V y, bounded by ``‖(T − θ I) y‖ + ‖B_j y_last‖`` with y from inverse iteration on the
+      banded T (:func:`_banded_ritz_residuals`, O(dim·b²)) — then an eigenvalue lies within
+      tol·θ of θ (s within about tol/2);
     * **stagnation** (``rtol``, off by default): every wanted Ritz value moved by less than
       ``rtol`` (relative) since the previous check. Ritz values converge roughly like the square
       of the residual, so on clustered ends — the bottom of a Jacobian's spectrum, typically —

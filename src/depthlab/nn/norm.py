@@ -130,22 +130,27 @@ class _SyncBatchNormFn(torch.autograd.Function):
     """Batch normalization whose statistics span every rank of ``group`` (train mode).
 
     Forward: each rank's per-channel count n_r, mean μ_r and sum of squared deviations M2_r
-    (one fused ``var_mean`` pass) are gathered and combined exactly (Chan, Golub & LeVeque
-    1979): ``μ = Σ n_r μ_r / n``, ``M2 = Σ M2_r + n_r (μ_r − μ)²``, ``σ² = M2 / n`` (biased);
-    the output is one fused pass of torch's batch norm with those statistics. Backward, with
-    ``x̂ = (x − μ)/sqrt(σ² + ε)``: ``∂L/∂x = γ/sqrt(σ²+ε) · (g − Σg/n − x̂ Σ(g x̂)/n)`` where both
-    sums run over the whole distributed batch — this rank's (one fused pass of torch's batch-norm
-    backward, which returns them as the bias and weight gradients) all-reduced, 2C numbers —
-    then ``∂L/∂x = A g + B x + C`` per channel in two passes. The gradients of γ and β are this
-    rank's sums, which data parallelism then averages.
+    (one pass of torch's fused batch-norm kernel) are gathered and combined exactly (Chan,
+    Golub & LeVeque 1979): ``μ = Σ n_r μ_r / n``, ``M2 = Σ M2_r + n_r (μ_r − μ)²``,
+    ``σ² = M2 / n`` (biased); the output is one fused pass of torch's batch norm with those
+    statistics. Backward, with ``x̂ = (x − μ)/sqrt(σ² + ε)``:
+    ``∂L/∂x = γ/sqrt(σ²+ε) · (g − Σg/n − x̂ Σ(g x̂)/n)``, both sums over the whole distributed
+    batch — this rank's (one fused pass of torch's batch-norm backward, which returns them as
+    the bias and weight gradients) all-reduced, 2C numbers — then ``∂L/∂x = A g + B x + C``
+    per channel in two passes. The gradients of γ and β are this rank's sums, which data
+    parallelism then averages.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world):
-        dims = [0, *range(2, x.dim())]
         n_local = x.numel() // x.shape[1]
-        var_l, mean_l = torch.var_mean(x, dims, correction=0)
-        stats = torch.stack([torch.full_like(mean_l, n_local), mean_l, var_l * n_local]).double()
+        # this rank's statistics from torch's fused batch-norm kernel (a generic var_mean over
+        # (N, H, W) is ≈ 3× slower); its 1/sqrt(σ²+ε) gives σ² back to rounding
+        _, mean_l, invstd_l = torch.ops.aten.native_batch_norm(
+            x, None, None, None, None, True, 0.0, eps
+        )
+        var_l = invstd_l.double().pow(-2) - eps
+        stats = torch.stack([torch.full_like(var_l, n_local), mean_l.double(), var_l * n_local])
         parts = [torch.empty_like(stats) for _ in range(world)]
         torch.distributed.all_gather(parts, stats, group=group)
         counts, means, m2s = torch.stack(parts).unbind(1)  # each (world, C)
@@ -230,9 +235,9 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 m = self.momentum
                 m = 1.0 / float(self.num_batches_tracked) if m is None else m
-                n = float(n)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)), alpha=m)
+                unbiased = var * (n / (n - 1).clamp_min(1)).to(var.dtype)  # (no host sync)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
         return y
 
 
