@@ -12,6 +12,14 @@ shared machine), each with its ratios to ``batchnorm`` and to ``plain`` measured
 
 Targets (issue 2): every normalization-free scheme >= 1.25x the ``batchnorm`` throughput, and the
 scheme machinery (gates, scalar biases) costs <= 5% over ``plain`` (ratio vs plain >= 0.95).
+
+``--roofline`` (CPU) adds where the time goes: the convolutions' FLOPs per step (counted with
+``torch.utils.flop_counter``), the host's single-precision GEMM rate (a 4096x4096 matmul, best of
+five) and, from the profiler over four more steps per scheme (interleaved; medians), each step's
+time inside the convolution kernels (forward and backward) and inside BatchNorm's, with the
+convolutions' GFLOP/s and their share of the GEMM rate. A normalization-free model is the
+BatchNorm model with the norms removed and scalars added, so the last line sets the time budget
+of the >= 1.25x target against what ``plain``'s convolutions alone take on this host.
 """
 
 from __future__ import annotations
@@ -47,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (CPU-time columns: host time)")
+    ap.add_argument(
+        "--roofline", action="store_true", help="CPU: conv FLOPs, GEMM rate, time in conv/BN ops"
+    )
     args = ap.parse_args(argv)
+    if args.roofline and args.device != "cpu":
+        ap.error("--roofline profiles CPU kernels; run it with --device cpu")
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +129,99 @@ def main(argv: list[str] | None = None) -> int:
             lo, med, hi = statistics.quantiles(q, n=4) if len(q) > 1 else (q[0],) * 3
             parts.append(f"{name} {med:.3f} [{lo:.3f}, {hi:.3f}]")
         print(f"  vs {ref}: " + ", ".join(parts))
+    if args.roofline:
+        roofline(runs, x, y)
     return 0
+
+
+def conv_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of the convolutions in one forward and one backward pass (torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    counts = counter.get_flop_counts()["Global"]
+    fwd = sum(v for k, v in counts.items() if str(k).endswith("convolution"))
+    bwd = sum(v for k, v in counts.items() if str(k).endswith("convolution_backward"))
+    return float(fwd), float(bwd)
+
+
+def gemm_rate(n: int = 4096, tries: int = 5) -> float:
+    """FLOP/s of an n x n float32 matmul on the CPU (best of ``tries``, after one warm-up)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+#: profiler event names of the CPU convolution and BatchNorm kernels (forward and backward)
+CONV_OPS = (
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_slow_conv2d_forward",
+    "aten::_slow_conv2d_backward",
+    "aten::thnn_conv2d",
+)
+BN_OPS = ("aten::native_batch_norm", "aten::native_batch_norm_backward")
+
+
+def profile_step(model, opt, x, y) -> tuple[float, float, float]:
+    """Seconds in one profiled step: the whole step, inside convolution kernels, inside BatchNorm
+    kernels (self times of the profiler's events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        train_step(model, opt, x, y)
+        total = time.perf_counter() - t0
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    conv = sum(self_us.get(k, 0.0) for k in CONV_OPS) / 1e6
+    bn = sum(self_us.get(k, 0.0) for k in BN_OPS) / 1e6
+    return total, conv, bn
+
+
+def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 4) -> None:
+    """Print the convolutions' FLOPs, the GEMM rate and, per scheme, the medians over ``rounds``
+    profiled steps of the step time and the time in convolution and BatchNorm kernels."""
+    name0 = next(iter(runs))
+    fwd, bwd = conv_flops(runs[name0][0], x, y)
+    rate = gemm_rate()
+    print(
+        f"\nroofline: convolutions {(fwd + bwd) / 1e9:.1f} GFLOP per step (forward "
+        f"{fwd / 1e9:.1f}, backward {bwd / 1e9:.1f}); float32 GEMM 4096x4096 "
+        f"{rate / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"{'scheme':<10} {'step ms':>8} {'conv ms':>8} {'conv GFLOP/s':>13} {'of GEMM':>8} "
+        f"{'BN ms':>7} {'other ms':>9}"
+    )
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):  # one profiled step per scheme per round, rotated like the timing
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(profile_step(*runs[name], x, y))
+    prof = {}
+    for name, rows in samples.items():
+        total, conv, bn = prof[name] = tuple(statistics.median(col) for col in zip(*rows))
+        print(
+            f"{name:<10} {total * 1e3:>8.0f} {conv * 1e3:>8.0f} {(fwd + bwd) / conv / 1e9:>13.1f} "
+            f"{(fwd + bwd) / conv / rate:>8.0%} {bn * 1e3:>7.0f} {(total - conv - bn) * 1e3:>9.0f}"
+        )
+    if "batchnorm" in prof and "plain" in prof:
+        budget = prof["batchnorm"][0] / 1.25
+        plain, conv, _ = prof["plain"]
+        print(
+            f"for >= 1.25x batchnorm a step may take {budget * 1e3:.0f} ms; plain's convolutions "
+            f"alone take {conv * 1e3:.0f} ms ({(fwd + bwd) / conv / rate:.0%} of the GEMM rate), "
+            f"leaving {(budget - conv) * 1e3:.0f} ms for all its other work, which takes "
+            f"{(plain - conv) * 1e3:.0f} ms (BatchNorm's kernels: {prof['batchnorm'][2] * 1e3:.0f} "
+            f"ms; batchnorm/plain {prof['batchnorm'][0] / plain:.2f}x in these profiled steps)"
+        )
 
 
 if __name__ == "__main__":
