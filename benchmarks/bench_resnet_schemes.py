@@ -220,16 +220,17 @@ def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> N
     prof = {}
     for name, rows in samples.items():
         total, conv, bn = prof[name] = tuple(statistics.median(col) for col in zip(*rows))
+        other = statistics.median(t - c - b for t, c, b in rows)  # within each step
         print(
             f"{name:<10} {total * 1e3:>8.0f} {conv * 1e3:>8.0f} {(fwd + bwd) / conv / 1e9:>13.1f} "
-            f"{(fwd + bwd) / conv / rate:>8.0%} {bn * 1e3:>7.0f} {(total - conv - bn) * 1e3:>9.0f}"
+            f"{(fwd + bwd) / conv / rate:>8.0%} {bn * 1e3:>7.0f} {other * 1e3:>9.0f}"
         )
     if "batchnorm" in prof and "plain" in prof:
         # every model runs the same convolutions: the fastest conv time measured in any of them is
         # a lower bound for that part of a normalization-free step
         budget = prof["batchnorm"][0] / 1.25
         conv = min(c for _, c, _ in prof.values())
-        plain = prof["plain"][0] - prof["plain"][1]
+        plain = statistics.median(t - c for t, c, _ in samples["plain"])
         print(
             f"for >= 1.25x batchnorm a step may take {budget * 1e3:.0f} ms; the convolutions alone "
             f"take >= {conv * 1e3:.0f} ms (fastest of the schemes, {(fwd + bwd) / conv / rate:.0%} "
