@@ -31,7 +31,10 @@ def run_cli(capsys, *argv):
         (["run", "all", "--preset", "smoke", "--set", "bogus=1"], "no experiment has them"),
         (["run", "path-variance", "--preset", "smoke", "--set", "short=x"], "must be an integer"),
         (["run", "path-variance", "--preset", "smoke", "--set", "short"], "expects key=value"),
-        (["run", "path-variance", "--preset", "smoke", "--jobs", "0"], "--jobs must be a positive"),
+        (
+            ["run", "path-variance", "--preset", "smoke", "--jobs", "0"],
+            "--jobs must be an integer in 1..",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -50,7 +53,7 @@ def test_unwritable_out_exits_2_and_writes_nothing(tmp_path, capsys):
     blocker.write_text("not a folder")
     out = blocker / "runs"
     code, _, err = run_cli(capsys, "run", "path-variance", "--preset", "smoke", "--out", str(out))
-    assert code == 2 and "is not a folder" in err
+    assert code == 2 and "is a file" in err
     assert blocker.read_text() == "not a folder"
 
 

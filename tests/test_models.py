@@ -328,10 +328,10 @@ def test_resnet_depth_must_be_6n_plus_2():
 @pytest.mark.parametrize("model", sorted(SMALL))
 @pytest.mark.parametrize("bad", [0, -2, 2.5])
 def test_nonpositive_sizes_are_refused(model, bad):
-    with pytest.raises(dl.DepthlabError, match="depth must be a positive integer"):
+    with pytest.raises(dl.DepthlabError, match="depth( in model '[a-z-]+')? must be .*integer"):
         dl.create_model(model, depth=bad)
     size = "d_model" if model == "transformer-lm" else "width"
-    with pytest.raises(dl.DepthlabError, match=f"{size} must be"):
+    with pytest.raises(dl.DepthlabError, match=f"{size}( in model '[a-z-]+')? must be"):
         dl.create_model(model, **{size: bad})
 
 

@@ -405,6 +405,13 @@ def get_scheme(scheme: str | Scheme, **options: object) -> Scheme:
     if bad:
         choices = ", ".join(valid) if valid else "(this scheme takes no options)"
         raise DepthlabError(f"unknown option(s) {bad} for scheme '{cls.name}'; valid: {choices}")
+    from depthlab.validate import _kinds, check_value
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in options.items():
+        kinds = _kinds(fields[k].type, fields[k].default)
+        if kinds == {"bool"}:  # other kinds are checked by the scheme, with its own message
+            options[k] = check_value(k, v, kinds, f"scheme '{cls.name}'")
     if isinstance(scheme, Scheme):
         return dataclasses.replace(scheme, **options) if options else scheme
     return cls(**options)

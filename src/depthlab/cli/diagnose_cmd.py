@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from depthlab.cli import add_set_option
+from depthlab.cli import add_memory_option, add_set_option
 from depthlab.diagnostics import (
     degeneracy,
     gradient_norms,
@@ -34,10 +34,14 @@ from depthlab.diagnostics.jacobian import calibrate_batchnorm
 from depthlab.diagnostics.paths import PATH_SCHEMES
 from depthlab.io import atomic_write_text, parse_overrides, write_json
 from depthlab.models import MODELS, create_model, model_options
+from depthlab import validate as v
 from depthlab.registry import DepthlabError
+from depthlab.resources import check_fits
 from depthlab.schemes import SCHEMES
+from depthlab.validate import check_out_dir
 
 WHAT = ("paths", "signal", "jacobian", "gradients", "degeneracy")
+MAX_BATCH = 1_000_000
 SECTIONS = ("model", "scheme_options", "data")
 
 
@@ -86,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Jacobian (matrix-free): Krylov basis limit (default max(600, 20·k))",
     )
     add_set_option(p, "model.KEY, scheme_options.KEY or data.KEY, e.g. --set model.width=128")
+    add_memory_option(p)
     p.set_defaults(func=run)
 
 
@@ -136,8 +141,18 @@ def build(args: argparse.Namespace):
     MODELS.get(args.model)
     if args.scheme is not None:
         SCHEMES.get(args.scheme)
-    if args.batch < 2:
-        raise DepthlabError(f"--batch must be at least 2 (batch statistics), got {args.batch}")
+    v.integer("--batch", args.batch, 2, MAX_BATCH)
+    v.seed("--seed", args.seed)
+    v.integer("--examples", args.examples, 1, 10_000)
+    v.integer("--k", args.k, 1, None, allow_none=True)
+    v.integer("--max-dim", args.max_dim, 1, None, allow_none=True)
+    v.number("--rtol", args.rtol, 0.0, lo_open=True, allow_none=True)
+    if args.method not in ("auto", "dense", "lanczos", "hutchinson"):
+        raise DepthlabError(
+            f"unknown --method '{args.method}'; choose one of: auto, dense, lanczos, hutchinson"
+        )
+    if args.out is not None:
+        check_out_dir(args.out)
     cfg = _sections(args.overrides)
     kw = dict(cfg["model"])
     if args.depth is not None:
@@ -156,6 +171,13 @@ def build(args: argparse.Namespace):
         for key, value in dataset.model_hints().items():
             if key in options and key not in kw and not (key == "width" and "in_dim" in options):
                 kw[key] = value
+    check_fits(
+        args.model,
+        {k: val for k, val in kw.items() if k in model_options(args.model)},
+        batch_size=args.batch,
+        input_shape=tuple(dataset.input_shape) if dataset is not None else None,
+        copies=2,
+    )
     torch.manual_seed(args.seed)
     model = create_model(args.model, **kw)
     if dataset is not None:
@@ -199,10 +221,6 @@ def _paths_scheme(model: torch.nn.Module) -> tuple[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     what, model, x, y, kw = build(args)
-    if args.method not in ("auto", "dense", "lanczos", "hutchinson"):
-        raise DepthlabError(
-            f"unknown --method '{args.method}'; choose one of: auto, dense, lanczos, hutchinson"
-        )
     depth = len(getattr(model, "blocks", [])) or int(kw.get("depth", 1))
     frames: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"model": args.model, "options": {k: str(v) for k, v in kw.items()}}

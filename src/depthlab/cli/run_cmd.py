@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from depthlab.cli import add_set_option
+from depthlab.cli import add_memory_option, add_set_option
 from depthlab.io import parse_overrides
 
 
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/PRESET)")
     add_set_option(p, "override a config field, e.g. --set steps=200 --set 'depths=[10,100]'")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
+    add_memory_option(p)
     p.set_defaults(func=run_command)
 
 
@@ -32,7 +33,7 @@ def run_command(args: argparse.Namespace) -> int:
     from depthlab.report.render import claims_table_text
 
     overrides = parse_overrides(args.overrides)
-    out = args.out or f"runs/{args.preset}"
+    out = args.out if args.out is not None else f"runs/{args.preset}"
     t0 = time.perf_counter()
     results = runner.run(
         args.name,

@@ -18,21 +18,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from depthlab.cli import add_set_option
+from depthlab.cli import add_memory_option, add_set_option
 from depthlab.data import DATASETS, create_dataset, dataset_options
-from depthlab.io import load_yaml, parse_value, write_yaml
-from depthlab.models import create_model, model_options
+from depthlab.io import LOCK_NAME, FolderLock, load_yaml, parse_value, sweep_temp_files, write_yaml
+from depthlab.models import MODELS, create_model, model_options
 from depthlab.registry import DepthlabError
+from depthlab.resources import check_fits
 from depthlab.schemes import SCHEMES
 from depthlab.train import checkpoint as ckpt
 from depthlab.train.config import TrainConfig
-from depthlab.train.loop import train
+from depthlab.train.loop import seed_everything, train
+from depthlab.train.optim import make_optimizer
+from depthlab.validate import check_out_dir, disk_error
 
 SECTIONS = ("model", "scheme_options", "data", "train")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", ckpt.FILENAME, "tb")
@@ -90,6 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/<model>-<scheme>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
+    add_memory_option(p)
     p.set_defaults(func=run)
 
 
@@ -156,7 +163,7 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if "=" not in item:
             raise DepthlabError(f"--set expects key=value, got {item!r}")
         key, _, text = item.partition("=")
-        overrides.append((key.strip(), parse_value(text)))
+        overrides.append((key.strip(), parse_value(text, key.strip())))
     for key, value in overrides:  # names first: they decide which other keys are valid
         if key in ("model.name", "model.scheme", "data.name"):
             section, name = _split_key(key)
@@ -178,8 +185,12 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def build(cfg: dict[str, dict[str, Any]]):
     """Data set, model and TrainConfig from a resolved configuration (all validation here)."""
+    tcfg = TrainConfig.from_dict(dict(cfg["train"]))
+    seed_everything(tcfg.seed)  # before anything random is drawn: data, model, dropout
     data_opts = dict(cfg["data"])
     data_name = data_opts.pop("name")
+    if not isinstance(data_name, str):
+        raise DepthlabError(f"data.name must be a data set name, got {data_name!r}")
     DATASETS.get(data_name)
     dataset = create_dataset(data_name, **data_opts)
     model_kw = dict(cfg["model"])
@@ -193,7 +204,18 @@ def build(cfg: dict[str, dict[str, Any]]):
             model_kw[key] = value
     if cfg["scheme_options"]:
         model_kw["scheme_options"] = dict(cfg["scheme_options"])
-    tcfg = TrainConfig.from_dict(dict(cfg["train"]))
+    if not isinstance(model_name, str):
+        raise DepthlabError(f"model.name must be a model name, got {model_name!r}")
+    MODELS.get(model_name)
+    copies = 4 if tcfg.optimizer in ("adam", "adamw") else 3
+    check_fits(
+        model_name,
+        {k: v for k, v in model_kw.items() if k in options},
+        batch_size=max(tcfg.batch_size, tcfg.eval_batch_size // 4),
+        input_shape=tuple(dataset.input_shape),
+        device=str(tcfg.device),
+        copies=copies,
+    )
     model = create_model(model_name, **model_kw)
     x, _ = next(iter(dataset.test_batches(2)))
     try:
@@ -221,33 +243,98 @@ def resolved_config(cfg, model_name, model, dataset, tcfg) -> dict[str, Any]:
     }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run folder and its checkpoint are kept."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _default_out(cfg: dict[str, dict[str, Any]]) -> str:
+    model = cfg["model"].get("name", "mlp")
+    scheme = cfg["model"].get("scheme") or (
+        _default_scheme(model) if isinstance(model, str) and model in MODELS else "default"
+    )
+    return f"runs/{model}-{scheme}-{cfg['data'].get('name', 'digits')}"
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
+    out = check_out_dir(args.out if args.out is not None else _default_out(cfg))
     dataset, model_name, model, tcfg = build(cfg)
-    out = Path(args.out or f"runs/{model_name}-{model.scheme.name}-{dataset.name}")
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    if args.resume:
-        path = out / ckpt.FILENAME
+    resume = bool(args.resume)
+    path = out / ckpt.FILENAME
+    if resume and path.is_file():
         payload = ckpt.load_checkpoint(path)
-        ckpt.check_compatible(payload["metadata"], model, path)
+        ckpt.validate(payload, model, path)
+        ckpt.validate_optimizer(payload["optimizer"], make_optimizer(model, tcfg), path)
         del payload
-    elif is_main and out.exists() and any((out / f).exists() for f in RUN_FILES):
-        raise DepthlabError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+    elif resume:  # killed before its first checkpoint: start it again from step 0
+        print(
+            f"{out} has no checkpoint yet (the run stopped before its first one); starting it "
+            f"again from step 0",
+            file=sys.stderr,
         )
+        resume = False
+    elif is_main and out.exists() and any((out / f).exists() for f in RUN_FILES):
+        how = "continue it" if path.is_file() else "start it again (it has no checkpoint yet)"
+        raise DepthlabError(
+            f"{out} already holds a run; pass --resume to {how}, or choose another --out"
+        )
+    if not is_main:
+        train(model, dataset, tcfg, out_dir=out, quiet=True, resume=resume)
+        return 0
     created = not out.exists()
     resolved = resolved_config(cfg, model_name, model, dataset, tcfg)
+    how = f"depthlab train --out {shlex.quote(str(out))} --resume"
+    lock = FolderLock(out, "train").acquire()
+    had_checkpoint = path.is_file()
+    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if is_main:
-            write_yaml(out / "config.yaml", resolved)
-        hist = train(model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=args.resume)
+        sweep_temp_files(out)
+        write_yaml(out / "config.yaml", resolved)
+        hist = train(model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=resume)
+    except KeyboardInterrupt as e:
+        step = _checkpoint_step(path)
+        kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint yet"
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: {kept}; continue with: {how}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        step = _checkpoint_step(path)
+        kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint yet"
+        raise disk_error(e, f"the run folder {out}", f"{kept}; free space and run: {how}") from None
     except BaseException:
-        if is_main and not args.resume:
-            _cleanup(out, created)
+        if not had_checkpoint and not path.is_file():
+            _cleanup(out, created)  # nothing worth keeping: leave no partial output
         raise
-    if is_main and not args.quiet:
+    finally:
+        lock.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if not args.quiet:
         print(summary_table(hist.summary, out))
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at ``path`` (None if there is none or it is unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(ckpt.load_checkpoint(path)["metadata"]["step"])
+    except (DepthlabError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _cleanup(out: Path, created: bool) -> None:
@@ -255,7 +342,7 @@ def _cleanup(out: Path, created: bool) -> None:
     if created:
         shutil.rmtree(out, ignore_errors=True)
         return
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, LOCK_NAME):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -18,6 +18,7 @@ from depthlab.data.cifar10 import CIFAR10, random_crop_flip
 from depthlab.data.digits import Digits
 from depthlab.data.synthetic import Synthetic
 from depthlab.registry import DepthlabError, Registry
+from depthlab.validate import check_kwargs
 
 DATASETS: Registry[type[Dataset]] = Registry("data set")
 DATASETS.register("digits")(Digits)
@@ -46,7 +47,7 @@ def create_dataset(name: str = "digits", **options: object) -> Dataset:
         raise DepthlabError(
             f"unknown option(s) {bad} for data set '{name}'; valid: {', '.join(valid) or '(none)'}"
         )
-    return cls(**options)
+    return cls(**check_kwargs(cls.__init__, options, f"data set '{name}'"))
 
 
 __all__ = [

@@ -96,7 +96,14 @@ class Bytes(Dataset):
             )
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
             raise DepthlabError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        if not isinstance(max_eval_windows, int) or max_eval_windows < 1:
+            raise DepthlabError(
+                f"max_eval_windows must be a positive integer (windows of the evaluation split "
+                f"scored), got {max_eval_windows!r}"
+            )
         data = stdlib_corpus(max_bytes) if path is None else read_file(path, max_bytes)
+        if len(data) == 0:
+            raise DepthlabError(f"the byte file {path} is empty; pass a file with text in it")
         self.path, self.context, self.eval_split = path, context, eval_split
         self.max_eval_windows = int(max_eval_windows)
         n_train, n_valid, _ = split_sizes(len(data))

@@ -44,21 +44,66 @@ def find_folder(data_dir: str | os.PathLike | None) -> Path:
     )
 
 
+#: the only globals a CIFAR-10 python batch needs to unpickle: numpy arrays and dtypes (and
+#: ``_codecs.encode``, which Python 2 pickles use for byte strings)
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers, numbers, strings and numpy arrays: any
+    other global a pickle asks for (``os.system``, ``builtins.eval``, ...) is refused before it
+    is looked up, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch: ``{b"data": uint8 (N, 3072), b"labels": [N ints]}`` →
-    images ``uint8 (N, 3, 32, 32)`` (channel-major, as stored) and labels ``int64 (N,)``."""
+    images ``uint8 (N, 3, 32, 32)`` (channel-major, as stored) and labels ``int64 (N,)``.
+
+    Read with :class:`RestrictedUnpickler`: a file that is not a plain CIFAR batch fails with a
+    :class:`~depthlab.DepthlabError` and never executes anything."""
+    fix = "re-extract cifar-10-python.tar.gz"
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # noqa: S301 — the official CIFAR format
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
+            d = RestrictedUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise TypeError(f"a batch is a dict, got {type(d).__name__}")
+        raw = d[b"data"]
+        raw_labels = d.get(b"labels", d.get(b"fine_labels"))
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+            raise TypeError("data must be a uint8 array")
+        if not isinstance(raw_labels, (list, np.ndarray)):
+            raise TypeError("labels must be a list of integers")
+        data = raw
+        labels = np.asarray(raw_labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError("labels must be a list of integers")
+        labels = labels.astype(np.int64)
     except Exception as e:  # noqa: BLE001 — any failure means the file is not a CIFAR batch
         raise DepthlabError(
-            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-extract "
-            f"cifar-10-python.tar.gz"
+            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {str(e)[:120]}); {fix}"
         ) from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DepthlabError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+        raise DepthlabError(
+            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
+            f"{len(labels)} labels; {fix}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DepthlabError(
+            f"{path}: labels must be in 0..9, found {labels.min()}..{labels.max()}; {fix}"
+        )
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -63,6 +63,12 @@ class Experiment:
     version: ClassVar[int] = 1
     Config: ClassVar[type]  # a frozen dataclass
     presets: ClassVar[dict[str, Any]] = {}
+    #: allowed values of string (or string-tuple) fields; ``schemes`` defaults to every scheme
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: numeric fields that may be 0 (every other size, budget and rate must be > 0)
+    zero_ok: ClassVar[tuple[str, ...]] = ()
+    #: the largest value of each kind of size field (see :data:`SIZE_LIMITS`), per experiment
+    limits: ClassVar[dict[str, int]] = {}
 
     # -- configuration ------------------------------------------------------------------
     def config(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
@@ -70,7 +76,27 @@ class Experiment:
         if preset not in self.presets:
             raise unknown_choice(f"preset of experiment '{self.name}'", preset, list(self.presets))
         cfg = self.presets[preset]
-        return apply_overrides(cfg, overrides or {}, where=f"experiment '{self.name}'")
+        cfg = apply_overrides(cfg, overrides or {}, where=f"experiment '{self.name}'")
+        self.validate(cfg)
+        return cfg
+
+    def validate(self, cfg: Any) -> None:
+        """Refuse a config whose values cannot run, before anything is written: numbers finite
+        and in range (sizes, budgets and rates > 0 unless in :attr:`zero_ok`; seeds < 2³²),
+        sizes within :data:`SIZE_LIMITS`, lists non-empty, names among :attr:`choices`, then
+        the experiment's own :meth:`check`."""
+        check_config(self, cfg)
+        self.check(cfg)
+        n = len(self.cells(cfg))
+        if n > MAX_CELLS:
+            raise DepthlabError(
+                f"experiment '{self.name}': the grid has {n:,} cells, more than {MAX_CELLS:,}; "
+                f"use fewer values per list"
+            )
+
+    def check(self, cfg: Any) -> None:
+        """Experiment-specific checks (a data folder exists, a depth is valid for the model);
+        raise :class:`~depthlab.DepthlabError`. Nothing by default."""
 
     def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.Config)]
@@ -95,6 +121,55 @@ class Experiment:
 
 EXPERIMENTS: Registry[type[Experiment]] = Registry("experiment")
 
+#: the most cells one experiment's grid may have
+MAX_CELLS = 100_000
+#: the largest value of a size field, by what its name contains: depth (layers or blocks),
+#: width (units, channels or multiplier), batch (examples), steps. An experiment raises its own
+#: in ``limits`` (path-variance's depths are analytic). Far above every paper's setting
+#: (10,000 layers) and far below what would exhaust memory before failing.
+SIZE_LIMITS = {"depth": 100_000, "width": 65_536, "batch": 1_000_000, "steps": 10**9}
+#: fields whose names contain one of these must be > 0 unless listed in ``zero_ok``
+POSITIVE = ("depth", "width", "steps", "batch", "lr", "epochs", "d_model", "nhead", "context")
+POSITIVE += ("examples", "n_train", "smooth", "target", "short")
+
+
+def _kind(key: str) -> str | None:
+    for kind in SIZE_LIMITS:
+        if kind in key:
+            return kind
+    return None
+
+
+def check_config(exp: Experiment, cfg: Any) -> None:
+    """The generic checks of :meth:`Experiment.validate` (see there)."""
+    from depthlab import validate as v
+    from depthlab.schemes import SCHEMES
+
+    where = f"experiment '{exp.name}'"
+    choices = {"schemes": tuple(SCHEMES.names()), **exp.choices}
+    limits = {**SIZE_LIMITS, **exp.limits}
+    for f in dataclasses.fields(cfg):
+        key, value = f.name, getattr(cfg, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and not value:
+            raise DepthlabError(f"{key} in {where} must list at least one value, got []")
+        for item in items:
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, (int, float)):
+                positive = any(p in key for p in POSITIVE) and key not in exp.zero_ok
+                v.number(key, item, 0.0, lo_open=positive, where=where)
+                if "seed" in key:
+                    v.seed(key, item, where)
+                kind = _kind(key)
+                if kind is not None and item > limits[kind]:
+                    raise DepthlabError(
+                        f"{key} in {where} must be ≤ {limits[kind]:,} (the largest {kind} this "
+                        f"experiment accepts), got {item:,}"
+                    )
+            elif key in choices and not (isinstance(item, str) and item in choices[key]):
+                raise unknown_choice(f"value of {key} in {where}", item, list(choices[key]))
+
 
 def list_experiments() -> list[str]:
     """Names of every registered experiment."""
@@ -108,30 +183,23 @@ def get_experiment(name: str) -> Experiment:
 def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
     """Coerce a ``--set`` value (parsed as YAML) to the type of the field's default."""
     if isinstance(default, tuple):
+        if isinstance(value, dict):
+            raise DepthlabError(f"{key} in {where} must be a list, got {value!r}")
         items = value if isinstance(value, (list, tuple)) else [value]
         if default:
             items = [_coerce(v, default[0], key, where) for v in items]
         return tuple(items)
+    from depthlab import validate as v
+
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        raise DepthlabError(f"{key} in {where} must be true or false, got {value!r}")
+        return v.boolean(key, value, where)
     if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise DepthlabError(f"{key} in {where} must be an integer, got {value!r}")
+        return v.integer(key, value, where=where)
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise DepthlabError(f"{key} in {where} must be a number, got {value!r}")
-    if isinstance(default, str) and value is not None and not isinstance(value, str):
+        return v.number(key, value, where=where)
+    if isinstance(default, str):
+        if value is None or isinstance(value, (dict, list, tuple)):
+            raise DepthlabError(f"{key} in {where} must be a string, got {value!r}")
         return str(value)
     return value
 

@@ -31,6 +31,8 @@ class Config:
 @EXPERIMENTS.register()
 class BatchSize(Experiment):
     name = "batch-size"
+    zero_ok = ("checkpointing", "seed")
+
     title = "BN vs SkipInit across batch sizes: best accuracy and optimal learning rate"
     paper = "De & Smith 2020, arXiv 2002.10444, Figs 5–6"
     columns = ("scheme", "batch_size", "lr", "test_accuracy", "diverged")

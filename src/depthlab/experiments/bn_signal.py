@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, fmt, verdict
+from depthlab.registry import DepthlabError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ class Config:
 @EXPERIMENTS.register()
 class BNSignal(Experiment):
     name = "bn-signal"
+    choices = {"models": ("linear-mlp", "relu-resnet")}
+
+    def check(self, cfg: Config) -> None:
+        from depthlab.models.resnet import check_resnet_depth
+
+        if "relu-resnet" in cfg.models:
+            check_resnet_depth(cfg.resnet_depth, "resnet_depth")
+        if cfg.batch_size < 2:
+            raise DepthlabError(f"batch_size must be ≥ 2 (batch statistics), got {cfg.batch_size}")
+
     title = "skip-path and branch variance per block in BN ResNets at init"
     paper = "De & Smith 2020, arXiv 2002.10444, Fig. 4"
     columns = ("model", "block", "skip_var", "branch_var", "out_var", "bn_batch_var")

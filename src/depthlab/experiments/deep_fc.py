@@ -42,6 +42,8 @@ class Config:
 @EXPERIMENTS.register()
 class DeepFC(Experiment):
     name = "deep-fc"
+    zero_ok = ("checkpointing", "seed")
+
     title = "a very deep ReZero FC net fits its training set; FC and FC+Res do not"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Section 4 (10,000 layers)"
     columns = ("scheme", "depth", "step", "train_loss", "test_accuracy", "diverged")

@@ -52,6 +52,14 @@ class Config:
 @EXPERIMENTS.register()
 class Degeneracy(Experiment):
     name = "degeneracy"
+    zero_ok = ("seeds",)
+
+    def check(self, cfg: Config) -> None:
+        from depthlab.models.linear import parse_init
+
+        for init in cfg.inits:
+            parse_init(init)
+
     title = "Fold-0/Fold-1/orthogonal deep linear nets: gradient norm vs trainability"
     paper = "Orhan & Pitkow 2018, arXiv 1701.09175; Saxe et al. 2013, arXiv 1312.6120"
     columns = (

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fmt, train, verdict
+from depthlab.registry import DepthlabError  # noqa: F401
 
 SCHEMES = ("batchnorm", "skipinit", "fixup", "rezero", "plain", "scaled", "noskip")
 GOOD = ("skipinit", "fixup", "rezero")
@@ -41,6 +42,17 @@ class Config:
 @EXPERIMENTS.register()
 class DepthSweep(Experiment):
     name = "depth-sweep"
+    zero_ok = ("grad_clip", "seed")
+
+    def check(self, cfg: Config) -> None:
+        if cfg.data_dir:
+            from depthlab.data.cifar10 import find_folder
+            from depthlab.models.resnet import check_resnet_depth
+
+            find_folder(cfg.data_dir)
+            for d in cfg.depths:
+                check_resnet_depth(d, "depths")
+
     title = "accuracy after a fixed budget: schemes × depth, no normalization vs BN"
     paper = (
         "De & Smith 2020, arXiv 2002.10444, Tables 1–2; Zhang et al. 2019, arXiv 1901.09321, Fig. 3"

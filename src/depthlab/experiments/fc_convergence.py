@@ -27,6 +27,7 @@ from depthlab.experiments.base import (
     train,
     verdict,
 )
+from depthlab.registry import DepthlabError
 
 LABELS = {"noskip": "FC", "plain": "FC+Res", "layernorm": "FC+LayerNorm", "rezero": "ReZero"}
 
@@ -50,6 +51,19 @@ class Config:
 @EXPERIMENTS.register()
 class FCConvergence(Experiment):
     name = "fc-convergence"
+    choices = {"dataset": ("digits", "cifar10", "synthetic")}
+    zero_ok = ("seed",)
+
+    def check(self, cfg: Config) -> None:
+        if cfg.dataset == "cifar10" or cfg.data_dir:
+            from depthlab.data.cifar10 import find_folder
+
+            if cfg.dataset != "cifar10":
+                raise DepthlabError(
+                    f"data_dir is only read with dataset=cifar10, got {cfg.dataset}"
+                )
+            find_folder(cfg.data_dir or None)
+
     title = "32-layer FC nets: iterations to a target training loss, ReZero vs FC/Res/LayerNorm"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Fig. 3"
     columns = ("scheme", "step", "train_loss", "smoothed_loss", "diverged")

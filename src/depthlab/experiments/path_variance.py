@@ -41,6 +41,9 @@ class Config:
 @EXPERIMENTS.register()
 class PathVariance(Experiment):
     name = "path-variance"
+    choices = {"variants": tuple(VARIANTS)}
+    limits = {"depth": 10**7}  # analytic: no network is built
+
     title = "share of output variance by path length (BN vs α=1 vs α=1/√d)"
     paper = "De & Smith 2020, arXiv 2002.10444, Fig. 3"
     columns = ("depth", "variant", "path_length", "share", "cdf")

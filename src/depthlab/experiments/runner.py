@@ -21,7 +21,6 @@ import math
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -40,8 +39,12 @@ from depthlab.experiments.base import (
     get_experiment,
     list_experiments,
 )
-from depthlab.io import atomic_write_text, write_json, write_yaml
+from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
+from depthlab.validate import check_out_dir
+
+#: the most worker processes ``--jobs`` may ask for
+MAX_JOBS = 256
 
 
 @dataclass
@@ -74,10 +77,26 @@ def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
     return out_dir / "cells" / f"{cell_hash(exp.name, exp.version, cell)}.json"
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        _watch_parent(parent)
+
+
+def _watch_parent(parent: int, every: float = 0.5) -> None:
+    """Exit this worker as soon as its parent (the sweep's driver) is gone, even when it was
+    killed with SIGKILL and could not tell its workers: a daemon thread polls the parent pid."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="depthlab-parent-watch", daemon=True).start()
 
 
 def _run_cell(module: str, name: str, cell: dict[str, Any]) -> tuple[list[dict], float]:
@@ -102,11 +121,21 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _load_cell(path: Path) -> list[dict] | None:
+def _load_cell(path: Path, cell: dict[str, Any] | None = None) -> list[dict] | None:
+    """The records of a cached cell, or None (recompute) if the file is missing, corrupt, of
+    the wrong shape, or written for another cell."""
     try:
-        return json.loads(path.read_text())["records"]
-    except (OSError, ValueError, KeyError):
-        return None  # missing or corrupt: recompute
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    records = payload.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    if cell is not None and payload.get("cell") != json.loads(json.dumps(cell)):
+        return None
+    return records
 
 
 def run_cells(
@@ -126,7 +155,7 @@ def run_cells(
     results: dict[int, list[dict]] = {}
     todo: list[int] = []
     for i, cell in enumerate(cells):
-        cached = _load_cell(_cell_path(out_dir, exp, cell))
+        cached = _load_cell(_cell_path(out_dir, exp, cell), cell)
         if cached is None:
             todo.append(i)
         else:
@@ -180,7 +209,7 @@ def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
         max_workers=workers,
         mp_context=mp.get_context("spawn"),
         initializer=_worker_init,
-        initargs=(max(1, (os.cpu_count() or 1) // jobs),),
+        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid()),
     )
 
 
@@ -190,26 +219,9 @@ def _merge(cells: list[dict], results: dict[int, list[dict]]) -> list[dict]:
 
 
 def check_writable(out: Path) -> None:
-    """Refuse an output folder that cannot be created or written, before any work starts."""
-    out = Path(out)
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise DepthlabError(f"--out {out}: {probe} exists and is not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DepthlabError(f"--out {out}: {probe} is not writable; choose a folder you can write")
-    if out.exists():
-        try:
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=".probe.")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as e:
-            raise DepthlabError(
-                f"--out {out} is not writable ({e.strerror}); choose another folder"
-            ) from None
+    """Refuse an output folder that cannot be created or written, before any work starts
+    (:func:`depthlab.validate.check_out_dir`)."""
+    check_out_dir(out)
 
 
 def resolve(names: list[str] | str, preset: str, overrides: dict[str, Any]) -> list[tuple]:
@@ -222,6 +234,10 @@ def resolve(names: list[str] | str, preset: str, overrides: dict[str, Any]) -> l
         names = list_experiments()
     elif isinstance(names, str):
         names = [names]
+    if not isinstance(preset, str):
+        raise DepthlabError(f"preset must be a name (smoke, quick, full), got {preset!r}")
+    if not names or not all(isinstance(n, str) for n in names):
+        raise DepthlabError(f"name the experiments to run (or 'all'), got {names!r}")
     exps = [get_experiment(n) for n in names]
     for e in exps:
         if preset not in e.presets:
@@ -235,14 +251,7 @@ def resolve(names: list[str] | str, preset: str, overrides: dict[str, Any]) -> l
                 f"{', '.join(sorted(known))}"
             )
         return [
-            (
-                e,
-                apply_overrides(
-                    e.presets[preset],
-                    {k: v for k, v in overrides.items() if k in e.keys()},
-                    where=f"experiment '{e.name}'",
-                ),
-            )
+            (e, e.config(preset, {k: v for k, v in overrides.items() if k in e.keys()}))
             for e in exps
         ]
     return [(exps[0], exps[0].config(preset, overrides))]
@@ -304,6 +313,8 @@ def run_experiment(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(out_dir)
+    sweep_temp_files(out_dir / "cells")
     write_yaml(
         out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
     )
@@ -334,23 +345,26 @@ def run(
     written. With ``keep_going``, an experiment that raises is recorded as an error row and the
     others still run.
     """
-    if not isinstance(jobs, int) or jobs < 1:
-        raise DepthlabError(f"--jobs must be a positive integer, got {jobs!r}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
+        raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise DepthlabError(f"overrides must be a mapping of key: value, got {overrides!r}")
     plan = resolve(names, preset, overrides or {})
-    out = Path(out)
-    check_writable(out)
+    out = check_out_dir(out)
     combined = len(plan) > 1
     results = []
-    pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
-    try:
-        _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-    if combined:
-        from depthlab.report.render import write_combined
+    with FolderLock(out, "run"):
+        sweep_temp_files(out)
+        pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
+        try:
+            _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if combined:
+            from depthlab.report.render import write_combined
 
-        write_combined(results, out)
+            write_combined(results, out)
     return results
 
 
@@ -395,24 +409,81 @@ def load_result(folder: Path) -> ExperimentResult:
     folder = Path(folder)
     meta = load_yaml(folder / "config.yaml")
     name, preset = meta.pop("experiment", None), meta.pop("preset", "quick")
-    if name is None:
+    if not isinstance(name, str):
         raise DepthlabError(f"{folder / 'config.yaml'} names no experiment")
     exp = get_experiment(name)
+    if not isinstance(preset, str) or preset not in exp.presets:
+        preset = "quick"
     cfg = apply_overrides(exp.presets.get(preset, exp.presets["quick"]), meta, where=str(folder))
     csv = folder / "records.csv"
     if not csv.is_file():
         raise DepthlabError(f"{csv} is missing; re-run `depthlab run {name}` to produce it")
-    df = pd.read_csv(csv)
+    df = read_records(csv, exp)
+    check_out_dir(folder, "the report folder")
     old = {}
-    if (folder / "summary.json").is_file():
+    try:
         old = json.loads((folder / "summary.json").read_text())
-    return finalize(
-        exp,
-        cfg,
-        preset,
-        df,
-        folder,
-        wall_time_s=float(old.get("wall_time_s", math.nan)),
-        cells=int(old.get("cells", 0)),
-        cached_cells=int(old.get("cached_cells", 0)),
-    )
+    except (OSError, ValueError):
+        pass
+    if not isinstance(old, dict):
+        old = {}
+
+    def num(key: str, default: float) -> float:
+        try:
+            return float(old.get(key, default))
+        except (TypeError, ValueError):
+            return default
+
+    try:
+        return finalize(
+            exp,
+            cfg,
+            preset,
+            df,
+            folder,
+            wall_time_s=num("wall_time_s", math.nan),
+            cells=int(num("cells", 0)),
+            cached_cells=int(num("cached_cells", 0)),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if isinstance(e, DepthlabError):
+            raise
+        raise DepthlabError(
+            f"{csv} does not hold records this version of '{name}' can read "
+            f"({type(e).__name__}: {str(e)[:100]}); re-run `depthlab run {name}`"
+        ) from None
+
+
+def read_records(csv: Path, exp: Experiment) -> pd.DataFrame:
+    """``records.csv`` of a finished experiment, checked: UTF-8 text, complete (a file cut off
+    mid-line is refused), non-empty, with every documented column of the experiment."""
+    fix = f"re-run `depthlab run {exp.name}` to produce it again"
+    try:
+        raw = csv.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DepthlabError(f"{csv} is not a text CSV file; {fix}") from None
+    except OSError as e:
+        raise DepthlabError(f"cannot read {csv} ({e.strerror}); {fix}") from None
+    if "\x00" in text:
+        raise DepthlabError(f"{csv} is a binary file, not a CSV; {fix}")
+    if not text.strip():
+        raise DepthlabError(f"{csv} is empty; {fix}")
+    if not text.endswith("\n"):
+        raise DepthlabError(f"{csv} is truncated (its last line is incomplete); {fix}")
+    import io
+
+    try:
+        df = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise DepthlabError(
+            f"{csv} is not a valid CSV ({str(e).splitlines()[0][:100]}); {fix}"
+        ) from None
+    if not len(df):
+        raise DepthlabError(f"{csv} holds no records; {fix}")
+    missing = [c for c in exp.columns if c not in df.columns]
+    if missing:
+        raise DepthlabError(
+            f"{csv} lacks the column(s) {', '.join(missing)} of experiment '{exp.name}'; {fix}"
+        )
+    return df

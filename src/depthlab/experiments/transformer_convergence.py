@@ -40,6 +40,7 @@ from depthlab.experiments.base import (
     train,
     verdict,
 )
+from depthlab.registry import DepthlabError
 
 LN2 = math.log(2.0)
 VARIANTS = {  # label -> (scheme, scheme_options, warm-up)
@@ -93,6 +94,16 @@ def best_runs(main: pd.DataFrame, target: float) -> dict[str, tuple[float, float
 @EXPERIMENTS.register()
 class TransformerConvergence(Experiment):
     name = "transformer-convergence"
+    choices = {"variants": tuple(VARIANTS), "deep_variants": tuple(VARIANTS)}
+    zero_ok = ("warmup_steps", "deep_depth", "seed")
+
+    def check(self, cfg: Config) -> None:
+        from depthlab.nn.transformer import check_heads
+
+        check_heads(cfg.d_model, cfg.nhead)
+        if cfg.path and not Path(cfg.path).is_file():
+            raise DepthlabError(f"path {cfg.path} is not a file; pass an enwik8 file or path=''")
+
     title = "12-layer byte LMs: iterations to a target bpb at each variant's best lr"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Table 2"
     columns = ("part", "variant", "depth", "lr", "step", "train_bpb", "smoothed_bpb", "diverged")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, fmt, train, verdict
+from depthlab.registry import DepthlabError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,22 @@ class Config:
 @EXPERIMENTS.register()
 class TransformerJacobian(Experiment):
     name = "transformer-jacobian"
+    zero_ok = ("steps", "seed")
+
+    def check(self, cfg: Config) -> None:
+        from depthlab.nn.transformer import check_heads
+
+        check_heads(cfg.d_model, cfg.nhead)
+        for m in cfg.models:
+            scheme, _, depth = m.rpartition("-")
+            if scheme not in ("postnorm", "prenorm", "rezero") or not depth.isdigit():
+                raise DepthlabError(
+                    f"models entry {m!r} must be SCHEME-DEPTH with SCHEME postnorm, prenorm or "
+                    f"rezero, e.g. postnorm-12"
+                )
+            if not 1 <= int(depth) <= 10_000:
+                raise DepthlabError(f"models entry {m!r}: depth must be in 1..10,000")
+
     title = "Jacobian singular values of Post-LN (depth 4/12/64) vs 64-layer ReZero stacks"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Fig. 5"
     columns = (

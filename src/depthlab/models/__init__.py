@@ -11,6 +11,8 @@ from depthlab.models.mlp import MLP
 from depthlab.models.resnet import BottleneckResNet, ResNet
 from depthlab.models.transformer import TransformerBlock, TransformerLM
 from depthlab.registry import DepthlabError, Registry
+from depthlab.resources import allocation_error, check_fits
+from depthlab.validate import check_kwargs
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
 MODELS.register("mlp")(MLP)
@@ -43,7 +45,15 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     if bad:
         choices = ", ".join(valid)
         raise DepthlabError(f"unknown option(s) {bad} for model '{name}'; valid: {choices}")
-    return cls(**kwargs)
+    kwargs = check_kwargs(cls.__init__, kwargs, f"model '{name}'")
+    need = check_fits(name, kwargs, copies=1)  # before building: huge sizes are refused
+    try:
+        return cls(**kwargs)
+    except (RuntimeError, MemoryError) as e:
+        err = allocation_error(e, f"building model '{name}'", need)
+        if err is None:
+            raise
+        raise err from None
 
 
 __all__ = [

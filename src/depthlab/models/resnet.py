@@ -81,6 +81,17 @@ def bottleneck_block(
     return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
 
 
+def check_resnet_depth(depth: int, key: str = "resnet depth") -> None:
+    """Refuse a CIFAR ResNet depth that is not 6n+2 (or Wide-ResNet 6n+4), n ≥ 1."""
+    if not isinstance(depth, int) or depth < 8 or depth % 6 not in (2, 4):
+        valid = ", ".join(str(6 * n + 2) for n in (1, 2, 3, 5, 9, 18))
+        wide = ", ".join(str(6 * n + 4) for n in (2, 4, 6))
+        raise DepthlabError(
+            f"{key} must be 6n+2 with n ≥ 1 (e.g. {valid}, ...) or, in Wide-ResNet "
+            f"counting, 6n+4 (e.g. {wide}), got {depth}; use 'resnet-bottleneck' for 50/101/152"
+        )
+
+
 class _ResNetBase(nn.Module):
     scheme: Scheme
     init_gain: float
@@ -118,13 +129,7 @@ class ResNet(_ResNetBase):
     ) -> None:
         super().__init__()
         check_positive(depth=depth, width=width, in_channels=in_channels, num_classes=num_classes)
-        if depth < 8 or depth % 6 not in (2, 4):
-            valid = ", ".join(str(6 * n + 2) for n in (1, 2, 3, 5, 9, 18))
-            wide = ", ".join(str(6 * n + 4) for n in (2, 4, 6))
-            raise DepthlabError(
-                f"resnet depth must be 6n+2 with n ≥ 1 (e.g. {valid}, ...) or, in Wide-ResNet "
-                f"counting, 6n+4 (e.g. {wide}), got {depth}; use 'resnet-bottleneck' for 50/101/152"
-            )
+        check_resnet_depth(depth)
         make_act(activation)
         n = (depth - 2) // 6 if depth % 6 == 2 else (depth - 4) // 6  # blocks per stage
         self.config = dict(

@@ -108,6 +108,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DepthlabError(
             f"{path} has checkpoint version {meta.get('version')}, expected {VERSION}"
         )
+    if not isinstance(payload, dict):
+        raise DepthlabError(f"{path} is not a depthlab checkpoint; {fix}")
     payload["metadata"] = meta
     return payload
 
@@ -116,12 +118,148 @@ def check_compatible(meta: dict[str, Any], model: nn.Module, path: str | Path) -
     """Refuse to resume ``model`` from a checkpoint written for a different model."""
     saved, now = meta.get("model", {}), model_identity(model)
     if saved != now:
-        diff = [k for k in now if saved.get(k) != now[k]]
+        diff = [k for k in now if not isinstance(saved, dict) or saved.get(k) != now[k]]
+        saved = saved if isinstance(saved, dict) else {}
         raise DepthlabError(
             f"checkpoint {path} was written for a different model ({', '.join(diff)} differ: "
             f"saved {_short(saved)}, now {_short(now)}); resume with the same model settings, or "
             f"use a new --out"
         )
+
+
+#: the schema of the metadata :func:`validate` requires (key: accepted types)
+_META = {
+    "step": (int,),
+    "wall_time_s": (int, float),
+    "initial_loss": (int, float, str, type(None)),
+    "records": (list,),
+    "diverged": (bool,),
+    "diverged_step": (int, type(None)),
+}
+
+
+def validate(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Check an untrusted checkpoint against ``model`` before anything is loaded from it: the
+    metadata schema (a step ≥ 0, the records of the steps before it), every tensor's name,
+    shape and dtype against the model's state dict, the optimizer state's presence and group
+    count, and the size and type of every RNG state. A failure is a :class:`DepthlabError`."""
+    fix = "delete it (or choose a new --out) to start afresh"
+
+    def bad(what: str) -> DepthlabError:
+        return DepthlabError(f"checkpoint {path} is damaged: {what}; {fix}")
+
+    meta = payload["metadata"]
+    check_compatible(meta, model, path)
+    for key, types in _META.items():
+        if key not in meta:
+            raise bad(f"its metadata lacks '{key}'")
+        value = meta[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise bad(f"metadata '{key}' is {value!r}")
+    step = meta["step"]
+    if step < 0:
+        raise bad(f"its step is {step}")
+    for r in meta["records"]:
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int) or r["step"] < 0:
+            raise bad(f"a record is {str(r)[:80]!r}")
+    if meta["diverged_step"] is not None and not 0 <= meta["diverged_step"] <= step:
+        raise bad(f"diverged_step {meta['diverged_step']} is outside 0..{step}")
+    state = payload.get("model")
+    if not isinstance(state, dict):
+        raise bad("it holds no model weights")
+    want = model.state_dict()
+    if set(state) != set(want):
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        raise bad(f"its tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})")
+    for k, t in want.items():
+        got = state[k]
+        if not isinstance(got, torch.Tensor) or got.shape != t.shape or got.dtype != t.dtype:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise bad(f"tensor {k} has shape {shape}, the model's has {tuple(t.shape)}")
+    opt = payload.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+        raise bad("it holds no optimizer state")
+    if not isinstance(opt.get("state"), dict):
+        raise bad("its optimizer state is malformed")
+    n_params = sum(len(g.get("params", [])) for g in opt["param_groups"] if isinstance(g, dict))
+    n_model = sum(1 for p in model.parameters() if p.requires_grad)
+    if n_params != n_model:
+        raise bad(f"its optimizer holds {n_params} parameters, the model has {n_model}")
+    _validate_rng(payload.get("rng"), bad)
+
+
+def validate_optimizer(saved: Any, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """The saved optimizer state must have the groups of ``optimizer`` and, per parameter,
+    state tensors of that parameter's shape (momentum buffers, Adam moments)."""
+    fix = "delete it (or choose a new --out) to start afresh"
+    now = optimizer.state_dict()
+    groups = saved.get("param_groups", []) if isinstance(saved, dict) else []
+    if [len(g.get("params", [])) for g in groups if isinstance(g, dict)] != [
+        len(g["params"]) for g in now["param_groups"]
+    ]:
+        raise DepthlabError(
+            f"checkpoint {path} is damaged: its optimizer groups do not match the model's "
+            f"(was it written with another optimizer or scheme?); {fix}"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in now["param_groups"] for i in g["params"]]
+    shape = {i: p.shape for i, p in zip(ids, params)}
+    for i, st in saved.get("state", {}).items():
+        if i not in shape or not isinstance(st, dict):
+            raise DepthlabError(f"checkpoint {path} is damaged: optimizer state {i!r}; {fix}")
+        for name, t in st.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            if name != "step" and t.shape != shape[i]:
+                raise DepthlabError(
+                    f"checkpoint {path} is damaged: optimizer state '{name}' of parameter {i} "
+                    f"has shape {tuple(t.shape)}, the parameter {tuple(shape[i])}; {fix}"
+                )
+
+
+def _validate_rng(rng: Any, bad: Any) -> None:
+    """The RNG states must be exactly what :func:`rng_state` writes."""
+    if not isinstance(rng, dict):
+        raise bad("it holds no RNG state")
+    t = rng.get("torch")
+    expected = torch.get_rng_state()
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != expected.shape:
+        raise bad("its torch RNG state has the wrong size or type")
+    keys = rng.get("numpy_keys")
+    if not isinstance(keys, torch.Tensor) or keys.shape != (624,) or keys.dtype != torch.int64:
+        raise bad("its numpy RNG state has the wrong size or type")
+    if bool(((keys < 0) | (keys > 0xFFFFFFFF)).any()):
+        raise bad("its numpy RNG state holds values outside 32 bits")
+    rest = rng.get("numpy_rest")
+    if (
+        not isinstance(rest, list)
+        or len(rest) != 4
+        or rest[0] != "MT19937"
+        or not isinstance(rest[1], int)
+        or not 0 <= rest[1] <= 624
+        or not isinstance(rest[2], int)
+        or not isinstance(rest[3], (int, float))
+    ):
+        raise bad("its numpy RNG position is malformed")
+    try:
+        py = json.loads(rng.get("python"))
+        ok = (
+            isinstance(py, list)
+            and len(py) == 3
+            and isinstance(py[1], list)
+            and len(py[1]) == 625
+            and all(isinstance(x, int) and 0 <= x <= 0xFFFFFFFF for x in py[1][:624])
+        )
+        if ok:
+            random.Random().setstate((py[0], tuple(py[1]), py[2]))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise bad("its python RNG state is malformed")
+    if "cuda" in rng:
+        cuda = rng["cuda"]
+        if not isinstance(cuda, list) or not all(isinstance(c, torch.Tensor) for c in cuda):
+            raise bad("its CUDA RNG state is malformed")
 
 
 def _short(ident: dict[str, Any]) -> str:
@@ -131,7 +269,7 @@ def _short(ident: dict[str, Any]) -> str:
 
 
 def restore(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model, optimizer and RNG states from a loaded payload."""
+    """Load model, optimizer and RNG states from a loaded (and :func:`validate`-d) payload."""
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload["rng"])

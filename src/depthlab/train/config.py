@@ -7,11 +7,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from depthlab import validate as v
 from depthlab.registry import DepthlabError, unknown_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: the longest run accepted (steps, or epochs)
+MAX_STEPS = 10**12
 
 
 _FLOATS = (
@@ -82,6 +85,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for key in ("optimizer", "schedule", "device"):
+            if not isinstance(getattr(self, key), str):
+                raise DepthlabError(f"{key} must be a string, got {getattr(self, key)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, list(OPTIMIZERS))
         if self.schedule not in SCHEDULES:
@@ -89,51 +96,65 @@ class TrainConfig:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise unknown_choice("device", self.device, list(DEVICES))
         ints = {
-            "steps": (self.steps, 1),
-            "batch_size": (self.batch_size, 1),
-            "warmup_steps": (self.warmup_steps, 0),
-            "eval_every": (self.eval_every, 0),
-            "eval_batch_size": (self.eval_batch_size, 1),
-            "log_every": (self.log_every, 1),
-            "checkpoint_every": (self.checkpoint_every, 0),
-            "checkpointing": (self.checkpointing, 0),
-            "seed": (self.seed, 0),
+            "steps": (1, MAX_STEPS),
+            "batch_size": (1, None),
+            "warmup_steps": (0, MAX_STEPS),
+            "eval_every": (0, None),
+            "eval_batch_size": (1, None),
+            "log_every": (1, None),
+            "checkpoint_every": (0, None),
+            "checkpointing": (0, None),
         }
-        for key, (v, lo) in ints.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise DepthlabError(f"{key} must be an integer ≥ {lo}, got {v!r}")
-        nonneg = {
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "mixup": self.mixup,
-            "label_smoothing": self.label_smoothing,
-            "dropout": self.dropout,
-            "scalar_lr_mult": self.scalar_lr_mult,
-            "min_lr_ratio": self.min_lr_ratio,
-            "step_gamma": self.step_gamma,
+        for key, (lo, hi) in ints.items():
+            set_(self, key, v.integer(key, getattr(self, key), lo, hi))
+        set_(self, "seed", v.seed("seed", self.seed))
+        ranges = {  # key: (lo, hi, hi_open)
+            "lr": (0.0, None, False),
+            "momentum": (0.0, 1.0, False),
+            "weight_decay": (0.0, None, False),
+            "mixup": (0.0, None, False),
+            "label_smoothing": (0.0, 1.0, True),
+            "dropout": (0.0, 1.0, True),
+            "scalar_lr_mult": (0.0, None, False),
+            "min_lr_ratio": (0.0, 1.0, False),
+            "step_gamma": (0.0, None, False),
         }
-        for key, v in nonneg.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise DepthlabError(f"{key} must be a number ≥ 0, got {v!r}")
-        if self.dropout >= 1 or self.label_smoothing >= 1:
-            raise DepthlabError("dropout and label_smoothing must be < 1")
-        if self.epochs is not None and (
-            not isinstance(self.epochs, (int, float)) or self.epochs <= 0
-        ):
-            raise DepthlabError(f"epochs must be a positive number or null, got {self.epochs!r}")
-        if self.grad_clip is not None and (
-            not isinstance(self.grad_clip, (int, float)) or self.grad_clip <= 0
-        ):
+        for key, (lo, hi, hi_open) in ranges.items():
+            set_(self, key, v.number(key, getattr(self, key), lo, hi, hi_open=hi_open))
+        set_(self, "eps", v.number("eps", self.eps, 0.0, lo_open=True))
+        set_(self, "epochs", v.number("epochs", self.epochs, 0.0, lo_open=True, allow_none=True))
+        if self.epochs is not None and self.epochs > MAX_STEPS:
+            raise DepthlabError(f"epochs must be ≤ {MAX_STEPS:g}, got {self.epochs:g}")
+        set_(
+            self,
+            "grad_clip",
+            v.number("grad_clip", self.grad_clip, 0.0, lo_open=True, allow_none=True),
+        )
+        set_(
+            self,
+            "divergence_factor",
+            v.number(
+                "divergence_factor", self.divergence_factor, 1.0, lo_open=True, allow_none=True
+            ),
+        )
+        for key in ("nesterov", "compile", "channels_last", "sgd_in_backward", "sync_bn"):
+            v.boolean(key, getattr(self, key))
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise DepthlabError(f"betas must be a list of two numbers in [0, 1), got {betas!r}")
+        set_(self, "betas", tuple(v.number("betas", b, 0.0, 1.0, hi_open=True) for b in betas))
+        ms = self.milestones
+        if not isinstance(ms, (list, tuple)):
             raise DepthlabError(
-                f"grad_clip must be a positive number or null, got {self.grad_clip!r}"
+                f"milestones must be a list of fractions of the run in (0, 1), e.g. [0.5, 0.75]; "
+                f"got {ms!r}"
             )
-        if self.divergence_factor is not None and (
-            not isinstance(self.divergence_factor, (int, float)) or self.divergence_factor <= 1
-        ):
-            raise DepthlabError(
-                f"divergence_factor must be a number > 1 or null, got {self.divergence_factor!r}"
-            )
+        ms = tuple(v.number("milestones", m, 0.0, 1.0, lo_open=True, hi_open=True) for m in ms)
+        if list(ms) != sorted(ms):
+            raise DepthlabError(f"milestones must be increasing, got {list(ms)}")
+        set_(self, "milestones", ms)
+        if not isinstance(self.extra, dict):
+            raise DepthlabError(f"extra must be a mapping, got {self.extra!r}")
         if self.nesterov and self.momentum == 0:
             raise DepthlabError("nesterov=True needs momentum > 0")
         if self.sgd_in_backward and (self.optimizer != "sgd" or self.grad_clip is not None):
@@ -142,9 +163,6 @@ class TrainConfig:
                 f"gradient before any step), got optimizer {self.optimizer!r}, grad_clip "
                 f"{self.grad_clip!r}; set sgd_in_backward false"
             )
-        # YAML gives lists; keep the dataclass hashable-looking and comparable
-        object.__setattr__(self, "betas", tuple(self.betas))
-        object.__setattr__(self, "milestones", tuple(self.milestones))
 
     @classmethod
     def field_names(cls) -> list[str]:

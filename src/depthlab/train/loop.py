@@ -83,6 +83,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: an initial loss this many times the loss of a uniform prediction is divergence at step 0
+ABSURD_LOSS_FACTOR = 1e6
+
+
+def absurd_loss(dataset: Dataset) -> float:
+    """The initial loss beyond which a run counts as diverged at step 0:
+    ``ABSURD_LOSS_FACTOR × log(num_classes)`` (the loss of a uniform prediction) for
+    classification and language modelling, ``ABSURD_LOSS_FACTOR × max(1, E[y²])`` (the loss of
+    predicting 0) for regression. A network whose loss is already ≈ 1e36 at init (a deep
+    ``plain`` ResNet) is never "10× its initial loss", so it needs this test."""
+    if dataset.task == "regression":
+        _, y = dataset.train_batch(0, 64, 0)
+        return ABSURD_LOSS_FACTOR * max(1.0, float(y.float().square().mean()))
+    return ABSURD_LOSS_FACTOR * math.log(max(2, int(dataset.num_classes or 2)))
+
+
 def compute_loss(out: torch.Tensor, y: torch.Tensor, task: str, smoothing: float) -> torch.Tensor:
     """Cross-entropy (classification; over the last dim for ``lm``) or mean squared error."""
     if task == "regression":
@@ -223,7 +239,7 @@ def _run(
     if resume:
         path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
         payload = ckpt.load_checkpoint(path)
-        ckpt.check_compatible(payload["metadata"], model, path)
+        ckpt.validate(payload, model, path)
         model.load_state_dict(payload["model"])
         meta = payload["metadata"]
         start, wall0, init_loss = (
@@ -260,8 +276,16 @@ def _run(
     else:
         blocks, sgd_step = None, None
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        ckpt.set_rng_state(payload["rng"])
+        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
+        ckpt.validate_optimizer(payload["optimizer"], optimizer, path)
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            ckpt.set_rng_state(payload["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise DepthlabError(
+                f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it "
+                f"(or choose a new --out) to start afresh"
+            ) from None
     if cfg.compile:
         net = torch.compile(net)
     logger = RunLogger(out_dir, total, start, quiet, info.is_main, hist.records)
@@ -288,6 +312,7 @@ def _run(
         rec.update(evaluate(model, dataset, cfg.eval_batch_size, device, info))
         rec["eval"] = True
 
+    absurd = absurd_loss(dataset)
     t_start = time.perf_counter()
     train_time, steps_run, step = 0.0, 0, start
     net.train()
@@ -326,6 +351,8 @@ def _run(
                 and math.isfinite(init_loss)
                 and g_loss > cfg.divergence_factor * init_loss
             )
+            if step == start and start == 0 and g_loss > absurd:
+                bad = True  # diverged before training: the initial loss is already absurd
             rec.update({"train_loss": g_loss, "lr": lr})
             if dataset.task == "classification" and y_b is None:
                 rec["train_accuracy"] = g_acc
@@ -343,7 +370,15 @@ def _run(
             if cfg.grad_clip is not None:
                 gn = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 rec["grad_norm"] = float(gn)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # lr × gradient beyond float range: divergence
+                if "overflow" not in str(e):
+                    raise
+                hist.diverged, hist.diverged_step = True, step
+                rec["diverged"] = True
+                log(rec)
+                break
             dt = time.perf_counter() - t0
             train_time += dt
             steps_run += 1
