@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from depthlab import validate as v
 from depthlab.cli import add_memory_option, add_set_option
 from depthlab.diagnostics import (
     degeneracy,
@@ -34,7 +35,6 @@ from depthlab.diagnostics.jacobian import calibrate_batchnorm
 from depthlab.diagnostics.paths import PATH_SCHEMES
 from depthlab.io import atomic_write_text, parse_overrides, write_json
 from depthlab.models import MODELS, create_model, model_options
-from depthlab import validate as v
 from depthlab.registry import DepthlabError
 from depthlab.resources import check_fits
 from depthlab.schemes import SCHEMES
