@@ -1,6 +1,6 @@
 # depthlab: the commands a new user types.
 #   make quick   set up .venv and run the main job (every reproduction at laptop scale)
-#   make test    run the test suite
+#   make test    run the test suite (make test-slow: the few long tests, > 5 s each)
 #   make check   ruff format --check, ruff check, tests
 PY ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/quick
 JOBS ?= 2
 
-.PHONY: setup quick test check lint format bench clean
+.PHONY: setup quick test test-slow check lint format bench clean
 
 $(BIN)/depthlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ quick: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff format --check src tests benchmarks

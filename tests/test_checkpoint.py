@@ -63,6 +63,7 @@ def _run(script, out, kill_at, resume):
     )
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)

@@ -164,6 +164,7 @@ def _random_operator(n, s, seed=0):
     return lambda v: a @ v
 
 
+@pytest.mark.slow
 def test_partial_reorthogonalisation_matches_full_with_fewer_passes():
     """Simon's partial reorthogonalisation gives the Ritz values of the fully reorthogonalised
     block Lanczos (to 1e-9 here) while reorthogonalising against the whole basis far less

@@ -117,6 +117,7 @@ def _single_and_torchrun(tmp_path, monkeypatch, source: str) -> tuple[dict, dict
     return a, b
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_matches_single_process(tmp_path, monkeypatch):
     a, b = _single_and_torchrun(tmp_path, monkeypatch, SCRIPT)
     assert (a["world"], b["world"]) == (1, 2)
@@ -137,6 +138,7 @@ def test_shard_slices_the_global_batch():
         shard(x, DistInfo(rank=0, world_size=5))
 
 
+@pytest.mark.slow
 def test_torchrun_batchnorm_syncs_statistics_on_cpu(tmp_path, monkeypatch):
     """A BatchNorm ResNet under torchrun on CPU (gloo): with ``sync_bn`` (DistributedBatchNorm)
     the loss curve, test accuracy and running statistics are the single process's on the whole

@@ -285,6 +285,7 @@ def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last, mod
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_a_fixup_resnet_matches_eager():
     """``torch.compile`` traces the fused Fixup branch (the threshold rewrite, which reads a
     bias as a Python number, steps aside while tracing): same outputs and gradients as eager."""

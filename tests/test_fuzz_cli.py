@@ -196,7 +196,11 @@ CASES = [
     ("run-width-zero", [*R, "--set", "width=0"], "width in experiment"),
     ("run-malformed", [*R, "--set", "depths=[4,"], "not valid YAML"),
     ("run-unknown-key", [*R, "--set", "bogus=1"], "unknown key"),
-    ("run-all-unknown-key", ["run", "all", "--out", "{tmp}/out", "--set", "bogus=1"], "no exp"),
+    (
+        "run-all-unknown-key",
+        ["run", "all", "--preset", "smoke", "--out", "{tmp}/out", "--set", "x=1"],
+        "no exp",
+    ),
     (
         "run-variant",
         ["run", "path-variance", "--out", "{tmp}/out", "--set", "variants=[bogus]"],

@@ -276,6 +276,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_deep_rezero_lm_trains_where_postnorm_does_not(one_thread):
     """64 layers, no warm-up, Adam: ReZero's test bits per byte fall well below the unigram
     entropy of the stdlib corpus (it uses the context); Post-LN stays near it (ReZero paper,
