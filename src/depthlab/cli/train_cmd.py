@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import shutil
@@ -32,7 +33,7 @@ from depthlab.data import DATASETS, create_dataset, dataset_options
 from depthlab.io import LOCK_NAME, FolderLock, load_yaml, parse_value, sweep_temp_files, write_yaml
 from depthlab.models import MODELS, create_model, model_options
 from depthlab.registry import DepthlabError
-from depthlab.resources import check_fits
+from depthlab.resources import allocation_error, check_fits
 from depthlab.schemes import SCHEMES
 from depthlab.train import checkpoint as ckpt
 from depthlab.train.config import TrainConfig
@@ -191,11 +192,28 @@ def build(cfg: dict[str, dict[str, Any]]):
     data_name = data_opts.pop("name")
     if not isinstance(data_name, str):
         raise DepthlabError(f"data.name must be a data set name, got {data_name!r}")
-    DATASETS.get(data_name)
-    dataset = create_dataset(data_name, **data_opts)
     model_kw = dict(cfg["model"])
     model_name = model_kw.pop("name")
+    if not isinstance(model_name, str):
+        raise DepthlabError(f"model.name must be a model name, got {model_name!r}")
     options = model_options(model_name)
+    # sizes against memory before anything is loaded or built
+    shape = DATASETS.get(data_name).shape_hint(**data_opts)
+    sizes = {k: v for k, v in model_kw.items() if k in options}
+    if shape:
+        sizes.setdefault("in_dim", math.prod(shape))
+        sizes.setdefault("context", shape[0])
+        if len(shape) == 3:
+            sizes.setdefault("in_channels", shape[0])
+    check_fits(
+        model_name,
+        sizes,
+        batch_size=max(tcfg.batch_size, tcfg.eval_batch_size // 4),
+        input_shape=shape or None,
+        device=str(tcfg.device),
+        copies=4 if tcfg.optimizer in ("adam", "adamw") else 3,
+    )
+    dataset = create_dataset(data_name, **data_opts)
     hints = dataset.model_hints()
     if "in_dim" in options or "in_channels" in options:
         hints.pop("width", None)  # "width" is a hint only for square models without input size
@@ -204,18 +222,6 @@ def build(cfg: dict[str, dict[str, Any]]):
             model_kw[key] = value
     if cfg["scheme_options"]:
         model_kw["scheme_options"] = dict(cfg["scheme_options"])
-    if not isinstance(model_name, str):
-        raise DepthlabError(f"model.name must be a model name, got {model_name!r}")
-    MODELS.get(model_name)
-    copies = 4 if tcfg.optimizer in ("adam", "adamw") else 3
-    check_fits(
-        model_name,
-        {k: v for k, v in model_kw.items() if k in options},
-        batch_size=max(tcfg.batch_size, tcfg.eval_batch_size // 4),
-        input_shape=tuple(dataset.input_shape),
-        device=str(tcfg.device),
-        copies=copies,
-    )
     model = create_model(model_name, **model_kw)
     x, _ = next(iter(dataset.test_batches(2)))
     try:
@@ -304,6 +310,15 @@ def run(args: argparse.Namespace) -> int:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"{what}: {kept}; continue with: {how}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except (RuntimeError, MemoryError) as e:
+        err = allocation_error(e, "training", None)
+        if err is None:
+            if not had_checkpoint and not path.is_file():
+                _cleanup(out, created)
+            raise
+        step = _checkpoint_step(path)
+        kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint yet"
+        raise DepthlabError(f"{err}; {kept}") from None
     except OSError as e:
         step = _checkpoint_step(path)
         kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint yet"

@@ -40,6 +40,12 @@ class Dataset:
     input_shape: tuple[int, ...] = ()
     num_classes: int | None = None
 
+    @classmethod
+    def shape_hint(cls, **options: object) -> tuple[int, ...]:
+        """The ``input_shape`` the data set will have with ``options``, known before it is
+        loaded (for memory checks); ``()`` when unknown."""
+        return tuple(cls.input_shape)
+
     def num_train(self) -> int:
         """Training examples per epoch."""
         raise NotImplementedError

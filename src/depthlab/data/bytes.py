@@ -80,6 +80,10 @@ class Bytes(Dataset):
     task = "lm"
     num_classes = 256
 
+    @classmethod
+    def shape_hint(cls, context: object = 128, **_: object) -> tuple[int, ...]:
+        return (context,) if isinstance(context, int) and not isinstance(context, bool) else ()
+
     def __init__(
         self,
         path: str | None = None,

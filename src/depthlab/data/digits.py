@@ -21,6 +21,10 @@ class Digits(TensorDataset):
     task = "classification"
     num_classes = 10
 
+    @classmethod
+    def shape_hint(cls, flat: object = False, **_: object) -> tuple[int, ...]:
+        return (64,) if flat is True else (1, 8, 8)
+
     def __init__(self, flat: bool = False, test_fraction: float = 0.2) -> None:
         super().__init__()
         if not 0.0 < float(test_fraction) < 1.0:

@@ -24,6 +24,10 @@ class Synthetic(TensorDataset):
 
     name = "synthetic"
 
+    @classmethod
+    def shape_hint(cls, dim: object = 64, **_: object) -> tuple[int, ...]:
+        return (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else ()
+
     def __init__(
         self,
         kind: str = "random-labels",

@@ -44,7 +44,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from depthlab.registry import DepthlabError, unknown_choice
 
@@ -123,6 +122,8 @@ def poisson_binomial_pmf(p: np.ndarray, kmax: int | None = None) -> np.ndarray:
         kmax = _tail_cutoff(p)
     kmax = min(kmax, d)
     if np.all(p == p[0]):
+        from scipy import stats  # imported here: scipy.stats costs 0.5 s at import
+
         return stats.binom.pmf(np.arange(kmax + 1), d, p[0])
     if d * kmax > MAX_WORK:
         raise DepthlabError(

@@ -85,14 +85,41 @@ class Experiment:
         and in range (sizes, budgets and rates > 0 unless in :attr:`zero_ok`; seeds < 2³²),
         sizes within :data:`SIZE_LIMITS`, lists non-empty, names among :attr:`choices`, then
         the experiment's own :meth:`check`."""
+        from depthlab.resources import check_fits
+
         check_config(self, cfg)
         self.check(cfg)
-        n = len(self.cells(cfg))
-        if n > MAX_CELLS:
+        cells = self.cells(cfg)
+        if len(cells) > MAX_CELLS:
             raise DepthlabError(
-                f"experiment '{self.name}': the grid has {n:,} cells, more than {MAX_CELLS:,}; "
-                f"use fewer values per list"
+                f"experiment '{self.name}': the grid has {len(cells):,} cells, more than "
+                f"{MAX_CELLS:,}; use fewer values per list"
             )
+        for cell in cells:
+            spec = self.cell_model(cell)
+            if spec is not None:
+                model, kw, batch = spec
+                try:
+                    check_fits(model, kw, batch_size=batch)
+                except DepthlabError as e:
+                    label = ", ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
+                    raise DepthlabError(f"experiment '{self.name}', cell {label}: {e}") from None
+
+    def cell_model(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any], int] | None:
+        """``(model name, constructor sizes, batch size)`` of the network a cell trains, for the
+        memory check of :meth:`validate` (None: nothing to check). The default reads the cell's
+        ``depth`` with ``d_model``/``nhead``/``context`` (a Transformer LM), ``width`` and
+        ``data_dir`` (a CIFAR ResNet) or ``width`` (an MLP), and its ``batch_size``."""
+        if "depth" not in cell:
+            return None
+        batch = int(cell.get("batch_size", 64))
+        if "d_model" in cell:
+            keys = ("depth", "d_model", "nhead", "context")
+            return "transformer-lm", {k: cell[k] for k in keys if k in cell}, batch
+        if "width" not in cell:
+            return None
+        name = "resnet" if cell.get("data_dir") else "mlp"
+        return name, {"depth": cell["depth"], "width": cell["width"]}, batch
 
     def check(self, cfg: Any) -> None:
         """Experiment-specific checks (a data folder exists, a depth is valid for the model);

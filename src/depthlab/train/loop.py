@@ -13,6 +13,7 @@ exceeds ``divergence_factor ×`` the loss of step 0, the run stops before updati
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ from depthlab.train import distributed as dd
 from depthlab.train.config import TrainConfig
 from depthlab.train.logger import RunLogger, _clean
 from depthlab.train.optim import lr_factor, make_optimizer, set_lr
+from depthlab.validate import check_out_dir
 
 LN2 = math.log(2.0)
 Callback = Callable[[int, nn.Module, "History"], Any]
@@ -203,6 +205,8 @@ def train(
     dataset = create_dataset(data) if isinstance(data, str) else data
     if resume and out_dir is None:
         raise DepthlabError("resume=True needs the out_dir that holds the checkpoint")
+    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        check_out_dir(out_dir, "out_dir")
     device = resolve_device(cfg.device)
     info = dd.setup(device)
     if device.type == "cuda" and info.enabled:
