@@ -285,9 +285,29 @@ class ReZero(_GatedScheme):
 
     name: ClassVar[str] = "rezero"
     per_sublayer: bool = False
+    #: ``"batchnorm"``: keep BatchNorm inside each branch (and before the head), gated by α —
+    #: ReZero's own ResNet variant (its CIFAR ResNet-56 keeps BN in the branches), unlike SkipInit
+    #: and Fixup, which remove it; ``"none"`` (default): no normalization (its FC and
+    #: Transformer variants)
+    branch_norm: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.branch_norm not in ("none", "batchnorm"):
+            raise DepthlabError(
+                f"branch_norm must be 'none' or 'batchnorm', got {self.branch_norm!r}"
+            )
 
     def shares_layer_gate(self) -> bool:
         return not self.per_sublayer
+
+    def norm(self, num_features: int, layout: str) -> nn.Module | None:
+        if self.branch_norm == "none":
+            return None
+        return create_norm(self.branch_norm, num_features, layout)
+
+    def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
+        return self.norm(num_features, layout)
 
 
 @SCHEMES.register()

@@ -33,8 +33,15 @@ class Claim:
 
     claim: str  # the paper's claim in one sentence
     paper: str  # the paper's own figure, e.g. "97% of variance from paths ≤ 15 (d=10,000)"
-    measured: str  # our measured figure, same units
+    measured: str  # our measured figure, same units (mean ± spread over seeds)
     verdict: str  # one of VERDICTS
+    #: our setup: model, depth, width, data, budget, seeds; says where it is smaller than the
+    #: paper's
+    setup: str = ""
+    #: the paper's setup for the same claim (model, depth, data, budget)
+    paper_setup: str = ""
+    #: the rule the verdict was computed by, and why it was not met (when it was not)
+    rule: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

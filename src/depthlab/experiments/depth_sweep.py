@@ -1,13 +1,23 @@
 """``depth-sweep``: which residual schemes train at depth without normalization.
 
 SkipInit (De & Smith 2020, arXiv 2002.10444, Tables 1–2): ``x + α f(x)`` with α = 0 trains
-1,000-layer networks like BatchNorm does, while α = 1 (``plain``) and the variance-preserving
-``(x + f(x))/√2`` (``scaled``) fail at depth. Fixup (Zhang et al. 2019, arXiv 1901.09321, Fig. 3)
-and ReZero (Bachlechner et al. 2020, arXiv 2003.04887) make the same point. Here: every scheme ×
-depth is trained for a fixed budget (``steps``) on ``digits`` with a residual MLP (or on CIFAR-10
-with a ResNet when ``data_dir`` is given); test accuracy after the budget, diverged runs marked.
-Every scheme gets the same SGD recipe (momentum 0.9, lr 0.05, gradient clipping at norm 1; Fixup's
-scalars at lr/10 as in its reference code).
+1,000-layer residual networks like BatchNorm does, while α = 1 (``plain``) and the
+variance-preserving ``(x + f(x))/√2`` (``scaled``) fail at depth. Fixup (Zhang et al. 2019,
+arXiv 1901.09321, Fig. 3) trains 10,000-layer ResNets as well as BN at the default learning rate.
+
+Here every scheme × depth × seed trains a pre-activation **convolutional** CIFAR ResNet (basic
+blocks, m = 2 weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies) on the digits
+images (1×8×8; CIFAR-10 with ``data_dir``) for a fixed budget with one recipe, Fixup's: SGD lr 0.1,
+momentum 0.9, weight decay 5e-4, no gradient clipping and no warm-up (neither paper used them);
+Fixup's scalars at lr/10 as in its reference code. The schemes are run as in their papers:
+
+* ``skipinit``: no normalization, biases, α = 0 learnable;
+* ``fixup``: the three Fixup rules;
+* ``rezero``: ReZero's ResNet, which keeps BatchNorm in the branches and gates them by α = 0
+  (``branch_norm="batchnorm"``) — so it is not the SkipInit block again;
+* ``frozen`` (the control): the SkipInit network with its gates fixed at 0, i.e. the stem and the
+  classifier only. A scheme "trains at depth" only where it beats this control: otherwise its
+  depth is unused.
 """
 
 from __future__ import annotations
@@ -18,54 +28,80 @@ from pathlib import Path
 
 import pandas as pd
 
-from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fmt, train, verdict
+from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, train, verdict
+from depthlab.experiments.rules import contrast, every, spread
 from depthlab.registry import DepthlabError  # noqa: F401
 
-SCHEMES = ("batchnorm", "skipinit", "fixup", "rezero", "plain", "scaled", "noskip")
-GOOD = ("skipinit", "fixup", "rezero")
+SCHEMES = ("batchnorm", "skipinit", "fixup", "rezero", "frozen", "plain", "scaled")
+#: the normalization-free schemes of the "keep up with BN" claim
+FREE = ("skipinit", "fixup")
 BAD = ("plain", "scaled")
+#: scheme label -> (registered scheme, options)
+BUILD = {
+    "batchnorm": ("batchnorm", {}),
+    "skipinit": ("skipinit", {}),
+    "fixup": ("fixup", {}),
+    "rezero": ("rezero", {"branch_norm": "batchnorm"}),
+    "frozen": ("skipinit", {"learnable": False}),
+    "plain": ("plain", {}),
+    "scaled": ("scaled", {}),
+    "noskip": ("noskip", {}),
+}
+#: "as well as BN": within this many accuracy points of BN on every seed
+KEEP_UP = 0.05
+#: "fails": diverged, or this far below BN on every seed
+FAIL = 0.10
 
 
 @dataclass(frozen=True)
 class Config:
     schemes: tuple[str, ...] = SCHEMES
-    depths: tuple[int, ...] = (8, 64, 256)  # residual blocks (MLP) or 6n+2 (ResNet)
-    width: int = 64  # MLP width, or Wide-ResNet multiplier k with cifar10
-    steps: int = 100  # training budget (SGD steps, momentum 0.9)
+    depths: tuple[int, ...] = (8, 20, 56)  # CIFAR ResNet depth 6n+2
+    width: int = 1  # channel multiplier k (16k, 32k, 64k channels)
+    steps: int = 100  # training budget (SGD steps; ≈ 4.5 epochs of digits at batch 64)
     batch_size: int = 64
-    lr: float = 0.05
-    grad_clip: float = 1.0  # global gradient-norm clipping, the same for every scheme (0: off)
-    data_dir: str = ""  # a CIFAR-10 python folder switches to cifar10 + ResNet
-    seed: int = 0
+    lr: float = 0.1  # Fixup's default (its Fig. 3 uses the BN learning rate)
+    weight_decay: float = 5e-4
+    grad_clip: float = 0.0  # 0: off (neither paper clipped)
+    data_dir: str = ""  # a CIFAR-10 python folder: CIFAR-10 (3×32×32) instead of digits
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 @EXPERIMENTS.register()
 class DepthSweep(Experiment):
     name = "depth-sweep"
-    zero_ok = ("grad_clip", "seed")
-
-    def check(self, cfg: Config) -> None:
-        if cfg.data_dir:
-            from depthlab.data.cifar10 import find_folder
-            from depthlab.models.resnet import check_resnet_depth
-
-            find_folder(cfg.data_dir)
-            for d in cfg.depths:
-                check_resnet_depth(d, "depths")
-
-    title = "accuracy after a fixed budget: schemes × depth, no normalization vs BN"
+    title = "accuracy after a fixed budget: conv ResNets × schemes × depth, vs BN and a control"
     paper = (
         "De & Smith 2020, arXiv 2002.10444, Tables 1–2; Zhang et al. 2019, arXiv 1901.09321, Fig. 3"
     )
-    columns = ("scheme", "depth", "test_accuracy", "final_train_loss", "diverged", "wall_time_s")
+    columns = (
+        "scheme", "depth", "seed", "test_accuracy", "final_train_loss", "diverged",
+        "diverged_step", "wall_time_s",
+    )  # fmt: skip
+    version = 2
+    choices = {"schemes": tuple(BUILD)}
+    zero_ok = ("grad_clip", "seeds", "weight_decay")
     Config = Config
     presets = {
         "smoke": Config(
-            schemes=("batchnorm", "skipinit", "plain"), depths=(4, 64), width=32, steps=30
+            schemes=("batchnorm", "skipinit", "frozen", "plain"),
+            depths=(8, 14),
+            steps=30,
+            seeds=(0, 1),
         ),
         "quick": Config(),
-        "full": Config(depths=(10, 100, 1000, 10000), width=128, steps=2000),
+        "full": Config(depths=(20, 110, 1202, 10_004), steps=2000),
     }
+
+    def check(self, cfg: Config) -> None:
+        from depthlab.models.resnet import check_resnet_depth
+
+        for d in cfg.depths:
+            check_resnet_depth(d, "depths")
+        if cfg.data_dir:
+            from depthlab.data.cifar10 import find_folder
+
+            find_folder(cfg.data_dir)
 
     def cells(self, cfg: Config) -> list[dict]:
         return [
@@ -76,13 +112,18 @@ class DepthSweep(Experiment):
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
                 "grad_clip": cfg.grad_clip,
                 "data_dir": cfg.data_dir,
-                "seed": cfg.seed,
-            }
+                "seed": seed,
+            }  # fmt: skip
             for d in cfg.depths
+            for seed in cfg.seeds
             for s in cfg.schemes
         ]
+
+    def cell_model(self, cell: dict) -> tuple[str, dict, int]:
+        return "resnet", {"depth": cell["depth"], "width": cell["width"]}, cell["batch_size"]
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -93,20 +134,20 @@ class DepthSweep(Experiment):
         torch.manual_seed(cell["seed"])
         if cell["data_dir"]:
             data = create_dataset("cifar10", data_dir=cell["data_dir"])
-            model = dl.create_model(
-                "resnet", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"]
-            )
         else:
-            data = create_dataset("digits", flat=True)
-            model = dl.create_model(
-                "mlp", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"]
-            )
+            data = create_dataset("digits")
+        scheme, options = BUILD[cell["scheme"]]
+        model = dl.create_model(
+            "resnet", depth=cell["depth"], width=cell["width"], scheme=scheme,
+            scheme_options=options or None, in_channels=data.input_shape[0],
+        )  # fmt: skip
         hist = train(
             model,
             data,
             cell,
+            weight_decay=cell["weight_decay"],
             grad_clip=cell["grad_clip"] or None,
-            scalar_lr_mult=0.1 if cell["scheme"] == "fixup" else 1.0,
+            scalar_lr_mult=0.1 if scheme == "fixup" else 1.0,
         )
         s = hist.summary
         return [
@@ -119,57 +160,153 @@ class DepthSweep(Experiment):
             }
         ]
 
+    @staticmethod
+    def accuracy(df: pd.DataFrame) -> pd.DataFrame:
+        """Test accuracy with diverged runs counted as chance-or-worse (0)."""
+        d = df.copy()
+        div = d["diverged"].astype(bool)
+        d["acc"] = d["test_accuracy"].astype(float).fillna(0.0).where(~div, 0.0)
+        return d
+
     def figures(self, df: pd.DataFrame, cfg: Config, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         from depthlab.report.render import save_fig
 
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for s, g in df.groupby("scheme", sort=False):
-            g = g.sort_values("depth")
-            acc = g["test_accuracy"].where(~g["diverged"].astype(bool), 0.0)
-            (line,) = ax.plot(g["depth"], acc, marker="o", label=s)
-            div = g[g["diverged"].astype(bool)]
-            ax.plot(div["depth"], [0.0] * len(div), "x", color=line.get_color(), ms=10)
+        d = self.accuracy(df)
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        markers = dict(zip(BUILD, "osD^v*Px", strict=False))
+        for k, (s, g) in enumerate(d.groupby("scheme", sort=False)):
+            st = g.groupby("depth")["acc"].agg(["mean", "min", "max"]).sort_index()
+            x = st.index.to_numpy() * (1 + 0.03 * (k - 3))  # offset so equal lines stay visible
+            (line,) = ax.plot(
+                x, st["mean"], marker=markers.get(s, "o"), ls="--" if s == "frozen" else "-",
+                label=s + (" (control: gates fixed at 0)" if s == "frozen" else ""),
+            )  # fmt: skip
+            ax.vlines(x, st["min"], st["max"], color=line.get_color(), lw=1)
+            div = g[g["diverged"].astype(bool)].groupby("depth").size()
+            if len(div):
+                ax.plot(
+                    div.index.to_numpy() * (1 + 0.03 * (k - 3)), [0.0] * len(div), "x",
+                    color=line.get_color(), ms=10,
+                )  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("depth (residual blocks)")
-        ax.set_ylabel(f"test accuracy after {cfg.steps} steps (× = diverged)")
+        ax.set_xlabel("depth (ResNet layers, 6n+2)")
+        ax.set_ylabel(f"test accuracy after {cfg.steps} steps")
+        ax.set_title(
+            f"mean and min–max over {len(cfg.seeds)} seeds; × = a diverged seed", fontsize=9
+        )
         ax.legend(fontsize=7)
         return [save_fig(fig, out_dir / "depth_sweep.png")]
 
+    def setup(self, cfg: Config, depth: int) -> str:
+        data = "CIFAR-10" if cfg.data_dir else "digits 1×8×8"
+        return (
+            f"pre-activation conv ResNet (basic blocks), depths {', '.join(map(str, cfg.depths))} "
+            f"(judged at {depth}), {16 * cfg.width}/{32 * cfg.width}/{64 * cfg.width} channels, "
+            f"{data}, SGD lr {cfg.lr:g} momentum 0.9 wd {cfg.weight_decay:g} batch "
+            f"{cfg.batch_size}, {'no clipping' if not cfg.grad_clip else f'clip {cfg.grad_clip:g}'}"
+            f", {cfg.steps} steps, seeds {', '.join(map(str, cfg.seeds))}; smaller than the "
+            f"papers' (1,000 / 10,000 layers, CIFAR-10, 200 epochs / 1 epoch)"
+        )
+
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
-        d = int(df["depth"].max())
-        at = df[df["depth"] == d].set_index("scheme")
+        d = self.accuracy(df)
+        depth = int(d["depth"].max())
+        at = d[d["depth"] == depth]
 
-        def acc(s: str) -> float:
-            if s not in at.index:
-                return math.nan
-            row = at.loc[s]
-            return 0.0 if bool(row["diverged"]) else float(row["test_accuracy"])
+        def acc(s: str) -> dict[int, float]:
+            g = at[at["scheme"] == s]
+            return {int(r.seed): float(r.acc) for r in g.itertuples()}
 
-        def status(s: str) -> str:
-            if s not in at.index:
+        def div(s: str) -> int:
+            return int(at[at["scheme"] == s]["diverged"].astype(bool).sum())
+
+        def show(s: str) -> str:
+            a = acc(s)
+            if not a:
                 return f"{s} n/a"
-            return f"{s} diverged" if bool(at.loc[s]["diverged"]) else f"{s} {fmt(acc(s), 2)}"
+            n = div(s)
+            return f"{s} {spread(a.values())}" + (f" ({n}/{len(a)} diverged)" if n else "")
 
-        bn = acc("batchnorm")
-        good = [s for s in GOOD if s in at.index]
-        bad = [s for s in BAD if s in at.index]
-        keep_up = [s for s in good if acc(s) >= bn - 0.05]
-        fail = [s for s in bad if acc(s) < max(0.5 * bn, 0.3)]
+        bn, ctrl = acc("batchnorm"), acc("frozen")
+        setup = self.setup(cfg, depth)
+        bn_trains = every(bn, ctrl) if ctrl else False
+        bad = [s for s in BAD if acc(s)]
+        fails = {s: all(x < bn.get(k, math.nan) - FAIL for k, x in acc(s).items()) for s in bad}
+        v1, why1 = contrast(
+            bn_trains, bool(bad) and all(fails.values()), "BN", " and ".join(bad) or "plain/scaled"
+        )
+        if bn_trains and any(fails.values()) and not all(fails.values()):
+            v1 = verdict(False, partly=True)
+            why1 = ", ".join(s for s, f in fails.items() if not f) + " did not fail on every seed"
         rows = [
             Claim(
-                claim="Without normalization, α=1 (plain) and 1/√2 scaling (scaled) fail at depth",
-                paper="plain/scaled fail at 1,000 layers (Table 2)",
-                measured=f"depth {d}: " + ", ".join(status(s) for s in bad),
-                verdict=verdict(len(fail) == len(bad) > 0, partly=bool(fail)),
-            ),
-            Claim(
-                claim="SkipInit, Fixup and ReZero train at depth as well as BatchNorm",
-                paper="SkipInit ≈ BN at 1,000 layers (Table 1); Fixup ≈ BN at 10,000 (Fig. 3)",
-                measured=f"depth {d}: batchnorm {fmt(bn, 2)}, "
-                + ", ".join(status(s) for s in good),
-                verdict=verdict(len(keep_up) == len(good) > 0, partly=bool(keep_up)),
-            ),
+                claim="Without normalization, α=1 (plain) and 1/√2 scaling (scaled) fail at depth "
+                "where BN trains",
+                paper="plain and scaled fail at 1,000 layers, BN trains (Table 2)",
+                paper_setup="Wide-ResNet, CIFAR-10, 1,000 layers, SGD, batch 64",
+                setup=setup,
+                measured=f"depth {depth}, test accuracy: "
+                + ", ".join(show(s) for s in ("batchnorm", *bad, "frozen")),
+                verdict=v1,
+                rule=why1
+                or f"BN beats the control on every seed; each of {', '.join(bad)} is "
+                f"{FAIL:g} below BN (or diverged) on every seed",
+            )
         ]
+        free = [s for s in FREE if acc(s)]
+        keeps = {
+            s: all(x >= bn.get(k, math.nan) - KEEP_UP for k, x in acc(s).items()) for s in free
+        }
+        beats = {s: every(acc(s), ctrl) for s in free}
+        ok = [s for s in free if keeps[s] and beats[s] and bn_trains]
+        reasons = []
+        if not bn_trains:
+            reasons.append("BN does not beat the frozen-gate control")
+        for s in free:
+            if not beats[s]:
+                reasons.append(f"{s} does not beat the frozen-gate control on every seed")
+            elif not keeps[s]:
+                reasons.append(f"{s} is more than {KEEP_UP:g} below BN on some seed")
+        rows.append(
+            Claim(
+                claim="SkipInit and Fixup (no normalization) train at depth as well as BatchNorm",
+                paper="SkipInit ≈ BN at 1,000 layers (Table 1); Fixup ≈ BN at 10,000 (Fig. 3)",
+                paper_setup="Wide-ResNet 1,000 layers (SkipInit); ResNet to 10,000 layers, "
+                "accuracy after 1 epoch at lr 0.1 (Fixup); CIFAR-10",
+                setup=setup,
+                measured=f"depth {depth}, test accuracy: "
+                + ", ".join(show(s) for s in ("batchnorm", *free, "frozen")),
+                verdict=verdict(len(ok) == len(free) > 0, partly=bool(ok)),
+                rule="; ".join(reasons)
+                or f"within {KEEP_UP:g} of BN on every seed and above the control on every seed",
+            )
+        )
+        rz = {k: float(v) for k, v in _loss(at, "rezero").items()}
+        if rz:
+            bnl = _loss(at, "batchnorm")
+            faster = every({k: -v for k, v in rz.items()}, {k: -v for k, v in bnl.items()})
+            rows.append(
+                Claim(
+                    claim="ReZero's gates (α = 0 on a BN ResNet) converge faster than the BN "
+                    "ResNet",
+                    paper="ResNet-56 converges 32% faster with ReZero",
+                    paper_setup="ResNet-56, CIFAR-10",
+                    setup=setup,
+                    measured=f"depth {depth}, final training loss: ReZero "
+                    f"{spread(rz.values())}, BN {spread(bnl.values())}",
+                    verdict=verdict(faster),
+                    rule="" if faster else "ReZero's training loss is not below BN's on every seed",
+                )
+            )
         return rows
+
+
+def _loss(at: pd.DataFrame, scheme: str) -> dict[int, float]:
+    """Final training loss per seed (inf for a diverged run)."""
+    g = at[at["scheme"] == scheme]
+    return {
+        int(r.seed): (math.inf if bool(r.diverged) else float(r.final_train_loss))
+        for r in g.itertuples()
+    }

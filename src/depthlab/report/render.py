@@ -1,7 +1,8 @@
 """Markdown and self-contained HTML reports of experiment results.
 
-Both open with the claim-vs-measured table (experiment | paper's claim | paper's figure | our
-measured figure | verdict); the HTML embeds every figure as a base64 PNG so the file stands
+Both open with the claim-vs-measured table (experiment | paper's claim | paper's figure |
+paper's setup | our setup | our measured figure over seeds | verdict, with the reason where it is
+not "reproduced"); the HTML embeds every figure as a base64 PNG so the file stands
 alone.
 """
 
@@ -46,17 +47,20 @@ def save_fig(fig: Any, path: Path) -> Path:
     return path
 
 
-def table_rows(results: list[ExperimentResult]) -> list[tuple[str, str, str, str, str]]:
-    """(experiment, claim, paper's figure, measured, verdict) for every claim of every result."""
+def table_rows(results: list[ExperimentResult]) -> list[tuple[str, ...]]:
+    """(experiment, claim, paper's figure, paper's setup, our setup, measured, verdict, rule)
+    for every claim of every result."""
     rows = []
     for r in results:
         if r.error:
-            rows.append((r.name, r.title, "", f"error: {r.error}", "error"))
+            rows.append((r.name, r.title, "", "", "", f"error: {r.error}", "error", ""))
             continue
         if not r.claims:
-            rows.append((r.name, r.title, "", "no records", "not reproduced"))
+            rows.append((r.name, r.title, "", "", "", "no records", "not reproduced", ""))
         for c in r.claims:
-            rows.append((r.name, c.claim, c.paper, c.measured, c.verdict))
+            rows.append(
+                (r.name, c.claim, c.paper, c.paper_setup, c.setup, c.measured, c.verdict, c.rule)
+            )
     return rows
 
 
@@ -64,14 +68,18 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+HEADERS = (
+    "experiment", "paper's claim", "paper's figure", "paper's setup", "our setup",
+    "our measured figure (over seeds)", "verdict",
+)  # fmt: skip
+
+
 def claims_table_md(results: list[ExperimentResult]) -> str:
-    lines = [
-        "| experiment | paper's claim | paper's figure | our measured figure | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, claim, paper, measured, verdict in table_rows(results):
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for name, claim, paper, psetup, setup, measured, verdict, rule in table_rows(results):
         mark = VERDICT_MARK.get(verdict, "")
-        cells = [f"`{name}`", claim, paper, measured, f"{mark} {verdict}"]
+        why = f" — {rule}" if rule and verdict != "reproduced" else ""
+        cells = [f"`{name}`", claim, paper, psetup, setup, measured, f"{mark} {verdict}{why}"]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -83,9 +91,9 @@ def claims_table_text(results: list[ExperimentResult], width: int = 60) -> str:
         s = str(s)
         return s if len(s) <= n else s[: n - 1] + "…"
 
-    rows = [("experiment", "paper", "measured", "verdict")]
-    for name, _claim, paper, measured, verdict in table_rows(results):
-        rows.append((name, cut(paper, 40), cut(measured, width), verdict))
+    rows = [("experiment", "our setup", "measured", "verdict")]
+    for name, _claim, _paper, _psetup, setup, measured, verdict, _rule in table_rows(results):
+        rows.append((name, cut(setup, 40), cut(measured, width), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = []
     for j, r in enumerate(rows):
@@ -160,15 +168,17 @@ def render_html(results: list[ExperimentResult], title: str = "depthlab reproduc
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        '<table id="claims"><thead><tr><th>experiment</th><th>paper\'s claim</th>'
-        "<th>paper's figure</th><th>our measured figure</th><th>verdict</th></tr></thead><tbody>",
+        '<table id="claims"><thead><tr>'
+        + "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+        + "</tr></thead><tbody>",
     ]
-    for name, claim, paper, measured, verdict in table_rows(results):
+    for name, claim, paper, psetup, setup, measured, verdict, rule in table_rows(results):
         cls = verdict.replace(" ", "-")
+        why = f"<br><small>{e(rule)}</small>" if rule and verdict != "reproduced" else ""
         parts.append(
             f'<tr class="{cls}"><td><a href="#{e(name)}"><code>{e(name)}</code></a></td>'
-            f"<td>{e(claim)}</td><td>{e(paper)}</td><td>{e(measured)}</td>"
-            f"<td><b>{e(verdict)}</b></td></tr>"  # the row colour marks the verdict
+            f"<td>{e(claim)}</td><td>{e(paper)}</td><td>{e(psetup)}</td><td>{e(setup)}</td>"
+            f"<td>{e(measured)}</td><td><b>{e(verdict)}</b>{why}</td></tr>"  # colour = verdict
         )
     parts.append("</tbody></table>")
     parts.append("<table><tr><th>experiment</th><th>cells</th><th>wall time</th></tr>")
