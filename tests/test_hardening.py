@@ -85,7 +85,7 @@ def test_interrupt_after_a_checkpoint_keeps_it_and_resume_is_bit_identical(tmp_p
     p = _cli(*TINY, "--steps", "1000000", "--set", "checkpoint_every=10", "--out", str(run))
     assert _wait_for(lambda: (run / ckpt.FILENAME).is_file() or p.poll() is not None)
     p.send_signal(sig)
-    rc = p.wait(60)
+    rc = p.wait(120)
     err = p.stderr.read()
     assert rc == (130 if sig == signal.SIGINT else 143), err
     assert "is kept" in err and f"depthlab train --out {run} --resume" in err

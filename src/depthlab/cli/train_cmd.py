@@ -253,8 +253,35 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the run folder and its checkpoint are kept."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+class _Signals:
+    """SIGINT and SIGTERM during training: the first one asks the loop to stop at the next step
+    boundary (so it never lands inside a checkpoint write or the TensorBoard writer's shutdown);
+    a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.received = signum
+
+    def stop(self) -> BaseException | None:
+        if self.received is None:
+            return None
+        return Terminated() if self.received == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _default_out(cfg: dict[str, dict[str, Any]]) -> str:
@@ -297,13 +324,14 @@ def run(args: argparse.Namespace) -> int:
     how = f"depthlab train --out {shlex.quote(str(out))} --resume"
     lock = FolderLock(out, "train").acquire()
     had_checkpoint = path.is_file()
-    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
-    if previous is not None:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    signals = _Signals().__enter__()
     try:
         sweep_temp_files(out)
         write_yaml(out / "config.yaml", resolved)
-        hist = train(model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=resume)
+        hist = train(
+            model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=resume,
+            should_stop=signals.stop,
+        )  # fmt: skip
     except KeyboardInterrupt as e:
         step = _checkpoint_step(path)
         kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint yet"
@@ -328,9 +356,8 @@ def run(args: argparse.Namespace) -> int:
             _cleanup(out, created)  # nothing worth keeping: leave no partial output
         raise
     finally:
+        signals.__exit__()
         lock.release()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(summary_table(hist.summary, out))
     return 0

@@ -192,6 +192,7 @@ def train(
     callbacks: Iterable[Callback] = (),
     quiet: bool = True,
     resume: bool = False,
+    should_stop: Callable[[], BaseException | None] | None = None,
 ) -> History:
     """Train ``model`` on ``data`` (a data set name or :class:`~depthlab.data.Dataset`).
 
@@ -199,7 +200,10 @@ def train(
     ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and ``summary.json``;
     ``resume=True`` continues from ``out_dir/checkpoint.pt``. Under ``torchrun`` the run is
     data-parallel (see :mod:`depthlab.train.distributed`). ``callbacks`` are called as
-    ``cb(step, model, history)`` after each evaluation.
+    ``cb(step, model, history)`` after each evaluation. ``should_stop()`` is polled before
+    every step; an exception it returns is raised there, at a step boundary (the CLI turns
+    SIGINT/SIGTERM into one, so that an interruption never lands inside a file write or the
+    TensorBoard writer's shutdown).
     """
     cfg = config or TrainConfig()
     dataset = create_dataset(data) if isinstance(data, str) else data
@@ -216,7 +220,9 @@ def train(
     ok = False
     try:
         hooks = add_dropout(model, cfg.dropout)
-        hist = _run(model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume)
+        hist = _run(
+            model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume, should_stop
+        )
         ok = True
         return hist
     finally:
@@ -235,6 +241,7 @@ def _run(
     callbacks: list[Callback],
     quiet: bool,
     resume: bool,
+    should_stop: Callable[[], BaseException | None] | None = None,
 ) -> History:
     seed_everything(cfg.seed)
     total = cfg.total_steps(dataset.steps_per_epoch(cfg.batch_size))
@@ -322,6 +329,8 @@ def _run(
     net.train()
     try:
         while step < total and not hist.diverged:
+            if should_stop is not None and (stop := should_stop()) is not None:
+                raise stop
             rec: dict[str, Any] = {"step": step}
             evaluated = cfg.eval_every > 0 and step % cfg.eval_every == 0
             if evaluated:
