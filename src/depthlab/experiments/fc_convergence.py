@@ -21,12 +21,11 @@ from depthlab.experiments.base import (
     Claim,
     Experiment,
     finite,
-    fmt,
-    per_scheme,
     steps_to_target,
     train,
     verdict,
 )
+from depthlab.experiments.rules import spread
 from depthlab.registry import DepthlabError
 
 LABELS = {"noskip": "FC", "plain": "FC+Res", "layernorm": "FC+LayerNorm", "rezero": "ReZero"}
@@ -45,14 +44,20 @@ class Config:
     smooth: int = 10  # moving-average window (steps) for the training loss
     dataset: str = "digits"  # digits | cifar10 (needs data_dir) | synthetic
     data_dir: str = ""
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+#: the paper's lower figure: "7 to 15 times faster than the other techniques"
+PAPER_SPEEDUP = 7.0
 
 
 @EXPERIMENTS.register()
 class FCConvergence(Experiment):
     name = "fc-convergence"
-    choices = {"dataset": ("digits", "cifar10", "synthetic")}
-    zero_ok = ("seed",)
+    choices = {"dataset": ("digits", "cifar10", "synthetic"), "optimizer": ("adagrad", "sgd",
+               "adam", "adamw")}  # fmt: skip
+    zero_ok = ("seeds",)
+    version = 2
 
     def check(self, cfg: Config) -> None:
         if cfg.dataset == "cifar10" or cfg.data_dir:
@@ -66,28 +71,29 @@ class FCConvergence(Experiment):
 
     title = "32-layer FC nets: iterations to a target training loss, ReZero vs FC/Res/LayerNorm"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Fig. 3"
-    columns = ("scheme", "step", "train_loss", "smoothed_loss", "diverged")
+    columns = ("scheme", "seed", "step", "train_loss", "smoothed_loss", "diverged")
     Config = Config
     presets = {
-        "smoke": Config(depth=32, width=64, steps=60, target_loss=1.0, smooth=5),
+        "smoke": Config(depth=32, width=64, steps=60, target_loss=1.0, smooth=5, seeds=(0, 1)),
         "quick": Config(),
         "full": Config(depth=64, steps=5000, target_loss=0.05, dataset="cifar10"),
     }
 
     def cells(self, cfg: Config) -> list[dict]:
-        return per_scheme(
-            cfg,
-            "depth",
-            "width",
-            "steps",
-            "batch_size",
-            "optimizer",
-            "lr",
-            "smooth",
-            "dataset",
-            "data_dir",
-            "seed",
-        )
+        keys = ("depth", "width", "steps", "batch_size", "optimizer", "lr", "smooth", "dataset")
+        return [
+            {
+                "scheme": s,
+                **{k: getattr(cfg, k) for k in keys},
+                "data_dir": cfg.data_dir,
+                "seed": seed,
+            }  # fmt: skip
+            for seed in cfg.seeds
+            for s in cfg.schemes
+        ]
+
+    def cell_model(self, cell: dict) -> tuple[str, dict, int]:
+        return "mlp", {"depth": cell["depth"], "width": cell["width"]}, cell["batch_size"]
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -132,51 +138,81 @@ class FCConvergence(Experiment):
 
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for s, g in df.groupby("scheme", sort=False):
-            ax.plot(g["step"], g["smoothed_loss"], label=LABELS.get(s, s))
+            loss = g.pivot_table(index="step", columns="seed", values="smoothed_loss")
+            (line,) = ax.plot(loss.index, loss.mean(axis=1), label=LABELS.get(s, s))
+            ax.fill_between(
+                loss.index, loss.min(axis=1), loss.max(axis=1), color=line.get_color(), alpha=0.2
+            )
         ax.axhline(cfg.target_loss, color="gray", ls=":", lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("training loss (smoothed)")
-        ax.set_title(f"{cfg.depth}-layer FC, width {cfg.width}")
+        ax.set_ylabel("training loss (smoothed; mean, min–max)")
+        ax.set_title(f"{cfg.depth}-layer FC, width {cfg.width}, {len(cfg.seeds)} seeds", fontsize=9)
         ax.legend(fontsize=7)
         return [save_fig(fig, out_dir / "fc_convergence.png")]
 
-    def iterations(self, df: pd.DataFrame, target: float) -> dict[str, float]:
-        return {
-            s: steps_to_target(list(g["step"]), list(g["smoothed_loss"]), target)
-            for s, g in df.groupby("scheme", sort=False)
-        }
+    def iterations(self, df: pd.DataFrame, target: float) -> dict[str, dict[int, float]]:
+        """``{scheme: {seed: first step whose smoothed loss ≤ target}}`` (inf: never)."""
+        if "seed" not in df:
+            df = df.assign(seed=0)
+        out: dict[str, dict[int, float]] = {}
+        for (s, seed), g in df.groupby(["scheme", "seed"], sort=False):
+            out.setdefault(s, {})[int(seed)] = steps_to_target(
+                list(g["step"]), list(g["smoothed_loss"]), target
+            )
+        return out
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
         its = self.iterations(df, cfg.target_loss)
-        if "rezero" not in its:
+        if "rezero" not in its or len(its) < 2:
             return []
-        final = df.groupby("scheme", sort=False)["smoothed_loss"].last()
-        others = {s: v for s, v in its.items() if s != "rezero"}
-        best_other = min(others.values()) if others else math.nan
         rz = its["rezero"]
-        if math.isinf(rz):
-            speedup_txt, speedup = "ReZero never reached it", 0.0
-        elif math.isinf(best_other):
-            speedup_txt, speedup = "no other net reached it", math.inf
-        else:
-            speedup = best_other / rz
-            speedup_txt = f"ReZero {speedup:.1f}× faster than the best other"
+        others = {s: v for s, v in its.items() if s != "rezero"}
+        # speedup over the fastest other arm, per seed; an arm that never reached the target is
+        # slower than the budget, so only the lower bound budget / ReZero's count is known
+        speed: dict[int, float] = {}
+        for seed, r in rz.items():
+            best = min(v.get(seed, math.inf) for v in others.values())
+            if math.isinf(r):
+                speed[seed] = 0.0
+            else:
+                speed[seed] = (cfg.steps if math.isinf(best) else best) / max(r, 1.0)
+        fastest = all(
+            math.isfinite(r) and all(r < v.get(seed, math.inf) for v in others.values())
+            for seed, r in rz.items()
+        )
+        paper_like = fastest and all(x >= PAPER_SPEEDUP for x in speed.values())
+        final = df.groupby(["scheme", "seed"], sort=False)["smoothed_loss"].last()
 
         def it(s: str) -> str:
-            return "never" if math.isinf(its[s]) else str(int(its[s]))
+            return spread(its[s].values(), 3)
 
         measured = (
-            f"iterations to loss {cfg.target_loss}: "
+            f"iterations to loss {cfg.target_loss:g}: "
             + ", ".join(f"{LABELS.get(s, s)} {it(s)}" for s in its)
-            + f" ({speedup_txt}); final loss "
-            + ", ".join(f"{LABELS.get(s, s)} {fmt(final[s], 2)}" for s in its)
+            + "; ReZero's speed-up over the fastest other, per seed: "
+            + "/".join(f"{speed[k]:.1f}×" for k in sorted(speed))
+            + " (a lower bound where no other arm reached the target); final loss "
+            + ", ".join(f"{LABELS.get(s, s)} {spread(final[s].values)}" for s in its)
         )
+        why = ""
+        if not fastest:
+            why = "ReZero is not the first to reach the target on every seed"
+        elif not paper_like:
+            why = f"ReZero is fastest on every seed, but not {PAPER_SPEEDUP:g}× faster on every one"
         return [
             Claim(
-                claim="ReZero converges several times faster than FC, FC+Res and FC+LayerNorm",
-                paper="up to 15× faster (notebook: loss 0.52 vs 1.87–2.02 after 10 epochs)",
+                claim="A 32-layer ReZero FC net fits its training data 7 to 15 times faster than "
+                "FC, FC+Res and FC+LayerNorm",
+                paper="7–15× faster convergence (Fig. 3)",
+                paper_setup="32-layer FC, width 256, ReLU, CIFAR-10, Adagrad",
+                setup=f"MLP, {cfg.depth} layers × width {cfg.width}, ReLU, {cfg.dataset}, "
+                f"{cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.steps} steps, "
+                f"target smoothed loss {cfg.target_loss:g}, seeds "
+                f"{', '.join(map(str, cfg.seeds))}"
+                + ("" if cfg.dataset == "cifar10" else "; digits, not CIFAR-10"),
                 measured=measured,
-                verdict=verdict(speedup >= 2.0, partly=speedup > 1.0),
+                verdict=verdict(paper_like, partly=fastest),
+                rule=why or f"fastest on every seed and ≥ {PAPER_SPEEDUP:g}× faster on every seed",
             )
         ]
