@@ -155,3 +155,23 @@ class Bytes(Dataset):
         src = self.path or "stdlib sources"
         mb = (len(self.train_data) + len(self.valid_data) + len(self.test_data)) / 1e6
         return f"bytes ({src}, {mb:.1f} MB, context {self.context})"
+
+
+def entropy_bits(stream: torch.Tensor, order: int = 1) -> float:
+    """The plug-in entropy of a byte stream in bits per byte: ``order=0`` the unigram entropy
+    H(X), ``order=1`` the bigram conditional entropy H(X_t | X_{t-1}) (from the 256×256 pair
+    counts). A model that predicts from the byte frequencies alone cannot beat the first; one that
+    looks one byte back cannot beat the second, so a loss below it means longer context is used."""
+    x = stream.long().flatten()
+    if order == 0:
+        p = torch.bincount(x, minlength=256).double()
+        p = p[p > 0] / p.sum()
+        return float(-(p * p.log2()).sum())
+    if order != 1:
+        raise DepthlabError(f"order must be 0 or 1, got {order!r}")
+    pairs = torch.bincount(x[:-1] * 256 + x[1:], minlength=256 * 256).double().view(256, 256)
+    joint = pairs / pairs.sum()
+    prev = joint.sum(1, keepdim=True)
+    nz = joint > 0
+    cond = joint[nz] / prev.expand_as(joint)[nz]
+    return float(-(joint[nz] * cond.log2()).sum())
