@@ -43,7 +43,7 @@ def spread(values: Iterable[float], digits: int = 2, pct: bool = False) -> str:
         return inner if not finite else f"{inner}, others {spread(finite, digits, pct)}"
     m, sd = mean_sd(v)
     if pct:
-        return f"{100 * m:.{digits}g}% ± {100 * sd:.{max(1, digits - 1)}g}"
+        return f"{100 * m:.1f}% ± {100 * sd:.1f}"
     return f"{m:.{digits}g} ± {sd:.{max(1, digits - 1)}g}"
 
 
