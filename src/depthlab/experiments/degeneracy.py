@@ -11,9 +11,11 @@ Three parts:
   (in, out), so "copy the upper half onto the lower half" folds the *input* rows, which is what
   the ``linear`` model's ``init="fold:k"`` does (:func:`~depthlab.models.linear.fold_`; each
   layer then sums the two halves of its input). The claim: Fold 1 has *larger* gradient norms
-  (w.r.t. the block activations, averaged over training) yet trains *worse* than Fold 0;
-  orthogonal has smaller gradients and trains best — the gradient norm does not explain
-  trainability, degeneracy does.
+  (w.r.t. the block activations) yet trains *worse* than Fold 0; orthogonal has smaller
+  gradients and trains best — the gradient norm does not explain trainability, degeneracy does.
+  As in the article, the gradient norms are reported at step 0 and during training (after a few
+  epochs) separately, over ten seeds; the rule is judged on every seed, and a run that diverged
+  is shown as diverged, never averaged in.
 * ``product``: the singular values of ``W_k … W_1`` for k = 1, 10, 100 random matrices spread
   over orders of magnitude as k grows (the product degenerates), while with skip connections
   ``(I + W_k/√k) … (I + W_1/√k)`` (SkipInit's α = 1/√d) they do not collapse.
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, fmt, train, verdict
+from depthlab.experiments.rules import every, spread
 
 INIT_LABEL = {"fold:0": "Fold 0", "fold:1": "Fold 1", "orthogonal": "Ortho"}
 
@@ -44,7 +47,7 @@ class Config:
     lr: float = 0.01  # SGD, momentum 0.9
     batch_size: int = 64
     n_train: int = 1024
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = tuple(range(10))
     product_depths: tuple[int, ...] = (1, 10, 100)
     product_width: int = 64
 
@@ -53,6 +56,7 @@ class Config:
 class Degeneracy(Experiment):
     name = "degeneracy"
     zero_ok = ("seeds",)
+    version = 2
 
     def check(self, cfg: Config) -> None:
         from depthlab.models.linear import parse_init
@@ -63,7 +67,7 @@ class Degeneracy(Experiment):
     title = "Fold-0/Fold-1/orthogonal deep linear nets: gradient norm vs trainability"
     paper = "Orhan & Pitkow 2018, arXiv 1701.09175; Saxe et al. 2013, arXiv 1312.6120"
     columns = (
-        "part", "init", "seed", "step", "train_loss", "grad_norm",
+        "part", "init", "seed", "step", "train_loss", "grad_norm", "diverged",
         "depth", "scheme", "index", "singular_value", "effective_rank",
     )  # fmt: skip
     Config = Config
@@ -150,6 +154,8 @@ class Degeneracy(Experiment):
                 {"step": step, "train_loss": finite(loss), "grad_norm": norms.pop(step, math.nan)}
             )
         out += [{"step": s, "train_loss": math.nan, "grad_norm": g} for s, g in norms.items()]
+        for r in out:
+            r["diverged"] = bool(hist.diverged)
         return out
 
     @staticmethod
@@ -179,85 +185,161 @@ class Degeneracy(Experiment):
         from depthlab.report.render import save_fig
 
         tr = df[df["part"] == "train"]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-        for init, g in tr.groupby("init", sort=False):
-            curve = g.dropna(subset=["train_loss"]).groupby("step")["train_loss"].mean()
-            axes[0].plot(curve.index, curve.values, label=INIT_LABEL.get(init, init))
-            gn = g.dropna(subset=["grad_norm"]).groupby("step")["grad_norm"].mean()
-            axes[1].plot(gn.index, gn.values, marker="o", label=INIT_LABEL.get(init, init))
+        if "diverged" not in tr:
+            tr = tr.assign(diverged=False)
+        ok = tr[~tr["diverged"].astype(bool)]
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+        stats = self.per_seed(tr) if len(tr) else pd.DataFrame(columns=["init"])
+        for k, (init, g) in enumerate(ok.groupby("init", sort=False)):
+            label = INIT_LABEL.get(init, init)
+            n_div = int(tr[tr["init"] == init].groupby("seed")["diverged"].any().sum())
+            if n_div:
+                label += f" ({n_div} diverged, not shown)"
+            loss = g.dropna(subset=["train_loss"]).pivot_table(
+                index="step", columns="seed", values="train_loss"
+            )
+            m, sd = loss.mean(axis=1), loss.std(axis=1).fillna(0.0)
+            (line,) = axes[0].plot(loss.index, m, label=label)
+            axes[0].fill_between(loss.index, (m - sd).clip(lower=1e-12), m + sd,
+                                 color=line.get_color(), alpha=0.2)  # fmt: skip
+            st = stats[stats["init"] == init]
+            for ax, col in ((axes[1], "grad0"), (axes[2], "grad_train")):
+                vals = st[col].dropna()
+                sd_ = float(vals.std()) if len(vals) > 1 else 0.0
+                ax.errorbar([k], [vals.mean()], yerr=[sd_], fmt="o", color=line.get_color(),
+                            capsize=4, label=label)  # fmt: skip
         axes[0].set_yscale("log")
-        axes[0].set_title(f"{cfg.depth}-layer linear net: training loss")
-        axes[1].set_yscale("log")
-        axes[1].set_title("gradient norm (w.r.t. activations)")
-        for ax in axes[:2]:
-            ax.set_xlabel("step")
+        axes[0].set_title(f"{cfg.depth}-layer linear net: training loss (mean ± sd)", fontsize=9)
+        axes[0].set_xlabel("step")
+        axes[1].set_title("‖∂L/∂h‖ at step 0 (before training; mean ± sd)", fontsize=9)
+        axes[2].set_title("‖∂L/∂h‖ during training (mean ± sd)", fontsize=9)
+        for ax in axes[:3]:
             ax.legend(fontsize=7)
+        for ax in axes[1:3]:
+            ax.set_xticks([])
+            ax.set_yscale("log")
         pr = df[df["part"] == "product"]
         for (d, scheme), g in pr.groupby(["depth", "scheme"], sort=False):
             ls = "-" if scheme == "noskip" else "--"
-            axes[2].plot(g["index"], g["singular_value"], ls, label=f"{int(d)} layers, {scheme}")
-        axes[2].set_yscale("log")
-        axes[2].set_title("singular values of the product (÷ largest)")
-        axes[2].set_xlabel("index")
-        axes[2].legend(fontsize=6)
+            axes[3].plot(g["index"], g["singular_value"], ls, label=f"{int(d)} layers, {scheme}")
+        axes[3].set_yscale("log")
+        axes[3].set_title("singular values of the product (÷ largest)", fontsize=9)
+        axes[3].set_xlabel("index")
+        axes[3].legend(fontsize=6)
         return [save_fig(fig, out_dir / "degeneracy.png")]
 
     @staticmethod
     def final_losses(tr: pd.DataFrame, last: int = 10) -> dict[str, float]:
-        """Per init: the training loss averaged over the last ``last`` logged steps and seeds."""
+        """Per init: the training loss averaged over the last ``last`` logged steps and the
+        seeds that did not diverge."""
+        if "diverged" in tr:
+            tr = tr[~tr["diverged"].astype(bool)]
         tr = tr.dropna(subset=["train_loss"])
         return {
             i: float(g.groupby("seed")["train_loss"].apply(lambda v: v.tail(last).mean()).mean())
             for i, g in tr.groupby("init")
         }
 
+    @staticmethod
+    def per_seed(tr: pd.DataFrame, last: int = 10) -> pd.DataFrame:
+        """Per init × seed: final loss (inf if diverged), ‖∂L/∂h‖ at step 0 and its mean over
+        the evaluations during training (NaN if diverged), and the divergence flag."""
+        rows = []
+        if "diverged" not in tr:
+            tr = tr.assign(diverged=False)
+        for (init, seed), g in tr.groupby(["init", "seed"], sort=False):
+            div = bool(g["diverged"].astype(bool).any())
+            loss = g.dropna(subset=["train_loss"])["train_loss"].tail(last).mean()
+            g0 = g[g["step"] == 0]["grad_norm"].dropna()
+            during = g[g["step"] > 0]["grad_norm"].dropna()
+            rows.append(
+                {
+                    "init": init,
+                    "seed": int(seed),
+                    "diverged": div,
+                    "loss": math.inf if div else float(loss),
+                    "grad0": float(g0.iloc[0]) if len(g0) else math.nan,
+                    "grad_train": math.nan if div or not len(during) else float(during.mean()),
+                }
+            )
+        return pd.DataFrame(rows)
+
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
         tr = df[df["part"] == "train"]
         rows = []
         inits = set(tr["init"])
         if {"fold:0", "fold:1"} <= inits:
-            final_loss = self.final_losses(tr)
-            final_grad = {  # mean over the evaluations during training (step > 0) and seeds
-                i: float(g[g["step"] > 0]["grad_norm"].mean()) for i, g in tr.groupby("init")
+            st = self.per_seed(tr)
+
+            def col(init: str, c: str) -> dict[int, float]:
+                g = st[st["init"] == init]
+                return {int(r.seed): float(getattr(r, c)) for r in g.itertuples()}
+
+            def neg(d: dict[int, float]) -> dict[int, float]:
+                return {k: -v for k, v in d.items()}
+
+            f0, f1, ot = "fold:0", "fold:1", "orthogonal"
+            grad_up = every(col(f1, "grad_train"), col(f0, "grad_train"))
+            worse = every(col(f1, "loss"), col(f0, "loss"))
+            rules = {
+                "Fold 1's gradient norm during training is above Fold 0's": grad_up,
+                "Fold 1 ends with a higher loss than Fold 0": worse,
             }
-            f0, f1 = "fold:0", "fold:1"
-            ok1 = final_grad[f1] > final_grad[f0] and final_loss[f1] > final_loss[f0]
-            parts = [
-                f"{INIT_LABEL[i]} loss {fmt(final_loss[i], 2)}, grad {fmt(final_grad[i], 2)}"
-                for i in cfg.inits
-                if i in final_loss
-            ]
+            if ot in inits:
+                rules["orthogonal ends with a lower loss than Fold 0"] = every(
+                    neg(col(ot, "loss")), neg(col(f0, "loss"))
+                )
+                rules["orthogonal's gradient norm during training is below Fold 0's"] = every(
+                    neg(col(ot, "grad_train")), neg(col(f0, "grad_train"))
+                )
+
+            def show(init: str) -> str:
+                g = st[st["init"] == init]
+                ok = g[~g["diverged"]]
+                n = int(g["diverged"].sum())
+                tail = f", {n}/{len(g)} diverged" if n else ""
+                return (
+                    f"{INIT_LABEL.get(init, init)} loss {spread(ok['loss'])}, grad at step 0 "
+                    f"{spread(g['grad0'].dropna())}, during training {spread(ok['grad_train'])}"
+                    f"{tail}"
+                )
+
+            failed = [k for k, v in rules.items() if not v]
+            n_seeds = st["seed"].nunique()
             rows.append(
                 Claim(
                     claim="Fold 1 has larger gradient norms than Fold 0 yet trains worse; "
                     "orthogonal has smaller gradients and trains best",
-                    paper="Fold 1 worse with larger grads; Ortho best with smaller grads",
-                    measured=f"after {cfg.steps} steps (grad = mean ‖∂L/∂h‖ during training): "
-                    + "; ".join(parts),
-                    verdict=verdict(
-                        ok1
-                        and "orthogonal" in final_loss
-                        and final_loss["orthogonal"] < final_loss[f0]
-                        and final_grad["orthogonal"] < final_grad[f1],
-                        partly=ok1 or final_loss[f1] > final_loss[f0],
-                    ),
+                    paper="Fold 1 worse with larger grads; Ortho best with smaller grads "
+                    "(gradients after a few epochs)",
+                    paper_setup="30-layer linear net learning a linear map, 10 runs",
+                    setup=f"linear net, {cfg.depth} layers × width {cfg.width}, teacher "
+                    f"regression (n = {cfg.n_train}), SGD lr {cfg.lr:g} momentum 0.9, batch "
+                    f"{cfg.batch_size}, {cfg.steps} steps, {n_seeds} seeds",
+                    measured=f"after {cfg.steps} steps (‖∂L/∂h‖ on a fixed batch): "
+                    + "; ".join(show(i) for i in cfg.inits if i in inits),
+                    verdict=verdict(not failed, partly=grad_up or worse),
+                    rule=("not on every seed: " + "; ".join(failed))
+                    if failed
+                    else "every part holds on every seed",
                 )
             )
         pr = df[df["part"] == "product"]
         if len(pr):
-            spread = {}
+            spreads = {}
             for (d, scheme), g in pr.groupby(["depth", "scheme"]):
                 sv = g["singular_value"].to_numpy(float)
                 pos = sv[sv > 0]
-                spread[(int(d), scheme)] = (
+                spreads[(int(d), scheme)] = (
                     float(np.log10(pos.max() / pos.min())) if len(pos) else math.nan,
                     float(g["effective_rank"].iloc[0]),
                 )
-            dmax = max(d for d, _ in spread)
-            dmin = min(d for d, _ in spread)
-            ns_lo, ns_hi = spread[(dmin, "noskip")], spread[(dmax, "noskip")]
-            sk_hi = spread.get((dmax, "skipinit"), (math.nan, math.nan))
-            ok = ns_hi[0] > ns_lo[0] + 1 and (math.isnan(sk_hi[1]) or sk_hi[1] > ns_hi[1])
+            dmax = max(d for d, _ in spreads)
+            dmin = min(d for d, _ in spreads)
+            ns_lo, ns_hi = spreads[(dmin, "noskip")], spreads[(dmax, "noskip")]
+            sk_hi = spreads.get((dmax, "skipinit"), (math.nan, math.nan))
+            widens = ns_hi[0] > ns_lo[0] + 1  # at least a decade wider
+            skips = math.isfinite(sk_hi[0]) and sk_hi[0] < ns_hi[0] and sk_hi[1] > ns_hi[1]
             rows.append(
                 Claim(
                     claim="Products of random matrices degenerate with depth "
@@ -266,7 +348,21 @@ class Degeneracy(Experiment):
                     measured=f"log10(σmax/σmin) of a product of {dmin}: {fmt(ns_lo[0], 2)}, of "
                     f"{dmax}: {fmt(ns_hi[0], 2)} (with skips {fmt(sk_hi[0], 2)}); effective "
                     f"rank at {dmax}: {fmt(ns_hi[1], 3)} vs {fmt(sk_hi[1], 3)} with skips",
-                    verdict=verdict(ok, partly=ns_hi[0] > ns_lo[0]),
+                    verdict=verdict(widens and skips, partly=widens or skips),
+                    paper_setup="products of random Gaussian matrices (Saxe et al.)",
+                    setup=f"products of {', '.join(map(str, cfg.product_depths))} random "
+                    f"{cfg.product_width}×{cfg.product_width} N(0, 1/n) matrices, one draw each; "
+                    "skips: (I + W/√d) factors",
+                    rule=""
+                    if widens and skips
+                    else (
+                        "the spectrum does not widen by a decade with depth; " if not widens else ""
+                    )
+                    + (
+                        ""
+                        if skips
+                        else "skips do not narrow the spectrum and raise the effective rank"
+                    ),
                 )
             )
         return rows
