@@ -238,7 +238,7 @@ CASES = [
     ),
     (
         "run-tc-heads",
-        ["run", "transformer-convergence", "--out", "{tmp}/out", "--set", "nhead=3"],
+        ["run", "transformer-convergence", "--out", "{tmp}/out", "--set", "nhead=5"],
         "not divisible",
     ),
     ("run-jobs-zero", [*R, "--jobs", "0"], "--jobs must be"),

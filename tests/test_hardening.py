@@ -176,7 +176,7 @@ def test_sigkill_of_a_parallel_sweep_leaves_no_worker_alive(tmp_path):
     """Workers watch their parent: after SIGKILL of ``depthlab run --jobs 2`` none survives."""
     out = tmp_path / "out"
     p = _cli("run", "depth-sweep", "--preset", "smoke", "--jobs", "2", "--out", str(out),
-             "--set", "steps=100000", "--set", "depths=[4, 8]")  # fmt: skip
+             "--set", "steps=100000", "--set", "depths=[8, 14]")  # fmt: skip
 
     def children() -> list[int]:
         kids = []

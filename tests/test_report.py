@@ -90,12 +90,14 @@ def test_claims_table_md_one_row_per_claim_and_errors_shown():
     from depthlab.experiments.runner import ExperimentResult
 
     empty = pd.DataFrame()
-    ok = ExperimentResult("a", "smoke", {}, empty, [Claim("c", "p", "m", "partly")], [], None)
+    claim = Claim("c", "p", "m", "partly", setup="ours", paper_setup="theirs", rule="why")
+    ok = ExperimentResult("a", "smoke", {}, empty, [claim], [], None)
     bad = ExperimentResult("b", "smoke", {}, empty, [], [], None, error="RuntimeError: boom")
     table = claims_table_md([ok, bad])
     lines = table.strip().splitlines()
     assert len(lines) == 4
-    assert lines[2] == "| `a` | c | p | m | 🟡 partly |"
+    assert lines[0].startswith("| experiment | paper's claim | paper's figure | paper's setup |")
+    assert lines[2] == "| `a` | c | p | theirs | ours | m | 🟡 partly — why |"
     assert "error: RuntimeError: boom" in lines[3]
     assert 'class="error"' in render_html([ok, bad])
 

@@ -7,6 +7,8 @@ these helpers, so that each rule can fail:
 * :func:`mean_sd` / :func:`spread` — the mean and spread shown beside each measured figure;
 * :func:`contrast` — a contrast claim ("X trains, Y fails") is reproduced only if both halves
   are observed; if both arms train or both fail the verdict is "not reproduced" and says why.
+
+A rule never counts a tie as support.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def spread(values: Iterable[float], digits: int = 2, pct: bool = False) -> str:
     m, sd = mean_sd(v)
     if pct:
         return f"{100 * m:.1f}% ± {100 * sd:.1f}"
-    return f"{m:.{digits}g} ± {sd:.{max(1, digits - 1)}g}"
+    return f"{m:.{digits}g} ± {sd:.{digits}g}"
 
 
 def every(a: Mapping[int, float], b: Mapping[int, float] | float, margin: float = 0.0) -> bool:
@@ -68,17 +70,17 @@ def count(a: Mapping[int, float], b: Mapping[int, float] | float, margin: float 
 def contrast(works: bool, fails: bool, works_label: str, fails_label: str) -> tuple[str, str]:
     """The verdict of "``works_label`` trains where ``fails_label`` does not" and the reason.
 
-    Reproduced only when both halves are observed (on every seed); "partly" when one half is;
-    the reason names what was not observed."""
+    Reproduced only when both halves are observed (on every seed); if both arms train, or both
+    fail, the contrast is not there: "not reproduced", with the reason."""
     if works and fails:
         return verdict(True), ""
     if not works and not fails:
-        return verdict(
-            False
-        ), f"neither half observed: {works_label} did not train and {fails_label} did not fail"
+        return verdict(False), (
+            f"neither half observed: {works_label} did not train and {fails_label} did not fail"
+        )
     if works:
-        return verdict(False, partly=True), f"{fails_label} trained too (both arms train)"
-    return verdict(False, partly=True), f"{works_label} did not train on every seed"
+        return verdict(False), f"{fails_label} trained too (both arms train)"
+    return verdict(False), f"{works_label} did not train either (both arms fail)"
 
 
 def per_seed(values: Sequence[tuple[int, float]]) -> dict[int, float]:

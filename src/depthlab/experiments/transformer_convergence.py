@@ -74,6 +74,7 @@ class Config:
     deep_d_model: int = 32
     deep_steps: int = 200
     deep_lr: float = 0.001  # Adam lr of the deep part
+    deep_target: float = 0.0  # bpb the deep part must reach (0: the corpus' bigram entropy)
     path: str = ""  # an enwik8 file instead of the stdlib corpus
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -104,7 +105,7 @@ def best_runs(main: pd.DataFrame, target: float) -> dict[str, tuple[float, float
 class TransformerConvergence(Experiment):
     name = "transformer-convergence"
     choices = {"variants": tuple(VARIANTS), "deep_variants": tuple(VARIANTS)}
-    zero_ok = ("warmup_steps", "deep_depth", "seeds")
+    zero_ok = ("warmup_steps", "deep_depth", "seeds", "deep_target")
 
     def check(self, cfg: Config) -> None:
         from depthlab.nn.transformer import check_heads

@@ -1,0 +1,369 @@
+"""Every verdict rule can fail: each experiment's ``claims()`` is fed synthetic records in which
+the claimed effect is absent — a tie, a reversed sign, both arms training, one seed against —
+and must not say "reproduced"; records with the effect present show that the rule can pass."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from depthlab.experiments import get_experiment
+from depthlab.experiments.rules import contrast, every, spread
+
+SEEDS = (0, 1, 2)
+
+
+def _claims(name: str, records: list[dict], **overrides):
+    exp = get_experiment(name)
+    cfg = exp.config("quick", overrides) if overrides else exp.presets["quick"]
+    claims = exp.claims(pd.DataFrame.from_records(records), cfg)
+    assert claims, f"{name} produced no claim"
+    for c in claims:
+        assert c.setup and c.paper_setup, f"{name}: a claim without its setups"
+    return claims
+
+
+def _verdicts(claims) -> list[str]:
+    return [c.verdict for c in claims]
+
+
+# -- the helpers --
+def test_every_needs_a_strict_win_on_every_seed():
+    assert every({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})
+    assert not every({0: 2.0, 1: 2.0}, {0: 1.0, 1: 2.0})  # a tie on one seed
+    assert not every({0: 2.0, 1: 1.0}, {0: 1.0, 1: 2.0})  # reversed on one seed
+    assert not every({0: math.nan}, {0: 1.0}) and not every({}, 0.0)
+    assert not every({0: 2.0}, {1: 1.0})  # a seed missing from the comparison
+    assert every({0: 0.5, 1: 0.7}, 0.4) and not every({0: 0.5}, 0.4, margin=0.1)
+
+
+def test_contrast_needs_both_halves():
+    assert contrast(True, True, "X", "Y")[0] == "reproduced"
+    v, why = contrast(True, False, "X", "Y")
+    assert v == "not reproduced" and "Y trained too" in why
+    v, why = contrast(False, True, "X", "Y")
+    assert v == "not reproduced" and "both arms fail" in why
+    v, why = contrast(False, False, "X", "Y")
+    assert v == "not reproduced" and "neither" in why
+    assert spread([1.0, 3.0]) == "2 ± 1.4" and spread([]) == "n/a"
+    assert "never" in spread([math.inf, 2.0])
+
+
+# -- depth-sweep --
+def _sweep(acc: dict[str, list[float]], diverged=(), loss=None, depth=56) -> list[dict]:
+    rows = []
+    for s, accs in acc.items():
+        for seed, a in zip(SEEDS, accs, strict=True):
+            rows.append({
+                "scheme": s, "depth": depth, "seed": seed, "test_accuracy": a,
+                "final_train_loss": (loss or {}).get(s, [0.5] * 3)[seed],
+                "diverged": (s, seed) in diverged, "diverged_step": -1, "wall_time_s": 1.0,
+            })  # fmt: skip
+    return rows
+
+
+GOOD_SWEEP = {
+    "batchnorm": [0.95, 0.96, 0.94], "skipinit": [0.93, 0.94, 0.93], "fixup": [0.94, 0.95, 0.92],
+    "rezero": [0.95, 0.95, 0.95], "frozen": [0.70, 0.72, 0.69], "plain": [0.1, 0.1, 0.1],
+    "scaled": [0.2, 0.3, 0.25],
+}  # fmt: skip
+
+
+def test_depth_sweep_rules_pass_with_the_effect():
+    loss = {"rezero": [0.2, 0.2, 0.2], "batchnorm": [0.3, 0.3, 0.3]}
+    claims = _claims("depth-sweep", _sweep(GOOD_SWEEP, diverged={("plain", 0)}, loss=loss))
+    assert _verdicts(claims) == ["reproduced"] * 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"plain": [0.95, 0.96, 0.94], "scaled": [0.95, 0.96, 0.94]},  # both arms train
+        {"frozen": [0.97, 0.97, 0.97]},  # BN does not beat the control: nothing to contrast
+    ],
+)
+def test_depth_sweep_contrast_fails_without_both_halves(change):
+    claims = _claims("depth-sweep", _sweep({**GOOD_SWEEP, **change}))
+    assert claims[0].verdict != "reproduced" and claims[0].rule
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"frozen": [0.95, 0.96, 0.94]},  # the control (depth unused) ties BN: a tie is no support
+        {"skipinit": [0.93, 0.94, 0.80], "fixup": [0.6, 0.6, 0.6]},  # one seed against; reversed
+        {"skipinit": [0.5, 0.5, 0.5], "fixup": [0.5, 0.5, 0.5]},  # far below BN
+    ],
+)
+def test_depth_sweep_keep_up_fails_without_the_effect(change):
+    claims = _claims("depth-sweep", _sweep({**GOOD_SWEEP, **change}))
+    assert claims[1].verdict != "reproduced" and claims[1].rule
+
+
+def test_depth_sweep_rezero_tie_is_not_faster():
+    loss = {"rezero": [0.3, 0.3, 0.3], "batchnorm": [0.3, 0.3, 0.3]}
+    claims = _claims("depth-sweep", _sweep(GOOD_SWEEP, loss=loss))
+    assert claims[2].verdict == "not reproduced"
+
+
+# -- deep-fc --
+def _fc(curves: dict[str, tuple[float, float, float]], diverged=()) -> list[dict]:
+    rows = []
+    for s, (first, last, acc) in curves.items():
+        for seed in SEEDS:
+            for step, loss in ((0, first), (50, (first + last) / 2), (98, last), (99, last)):
+                rows.append({
+                    "scheme": s, "depth": 1000, "seed": seed, "step": step, "train_loss": loss,
+                    "test_accuracy": acc if step == 99 else math.nan,
+                    "diverged": s in diverged,
+                })  # fmt: skip
+    return rows
+
+
+GOOD_FC = {"rezero": (2.3, 0.1, 0.95), "frozen": (2.3, 0.6, 0.8), "noskip": (2.3, 2.3, 0.1),
+           "plain": (2.3, math.nan, 0.1)}  # fmt: skip
+
+
+def test_deep_fc_rules_pass_with_the_effect():
+    assert _verdicts(_claims("deep-fc", _fc(GOOD_FC, diverged={"plain"}))) == ["reproduced"] * 2
+
+
+def test_deep_fc_fails_when_the_control_ties_or_both_arms_train():
+    tie = _claims("deep-fc", _fc({**GOOD_FC, "frozen": (2.3, 0.1, 0.95)}, diverged={"plain"}))
+    assert tie[0].verdict != "reproduced"  # depth unused: the frozen net fits as well
+    both = _claims(
+        "deep-fc", _fc({**GOOD_FC, "noskip": (2.3, 0.1, 0.95), "plain": (2.3, 0.1, 0.95)})
+    )
+    assert both[1].verdict != "reproduced" and "trained too" in both[1].rule
+
+
+# -- batch-size --
+def _bs(best: dict[tuple[str, int], list[tuple[float, float]]]) -> list[dict]:
+    """``best[(scheme, batch)] = [(best lr, its accuracy) per seed]``; other lrs score 0.5."""
+    rows = []
+    for (s, b), per in best.items():
+        for seed, (lr_best, acc) in zip(SEEDS, per, strict=True):
+            for lr in (0.01, 0.03, 0.1, 0.3):
+                rows.append({
+                    "scheme": s, "batch_size": b, "lr": lr, "seed": seed, "diverged": False,
+                    "test_accuracy": acc if lr == lr_best else 0.5,
+                })  # fmt: skip
+    return rows
+
+
+GOOD_BS = {
+    ("batchnorm", 32): [(0.1, 0.95)] * 3, ("skipinit", 32): [(0.1, 0.95)] * 3,
+    ("batchnorm", 512): [(0.3, 0.93), (0.3, 0.94), (0.3, 0.93)],
+    ("skipinit", 512): [(0.1, 0.85), (0.1, 0.86), (0.1, 0.84)],
+}  # fmt: skip
+
+
+def test_batch_size_rule_passes_with_the_effect():
+    assert _verdicts(_claims("batch-size", _bs(GOOD_BS))) == ["reproduced"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {("skipinit", 512): [(0.3, 0.85), (0.3, 0.86), (0.3, 0.84)]},  # lr tie: no support
+        {("skipinit", 512): [(0.1, 0.96)] * 3},  # reversed: SkipInit better at large batch
+        {("skipinit", 512): [(0.1, 0.85), (0.1, 0.86), (0.1, 0.95)]},  # one seed against
+    ],
+)
+def test_batch_size_rule_fails_without_the_effect(change):
+    (claim,) = _claims("batch-size", _bs({**GOOD_BS, **change}))
+    assert claim.verdict != "reproduced" and claim.rule
+
+
+# -- fc-convergence --
+def _conv(reach: dict[str, int | None], steps: int = 250) -> list[dict]:
+    """Each scheme's smoothed loss drops below the 0.2 target at step ``reach`` (None: never)."""
+    rows = []
+    for s, r in reach.items():
+        for seed in SEEDS:
+            for step in range(0, steps, 5):
+                loss = 0.1 if r is not None and step >= r else 1.0
+                rows.append({"scheme": s, "seed": seed, "step": step, "train_loss": loss,
+                             "smoothed_loss": loss, "diverged": False})  # fmt: skip
+    return rows
+
+
+def test_fc_convergence_needs_seven_times_on_every_seed():
+    fast = {"noskip": None, "plain": 200, "layernorm": 150, "rezero": 20}
+    assert _verdicts(_claims("fc-convergence", _conv(fast))) == ["reproduced"]
+    tie = {"noskip": None, "plain": 200, "layernorm": 20, "rezero": 20}
+    assert _verdicts(_claims("fc-convergence", _conv(tie))) == ["not reproduced"]
+    twice = {"noskip": None, "plain": 200, "layernorm": 40, "rezero": 20}
+    assert _verdicts(_claims("fc-convergence", _conv(twice))) == ["partly"]  # fastest, not 7×
+    slower = {"noskip": None, "plain": 200, "layernorm": 15, "rezero": 20}
+    assert _verdicts(_claims("fc-convergence", _conv(slower))) == ["not reproduced"]
+
+
+# -- transformer-convergence --
+def _lm(main: dict[str, int | None], deep: dict[str, float]) -> list[dict]:
+    """Main part: each variant reaches 4.0 bpb at step ``main[v]`` at lr 0.003 (never at the
+    other lrs); deep part: each variant's bpb falls linearly from 8 to ``deep[v]``."""
+    rows = []
+    for seed in SEEDS:
+        for v, r in main.items():
+            for lr in (0.0003, 0.001, 0.003):
+                for step in range(0, 200, 10):
+                    bpb = 3.5 if (lr == 0.003 and r is not None and step >= r) else 5.0
+                    rows.append({"part": "main", "variant": v, "depth": 12, "lr": lr,
+                                 "seed": seed, "step": step, "train_bpb": bpb,
+                                 "smoothed_bpb": bpb, "diverged": False})  # fmt: skip
+        for v, last in deep.items():
+            for step in range(0, 200, 10):
+                bpb = 8.0 + (last - 8.0) * step / 190
+                rows.append({"part": "deep", "variant": v, "depth": 64, "lr": 0.001, "seed": seed,
+                             "step": step, "train_bpb": bpb, "smoothed_bpb": bpb,
+                             "diverged": False})  # fmt: skip
+    return rows
+
+
+LM_MAIN = {"postnorm+warmup": 180, "postnorm": None, "prenorm": 120, "rezero": 60,
+           "rezero-alpha1": None}  # fmt: skip
+LM_DEEP = {"rezero": 3.2, "postnorm": 4.7, "postnorm+warmup": 4.6}
+
+
+def test_transformer_convergence_rules_pass_with_the_effect():
+    claims = _claims("transformer-convergence", _lm(LM_MAIN, LM_DEEP), deep_target=3.5)
+    assert _verdicts(claims) == ["reproduced", "reproduced"]
+
+
+def test_transformer_convergence_fails_on_a_tie_and_when_post_ln_also_trains():
+    tie = {**LM_MAIN, "prenorm": 60}
+    both = {**LM_DEEP, "postnorm+warmup": 3.3}
+    claims = _claims("transformer-convergence", _lm(tie, both), deep_target=3.5)
+    assert claims[0].verdict != "reproduced"  # a tie with Pre-LN is not "fastest"
+    assert claims[1].verdict != "reproduced" and "trained too" in claims[1].rule
+    frequencies_only = {**LM_DEEP, "rezero": 4.6}  # learned the byte unigram, not the target
+    claims = _claims("transformer-convergence", _lm(LM_MAIN, frequencies_only), deep_target=3.5)
+    assert claims[1].verdict == "not reproduced"
+
+
+# -- transformer-jacobian --
+def _jac(spectra: dict[tuple[str, str], list[float]]) -> list[dict]:
+    rows = []
+    for (model, phase), svs in spectra.items():
+        scheme, depth = model.rsplit("-", 1)
+        for seed in SEEDS:
+            for i, sv in enumerate(svs):
+                rows.append({"model": model, "seed": seed, "scheme": scheme, "depth": int(depth),
+                             "phase": phase, "example": 0, "index": i, "singular_value": sv,
+                             "log10_sv": math.log10(sv)})  # fmt: skip
+    return rows
+
+
+GOOD_JAC = {
+    ("postnorm-4", "init"): [0.5, 1.0, 1.5, 3.0], ("postnorm-64", "init"): [1e-9, 1e-4, 1e-2, 9.0],
+    ("rezero-64", "init"): [1.0] * 4, ("postnorm-64", "trained"): [1e-8, 1e-3, 1e-2, 5.0],
+    ("rezero-64", "trained"): [0.8, 1.0, 1.1, 1.3], ("postnorm-4", "trained"): [0.5, 1.0, 2.0, 3],
+}  # fmt: skip
+
+
+def test_transformer_jacobian_rules_pass_with_the_effect():
+    assert _verdicts(_claims("transformer-jacobian", _jac(GOOD_JAC))) == ["reproduced"] * 2
+
+
+def test_transformer_jacobian_fails_when_post_ln_is_isometric_or_rezero_drifts():
+    iso = {**GOOD_JAC, ("postnorm-64", "init"): [0.9, 1.0, 1.1, 1.0]}
+    assert _claims("transformer-jacobian", _jac(iso))[0].verdict != "reproduced"
+    drift = {**GOOD_JAC, ("rezero-64", "trained"): [1e-4, 1e-3, 1e-2, 1e-1]}
+    assert _claims("transformer-jacobian", _jac(drift))[1].verdict != "reproduced"
+
+
+# -- degeneracy --
+def _deg(per: dict[str, tuple[float, float, float]], diverged=(), seeds=SEEDS) -> list[dict]:
+    """``per[init] = (final loss, grad at step 0, grad during training)``."""
+    rows = []
+    for init, (loss, g0, g1) in per.items():
+        for seed in seeds:
+            div = (init, seed) in diverged
+            rows.append({"part": "train", "init": init, "seed": seed, "step": 0,
+                         "train_loss": 1.0, "grad_norm": g0, "diverged": div})  # fmt: skip
+            for step in (100, 200, 300):
+                rows.append({"part": "train", "init": init, "seed": seed, "step": step,
+                             "train_loss": math.nan if div else loss,
+                             "grad_norm": math.nan if div else g1, "diverged": div})  # fmt: skip
+    return rows
+
+
+GOOD_DEG = {"fold:0": (0.45, 0.1, 0.05), "fold:1": (0.63, 0.1, 0.06),
+            "orthogonal": (0.02, 0.2, 0.01)}  # fmt: skip
+
+
+def test_degeneracy_rule_passes_with_the_effect():
+    assert _claims("degeneracy", _deg(GOOD_DEG))[0].verdict == "reproduced"
+
+
+def test_degeneracy_fails_on_a_tie_a_reversal_or_a_diverged_run():
+    tie = {**GOOD_DEG, "fold:1": (0.63, 0.1, 0.05)}  # equal gradient norms
+    assert _claims("degeneracy", _deg(tie))[0].verdict != "reproduced"
+    reversed_ = {**GOOD_DEG, "fold:1": (0.30, 0.1, 0.06)}  # Fold 1 trains better
+    assert _claims("degeneracy", _deg(reversed_))[0].verdict != "reproduced"
+    div = _claims("degeneracy", _deg(GOOD_DEG, diverged={("fold:1", 2)}))[0]
+    assert div.verdict != "reproduced" and "1/3 diverged" in div.measured
+
+
+# -- bn-signal and path-variance --
+def _signal(skip_slope: float, branch: float = 1.0) -> list[dict]:
+    rows = []
+    for model in ("linear-mlp", "relu-resnet"):
+        for seed in SEEDS:
+            for i in range(20):
+                rows.append({"model": model, "seed": seed, "block": i,
+                             "skip_var": 1.0 + skip_slope * i + 0.01 * seed,
+                             "branch_var": branch, "out_var": 1.0,
+                             "bn_batch_var": 1.0})  # fmt: skip
+    return rows
+
+
+def test_bn_signal_rule_fails_without_linear_growth():
+    assert _claims("bn-signal", _signal(1.0))[0].verdict == "reproduced"
+    assert _claims("bn-signal", _signal(0.0))[0].verdict != "reproduced"  # flat skip variance
+    assert _claims("bn-signal", _signal(1.0, branch=0.01))[0].verdict != "reproduced"
+
+
+def _paths(bn_short: float, one_short: float) -> list[dict]:
+    rows = []
+    for variant, short in (("batchnorm", bn_short), ("alpha=1", one_short)):
+        rows += [
+            {"depth": 10_000, "variant": variant, "path_length": 10, "share": short, "cdf": short},
+            {"depth": 10_000, "variant": variant, "path_length": 5000, "share": 1 - short,
+             "cdf": 1.0},
+        ]  # fmt: skip
+    return rows
+
+
+def test_path_variance_rule_fails_without_short_paths():
+    assert _claims("path-variance", _paths(0.97, 0.0))[0].verdict == "reproduced"
+    assert _claims("path-variance", _paths(0.3, 0.0))[0].verdict != "reproduced"
+    assert _claims("path-variance", _paths(0.97, 0.97))[0].verdict != "reproduced"
+
+
+# -- what the quick presets run --
+TRAINING = ("depth-sweep", "deep-fc", "batch-size", "fc-convergence", "transformer-convergence",
+            "transformer-jacobian", "degeneracy")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_quick_presets_have_three_seeds_and_no_clipping(name):
+    exp = get_experiment(name)
+    cfg = exp.presets["quick"]
+    assert len(cfg.seeds) >= 3
+    assert all(cell.get("grad_clip", 0) in (0, 0.0, None) for cell in exp.cells(cfg))
+    if name == "degeneracy":
+        assert len(cfg.seeds) >= 10
+
+
+def test_depth_sweep_quick_runs_conv_resnets_with_the_control():
+    exp = get_experiment("depth-sweep")
+    cfg = exp.presets["quick"]
+    assert "frozen" in cfg.schemes and {"skipinit", "rezero"} <= set(cfg.schemes)
+    assert all(exp.cell_model(c)[0] == "resnet" for c in exp.cells(cfg))
+    from depthlab.experiments.depth_sweep import BUILD
+
+    assert BUILD["skipinit"] != BUILD["rezero"]  # not the same block counted twice
