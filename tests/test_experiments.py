@@ -42,7 +42,13 @@ def test_smoke_preset_runs_with_documented_columns(smoke, name):
     assert r.claims, f"{name} produced no claim rows"
     assert all(c.verdict in ("reproduced", "partly", "not reproduced") for c in r.claims)
     assert r.figures and all(p.stat().st_size > 1000 for p in r.figures)
-    assert (r.out_dir / "report.md").read_text().count("| `" + name + "` |") == len(r.claims)
+    report = (r.out_dir / "report.md").read_text()
+    assert report.count("| `" + name + "` |") == len(r.claims)
+    assert "| paper's setup | our setup |" in report
+    import json
+
+    summary = json.loads((r.out_dir / "summary.json").read_text())
+    assert all(c["setup"] and c["paper_setup"] for c in summary["claims"]), name
 
 
 @pytest.mark.parametrize("name", REAL)

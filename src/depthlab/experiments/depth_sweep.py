@@ -191,6 +191,9 @@ class DepthSweep(Experiment):
                     color=line.get_color(), ms=10,
                 )  # fmt: skip
         ax.set_xscale("log")
+        depths = sorted(set(d["depth"]))
+        ax.set_xticks(depths, [str(x) for x in depths])
+        ax.minorticks_off()
         ax.set_xlabel("depth (ResNet layers, 6n+2)")
         ax.set_ylabel(f"test accuracy after {cfg.steps} steps")
         ax.set_title(
