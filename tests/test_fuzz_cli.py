@@ -266,7 +266,7 @@ CASES = [
     ("report-missing", ["report", "{tmp}/none"], "is not a folder"),
     ("report-empty-folder", ["report", "{tmp}"], "holds no experiment results"),
     ("report-empty-csv", ["report", "{exp}"], "is empty"),
-    ("report-binary-csv", ["report", "{exp}"], "not a text CSV"),
+    ("report-binary-csv", ["report", "{exp}"], "not a CSV of records"),
     ("report-wrong-columns", ["report", "{exp}"], "lacks the column"),
     ("report-truncated", ["report", "{exp}"], "truncated"),
     ("report-unknown-experiment", ["report", "{exp}"], "unknown experiment"),

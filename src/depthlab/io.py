@@ -51,6 +51,20 @@ def write_yaml(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A UTF-8 text file; a binary, undecodable or unreadable one is a :class:`DepthlabError`
+    saying it is not ``what`` and ending with ``fix``."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DepthlabError(f"{path} is not a UTF-8 text file, not {what}; {fix}") from None
+    except OSError as e:
+        raise DepthlabError(f"cannot read {path} ({e.strerror or e}); {fix}") from None
+    if "\x00" in text:
+        raise DepthlabError(f"{path} is a binary file, not {what}; {fix}")
+    return text
+
+
 #: the largest config file read (a config is a few lines; anything bigger is not one)
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -62,18 +76,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise DepthlabError(f"config file {path} does not exist (or is not a file)")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise DepthlabError(
-                f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a short "
-                f"YAML mapping"
-            )
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise DepthlabError(f"{path} is not a UTF-8 text file; pass a YAML config") from None
+        too_big = path.stat().st_size > MAX_CONFIG_BYTES
     except OSError as e:
         raise DepthlabError(f"cannot read {path}: {e.strerror or e}") from None
-    if "\x00" in text:
-        raise DepthlabError(f"{path} is a binary file, not a YAML config")
+    if too_big:
+        raise DepthlabError(
+            f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a short "
+            f"YAML mapping"
+        )
+    text = read_text(path, "a YAML config", "pass a YAML config")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

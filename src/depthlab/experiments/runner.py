@@ -458,15 +458,9 @@ def read_records(csv: Path, exp: Experiment) -> pd.DataFrame:
     """``records.csv`` of a finished experiment, checked: UTF-8 text, complete (a file cut off
     mid-line is refused), non-empty, with every documented column of the experiment."""
     fix = f"re-run `depthlab run {exp.name}` to produce it again"
-    try:
-        raw = csv.read_bytes()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DepthlabError(f"{csv} is not a text CSV file; {fix}") from None
-    except OSError as e:
-        raise DepthlabError(f"cannot read {csv} ({e.strerror}); {fix}") from None
-    if "\x00" in text:
-        raise DepthlabError(f"{csv} is a binary file, not a CSV; {fix}")
+    from depthlab.io import read_text
+
+    text = read_text(csv, "a CSV of records", fix)
     if not text.strip():
         raise DepthlabError(f"{csv} is empty; {fix}")
     if not text.endswith("\n"):
