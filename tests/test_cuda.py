@@ -10,6 +10,7 @@ keeps its Krylov basis on the device.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -175,3 +176,23 @@ def test_signal_propagation_and_gradient_norms_on_cuda_equal_cpu():
     np.testing.assert_allclose(gpu_sig[num].to_numpy(), cpu_sig[num].to_numpy(), rtol=1e-3)
     numg = cpu_grad.select_dtypes("number").columns
     np.testing.assert_allclose(gpu_grad[numg].to_numpy(), cpu_grad[numg].to_numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["depth-sweep", "degeneracy", "transformer-jacobian"])
+def test_an_experiment_cell_runs_on_cuda(name, monkeypatch):
+    """``--set device=cuda``: the cell's training runs on the GPU (the spy sees the device)."""
+    from depthlab.experiments import get_experiment
+
+    dt = importlib.import_module("depthlab.train")  # the package (dl.train is the function)
+    seen = []
+    real = dt.train
+
+    def spy(model, data, cfg, **kw):
+        seen.append(cfg.device)
+        return real(model, data, cfg, **kw)
+
+    monkeypatch.setattr(dt, "train", spy)
+    exp = get_experiment(name)
+    cell = exp.grid(exp.config("smoke", {"device": "cuda"}))[0]
+    records = exp.run_cell(dict(cell))
+    assert records and seen and set(seen) == {"cuda"}

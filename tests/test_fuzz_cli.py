@@ -241,6 +241,8 @@ CASES = [
         ["run", "transformer-convergence", "--out", "{tmp}/out", "--set", "nhead=5"],
         "not divisible",
     ),
+    ("run-device-cuda", [*R, "--set", "device=cuda"], "CUDA is not available"),
+    ("run-device-bogus", [*R, "--set", "device=tpu"], "unknown device"),
     ("run-jobs-zero", [*R, "--jobs", "0"], "--jobs must be"),
     ("run-jobs-huge", [*R, "--jobs", "100000"], "--jobs must be"),
     ("run-out-empty", ["run", "depth-sweep", "--out", ""], "--out must name a folder"),
@@ -402,7 +404,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 ):
     monkeypatch.delenv("DEPTHLAB_CIFAR10", raising=False)
     monkeypatch.delenv("DEPTHLAB_MAX_MEMORY", raising=False)
-    if case == "unknown-device" and torch.cuda.is_available():
+    if case in ("unknown-device", "run-device-cuda") and torch.cuda.is_available():
         pytest.skip("needs a host without the device")
     paths = {"tmp": str(tmp_path), "readonly_needle": ""}
     binary = tmp_path / "binary.bin"

@@ -96,7 +96,9 @@ class Experiment:
 
         check_config(self, cfg)
         self.check(cfg)
-        cells = self.cells(cfg)
+        if hasattr(cfg, "device"):
+            check_device(cfg.device, f"device in experiment '{self.name}'")
+        cells = self.grid(cfg)
         if len(cells) > MAX_CELLS:
             raise DepthlabError(
                 f"experiment '{self.name}': the grid has {len(cells):,} cells, more than "
@@ -111,6 +113,15 @@ class Experiment:
                 except DepthlabError as e:
                     label = ", ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
                     raise DepthlabError(f"experiment '{self.name}', cell {label}: {e}") from None
+
+    def grid(self, cfg: Any) -> list[dict[str, Any]]:
+        """The cells the runner runs: :meth:`cells`, each carrying the config's ``device``
+        (where the config has one) so that every training run of the cell uses it."""
+        cells = self.cells(cfg)
+        device = getattr(cfg, "device", None)
+        if device is None:
+            return cells
+        return [{**c, "device": c.get("device", device)} for c in cells]
 
     def cell_model(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any], int] | None:
         """``(model name, constructor sizes, batch size)`` of the network a cell trains, for the
@@ -279,17 +290,31 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
 CELL_TRAIN_KEYS = ("steps", "batch_size", "lr", "seed")
 
 
+def check_device(device: Any, key: str = "device") -> str:
+    """Refuse a device that is not a name or is not on this machine (``cuda`` without a GPU)."""
+    from depthlab.train.config import DEVICES
+    from depthlab.train.loop import resolve_device
+
+    if not isinstance(device, str) or not (device in DEVICES or device.startswith("cuda:")):
+        raise unknown_choice(key, device, [*DEVICES, "cuda:N"])
+    try:
+        resolve_device(device)
+    except DepthlabError as e:
+        raise DepthlabError(f"{key}: {e}") from None
+    return device
+
+
 def train(
     model: Any, data: Any, cell: dict[str, Any] | None = None, callbacks: Any = (), **train_config
 ) -> Any:
-    """``depthlab.train(model, data, TrainConfig(...))`` on the CPU, quietly: ``steps``,
-    ``batch_size``, ``lr`` and ``seed`` come from ``cell`` where it has them; ``train_config``
-    adds to and overrides them."""
+    """``depthlab.train(model, data, TrainConfig(...))``, quietly, on the cell's ``device`` (the
+    CPU when the cell has none): ``steps``, ``batch_size``, ``lr`` and ``seed`` come from
+    ``cell`` where it has them; ``train_config`` adds to and overrides them."""
     from depthlab.train import TrainConfig
     from depthlab.train import train as dl_train
 
     config = {k: cell[k] for k in CELL_TRAIN_KEYS if cell and k in cell}
-    config["device"] = "cpu"
+    config["device"] = (cell or {}).get("device", "cpu")
     config.update(train_config)
     return dl_train(model, data, TrainConfig(**config), callbacks=callbacks, quiet=True)
 

@@ -30,6 +30,7 @@ class Config:
     depth: int = 8  # CIFAR ResNet depth 6n+2
     width: int = 1  # channel multiplier
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 @EXPERIMENTS.register()

@@ -42,6 +42,7 @@ class Config:
     lr: float = 0.001
     checkpointing: int = 0  # activation checkpointing segments (0: off), for very deep nets
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 @EXPERIMENTS.register()

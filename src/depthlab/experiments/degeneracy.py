@@ -48,6 +48,7 @@ class Config:
     batch_size: int = 64
     n_train: int = 1024
     seeds: tuple[int, ...] = tuple(range(10))
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     product_depths: tuple[int, ...] = (1, 10, 100)
     product_width: int = 64
 
@@ -134,7 +135,8 @@ class Degeneracy(Experiment):
 
         def grad_norm(step: int, m: torch.nn.Module, _hist: object = None) -> None:
             """‖∂L/∂h‖ over every block output h, on a fixed batch."""
-            df = gradient_norms(m, xb, yb, loss_fn=F.mse_loss)
+            dev = next(m.parameters()).device  # the cell's device once training started
+            df = gradient_norms(m, xb.to(dev), yb.to(dev), loss_fn=F.mse_loss)
             act = df[df["kind"] == "activation"]["norm"].to_numpy(float)
             norms[step] = float(np.sqrt(np.sum(act**2))) if len(act) else math.nan
             m.zero_grad(set_to_none=True)

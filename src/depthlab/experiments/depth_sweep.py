@@ -65,6 +65,7 @@ class Config:
     grad_clip: float = 0.0  # 0: off (neither paper clipped)
     data_dir: str = ""  # a CIFAR-10 python folder: CIFAR-10 (3×32×32) instead of digits
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 @EXPERIMENTS.register()

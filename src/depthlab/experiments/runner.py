@@ -77,12 +77,17 @@ def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
     return out_dir / "cells" / f"{cell_hash(exp.name, exp.version, cell)}.json"
 
 
-def _worker_init(threads: int, parent: int | None = None) -> None:
+def _worker_init(threads: int, parent: int | None = None, counter: Any = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     if parent is not None:
         _watch_parent(parent)
+    if counter is not None and torch.cuda.is_available():
+        with counter.get_lock():  # worker k of N runs on GPU k mod G
+            k = counter.value
+            counter.value += 1
+        torch.cuda.set_device(k % torch.cuda.device_count())
 
 
 def _watch_parent(parent: int, every: float = 0.5) -> None:
@@ -204,12 +209,15 @@ def run_cells(
 
 
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
-    """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads."""
+    """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
+    machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
+    cell on ``cuda`` runs on its worker's GPU."""
+    ctx = mp.get_context("spawn")
     return ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=mp.get_context("spawn"),
+        mp_context=ctx,
         initializer=_worker_init,
-        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid()),
+        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid(), ctx.Value("i", 0)),
     )
 
 
@@ -318,11 +326,11 @@ def run_experiment(
     write_yaml(
         out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
     )
-    cells = exp.cells(cfg)
+    cells = exp.grid(cfg)
     log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
     records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log, pool=pool)
     df = pd.DataFrame.from_records(records)
-    wall = time.perf_counter() - t0
+    wall = round(time.perf_counter() - t0, 2)  # as summary.json stores it: re-renders agree
     result = finalize(
         exp, cfg, preset, df, out_dir, wall_time_s=wall, cells=len(cells), cached_cells=n_cached
     )

@@ -77,6 +77,7 @@ class Config:
     deep_target: float = 0.0  # bpb the deep part must reach (0: the corpus' bigram entropy)
     path: str = ""  # an enwik8 file instead of the stdlib corpus
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 #: the paper's figure: ReZero reaches the target 56% faster than Post-LN + warm-up

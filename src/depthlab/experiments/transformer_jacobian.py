@@ -36,6 +36,7 @@ class Config:
     batch_size: int = 16
     lr: float = 0.001  # Adam
     seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
 @EXPERIMENTS.register()
@@ -142,6 +143,7 @@ class TransformerJacobian(Experiment):
         tokens = torch.randint(0, 256, (cell["examples"], cell["context"]), generator=g)
 
         def spectrum(phase: str) -> list[dict]:
+            model.cpu()  # the spectra are computed on the CPU, wherever the model trained
             model.eval()
             with torch.no_grad():
                 h = model.embed(tokens)  # (B, T, C)

@@ -72,10 +72,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DepthlabError(
-            f"device '{name}' requested but CUDA is not available; use --device cpu"
+            f"device '{name}' requested but CUDA is not available; use device cpu (or auto)"
         )
+    if name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise DepthlabError(
+                f"device '{name}' is not on this machine ({torch.cuda.device_count()} CUDA "
+                f"device(s)); use cuda:0..cuda:{torch.cuda.device_count() - 1} or cpu"
+            )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise DepthlabError("device 'mps' requested but MPS is not available; use --device cpu")
+        raise DepthlabError("device 'mps' requested but MPS is not available; use device cpu")
     return torch.device(name)
 
 
