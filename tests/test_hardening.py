@@ -257,3 +257,15 @@ def test_python_api_values_are_checked_like_the_cli():
         dl.experiments.get_experiment("depth-sweep").config("smoke", {"depths": [0]})
     with pytest.raises(dl.DepthlabError, match="flat in data set 'digits' must be true or false"):
         dl.create_dataset("digits", flat="maybe")
+
+
+def test_a_cell_cache_file_of_the_wrong_shape_is_recomputed(tmp_path):
+    out = tmp_path / "exp"
+    assert main(["run", "path-variance", "--preset", "smoke", "--out", str(out)]) == 0
+    cells = sorted((out / "path-variance" / "cells").glob("*.json"))
+    good = cells[0].read_text()
+    cells[0].write_text(json.dumps({"records": "not a list"}))  # valid JSON, wrong shape
+    cells[1].write_text(json.dumps([1, 2, 3]))
+    assert main(["run", "path-variance", "--preset", "smoke", "--out", str(out)]) == 0
+    assert json.loads(cells[0].read_text())["records"] == json.loads(good)["records"]
+    assert isinstance(json.loads(cells[1].read_text())["records"], list)

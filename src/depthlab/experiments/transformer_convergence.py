@@ -72,7 +72,7 @@ class Config:
     deep_depth: int = 64  # the "deep stacks" contrast (0: skip)
     deep_variants: tuple[str, ...] = ("rezero", "postnorm", "postnorm+warmup")
     deep_d_model: int = 32
-    deep_steps: int = 200
+    deep_steps: int = 150
     deep_lr: float = 0.001  # Adam lr of the deep part
     deep_target: float = 0.0  # bpb the deep part must reach (0: the corpus' bigram entropy)
     path: str = ""  # an enwik8 file instead of the stdlib corpus
