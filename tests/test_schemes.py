@@ -115,6 +115,11 @@ def test_skipinit_alpha_init_garbage_is_refused(bad):
 def test_layernorm_placement_is_checked():
     with pytest.raises(dl.DepthlabError, match="'pre' or 'post'"):
         dl.get_scheme("layernorm", placement="middle")
+    with pytest.raises(dl.DepthlabError, match="use scheme 'prenorm'"):
+        dl.get_scheme("postnorm", placement="pre")  # a Pre-LN model must not be labelled Post-LN
+    with pytest.raises(dl.DepthlabError, match="use scheme 'postnorm'"):
+        dl.get_scheme("prenorm", placement="post")
+    assert dl.get_scheme("postnorm").placement == "post"
 
 
 def test_registry_refuses_duplicates_and_names_choices():

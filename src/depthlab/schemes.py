@@ -186,10 +186,19 @@ class LayerNorm(Scheme):
     name: ClassVar[str] = "layernorm"
     placement: str = "pre"
 
+    #: the one placement a named variant (prenorm, postnorm) has; None: either
+    fixed_placement: ClassVar[str | None] = None
+
     def __post_init__(self) -> None:
         if self.placement not in ("pre", "post"):
             raise DepthlabError(
                 f"layernorm placement must be 'pre' or 'post', got {self.placement!r}"
+            )
+        if self.fixed_placement is not None and self.placement != self.fixed_placement:
+            other = "prenorm" if self.placement == "pre" else "postnorm"
+            raise DepthlabError(
+                f"scheme '{self.name}' is placement '{self.fixed_placement}'; for "
+                f"placement '{self.placement}' use scheme '{other}' (or 'layernorm')"
             )
 
     def norm(self, num_features: int, layout: str) -> nn.Module | None:
@@ -210,6 +219,7 @@ class PreNorm(LayerNorm):
     """Pre-LN: ``x + f(LN(x))`` with a final LayerNorm (Xiong et al. 2020, arXiv 2002.04745)."""
 
     name: ClassVar[str] = "prenorm"
+    fixed_placement: ClassVar[str | None] = "pre"
     placement: str = "pre"
 
 
@@ -222,6 +232,7 @@ class PostNorm(LayerNorm):
     """
 
     name: ClassVar[str] = "postnorm"
+    fixed_placement: ClassVar[str | None] = "post"
     placement: str = "post"
 
 
