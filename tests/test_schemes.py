@@ -138,3 +138,37 @@ def test_registry_refuses_duplicates_and_names_choices():
     with pytest.raises(ValueError, match="model 'mlp' is already registered"):
         dl.MODELS.register("mlp")(nn.Linear)
     assert dl.MODELS.get("mlp").__name__ == "MLP"
+
+
+def test_fixup_rules_are_options_for_ablations():
+    """Each Fixup rule can be switched off alone: zero_init (rule 1), rescale (rule 2), the scalar
+    multipliers and biases (rule 3)."""
+    import math
+
+    from depthlab.nn import Bias, Gate
+    from depthlab.nn.residual import residual_blocks, weight_layers
+
+    def build(**opts):
+        torch.manual_seed(0)
+        return dl.create_model("resnet", depth=56, scheme="fixup", scheme_options=opts or None)
+
+    full = build()
+    blocks = residual_blocks(full)
+    first, last = weight_layers(blocks[5].branch)
+    fan_in = first.weight[0].numel()
+    he = math.sqrt(2.0 / fan_in)
+    assert first.weight.std().item() == pytest.approx(he * len(blocks) ** -0.5, rel=0.05)
+    assert last.weight.abs().max().item() == 0.0 and full.classifier.weight.abs().max() == 0
+    no_rescale = weight_layers(residual_blocks(build(rescale=False))[5].branch)[0]
+    assert no_rescale.weight.std().item() == pytest.approx(he, rel=0.05)  # plain He init
+    no_zero = build(zero_init=False)
+    assert weight_layers(residual_blocks(no_zero)[5].branch)[1].weight.abs().max() > 0
+    assert no_zero.classifier.weight.abs().max() > 0
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.all(full(x) == 0) and not torch.all(no_zero(x) == 0)
+    assert not dl.get_scheme("fixup", zero_init=False).identity_at_init()
+    count = lambda m, t: sum(isinstance(mod, t) for mod in m.modules())  # noqa: E731
+    assert count(full, Gate) == len(blocks) and count(build(multiplier=False), Gate) == 0
+    assert count(full, Bias) > 0 and count(build(biases=False), Bias) == 0
+    with pytest.raises(dl.DepthlabError, match="rescale in scheme 'fixup' must be true or false"):
+        dl.get_scheme("fixup", rescale="maybe")

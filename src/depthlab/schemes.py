@@ -336,19 +336,35 @@ class Fixup(Scheme):
        (``TrainConfig.scalar_lr_mult``).
 
     Branches with a single weight layer (m=1) only get rule 1.
+
+    Each rule is an option, for ablations (all True by default, the paper's Fixup):
+    ``zero_init`` (rule 1; False leaves those layers He-initialised), ``rescale`` (rule 2's
+    ``L^(-1/(2m-2))``; False leaves the plain He init), ``multiplier`` and ``biases`` (rule 3's
+    scalar multipliers and scalar biases; False drops them).
     """
 
     name: ClassVar[str] = "fixup"
     layer_bias: ClassVar[bool] = False
+    zero_init: bool = True
+    rescale: bool = True
+    multiplier: bool = True
+    biases: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("zero_init", "rescale", "multiplier", "biases"):
+            if not isinstance(getattr(self, key), bool):
+                raise DepthlabError(
+                    f"{key} in scheme 'fixup' must be true or false, got {getattr(self, key)!r}"
+                )
 
     def bias(self) -> nn.Module | None:
-        return Bias()
+        return Bias() if self.biases else None
 
     def identity_at_init(self) -> bool:
-        return True
+        return self.zero_init
 
     def scale(self) -> nn.Module | None:
-        return Gate(1.0, learnable=True)
+        return Gate(1.0, learnable=True) if self.multiplier else None
 
     def initialize(self, model: nn.Module) -> None:
         blocks = residual_blocks(model)
@@ -359,17 +375,22 @@ class Fixup(Scheme):
                 gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
                 layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
                 m = len(layers)
+                factor = num_branches ** (-1.0 / (2 * m - 2)) if self.rescale and m > 1 else 1.0
                 for layer in layers[:-1]:
                     he_std = gain / math.sqrt(_fan_in(layer))
-                    layer.weight.normal_(0.0, he_std * num_branches ** (-1.0 / (2 * m - 2)))
+                    layer.weight.normal_(0.0, he_std * factor)
                     if layer.bias is not None:
                         layer.bias.zero_()
-                if layers:
+                if layers and self.zero_init:
                     layers[-1].weight.zero_()
                     if layers[-1].bias is not None:
                         layers[-1].bias.zero_()
+                elif layers:  # rule 1 off: the last layer is He-initialised like the others
+                    layers[-1].weight.normal_(0.0, gain / math.sqrt(_fan_in(layers[-1])))
+                    if layers[-1].bias is not None:
+                        layers[-1].bias.zero_()
             head = getattr(model, "classifier", None) or getattr(model, "fc", None)
-            if head is not None:
+            if head is not None and self.zero_init:
                 head.weight.zero_()
                 if head.bias is not None:
                     head.bias.zero_()
