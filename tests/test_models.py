@@ -104,11 +104,13 @@ def test_blocks_are_identity_at_init(model, scheme):
     assert len(seen) == len(blocks)
     for blk in blocks:
         x, y = seen[blk]
+        with torch.no_grad():
+            skip = x if blk.shortcut is None else blk.shortcut(x)
+            if blk.post is not None:  # post-activation ResNets: σ after the sum
+                skip = blk.post(skip)
+        assert torch.equal(y, skip)
         if blk.shortcut is None:
-            assert torch.equal(y, x)
-        else:
-            with torch.no_grad():
-                assert torch.equal(y, blk.shortcut(x))
+            assert torch.equal(y, x)  # σ(x) = x: the block's input is post-σ already
 
 
 @pytest.mark.parametrize("model", ["mlp", "resnet", "resnet-bottleneck"])
@@ -128,10 +130,15 @@ def test_fixup_branches_and_logits_are_zero_at_init(model):
         ("resnet-bottleneck", dict(depth=26, base_width=32, stem="cifar"), 3),  # L = 8
     ],
 )
-def test_fixup_init_scales_branch_layers(model, kwargs, m):
-    """Fixup rule 2: std of non-final branch layers = He std x L^(-1/(2m-2)), within 3%;
-    rule 1: last branch layer and classifier zero; rule 3: multipliers 1, scalar biases 0."""
-    net = dl.create_model(model, scheme="fixup", **kwargs)
+@pytest.mark.parametrize("variant", ["postact", "preact"])
+@pytest.mark.parametrize("fan_mode", ["fan_out", "fan_in"])
+def test_fixup_init_scales_branch_layers(model, kwargs, m, variant, fan_mode):
+    """Fixup rule 2: std of non-final branch layers = He std (from the fan-out, as the reference
+    code, or the fan-in) x L^(-1/(2m-2)), within 3%; rule 1: last branch layer and classifier
+    zero; rule 3: multipliers 1, scalar biases 0."""
+    net = dl.create_model(
+        model, scheme="fixup", variant=variant, scheme_options={"fan_mode": fan_mode}, **kwargs
+    )
     blocks = residual_blocks(net)
     L = len(blocks)
     factor = L ** (-1 / (2 * m - 2))
@@ -139,8 +146,10 @@ def test_fixup_init_scales_branch_layers(model, kwargs, m):
         layers = [mod for mod in blk.branch.modules() if isinstance(mod, nn.Conv2d)]
         assert len(layers) == m
         # each weight divided by its target std (He std x factor): unit std per layer and branch
+        dim = 0 if fan_mode == "fan_out" else 1
         normed = [
-            layer.weight / (math.sqrt(2.0 / layer.weight[0].numel()) * factor)
+            layer.weight
+            / (math.sqrt(2.0 / (layer.weight.shape[dim] * layer.weight[0, 0].numel())) * factor)
             for layer in layers[:-1]
         ]
         for z in normed:
@@ -154,7 +163,8 @@ def test_fixup_init_scales_branch_layers(model, kwargs, m):
     gates = [g for g in net.modules() if isinstance(g, dl.Gate)]
     biases = [b for b in net.modules() if isinstance(b, dl.Bias)]
     assert len(gates) == L and all(g.alpha.item() == 1.0 for g in gates)
-    assert len(biases) == L * (2 * m) + 1  # 2 per weight layer, plus one before the classifier
+    # 2 per weight layer, one before the classifier and, post-activation, one after the stem
+    assert len(biases) == L * (2 * m) + 1 + (variant == "postact")
     assert all(b.bias.item() == 0.0 for b in biases)
 
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from depthlab.nn.init import fan
 from depthlab.nn.norm import create_norm
 from depthlab.nn.residual import Residual, residual_blocks, weight_layers
 from depthlab.nn.scalars import Bias, Gate
@@ -40,6 +41,10 @@ class Scheme:
     name: ClassVar[str] = "base"
     #: whether conv/linear layers inside branches carry bias vectors
     layer_bias: ClassVar[bool] = True
+    #: the ResNet a model builds for this scheme when it is not told (``variant=None``):
+    #: ``"preact"`` (He et al. 2016, arXiv 1603.05027: what SkipInit and Wide-ResNets use) or
+    #: ``"postact"`` (He et al. 2015, arXiv 1512.03385: what Fixup's reference code uses)
+    resnet_variant: ClassVar[str] = "preact"
 
     # -- construction hooks --------------------------------------------------------------
     def norm(self, num_features: int, layout: str) -> nn.Module | None:
@@ -77,14 +82,19 @@ class Scheme:
         layout: str,
         num_blocks: int,
         shortcut: nn.Module | None = None,
+        post_act: nn.Module | None = None,
     ) -> Residual:
-        """Wrap ``branch`` into a residual block of this scheme."""
+        """Wrap ``branch`` into a residual block of this scheme; ``post_act`` is an activation
+        after the sum (and after the scheme's post-sum norm), as in post-activation ResNets."""
+        post = self.post_norm(num_features, layout)
+        if post_act is not None:
+            post = post_act if post is None else nn.Sequential(post, post_act)
         return Residual(
             branch,
             gate=self.gate(num_blocks),
             skip_mult=self.skip_mult(num_blocks),
             shortcut=shortcut,
-            post=self.post_norm(num_features, layout),
+            post=post,
         )
 
     def identity_at_init(self) -> bool:
@@ -337,6 +347,14 @@ class Fixup(Scheme):
 
     Branches with a single weight layer (m=1) only get rule 1.
 
+    He's std in rule 2 is taken from the **fan-out** (``√2/√(c_out·k²)``), as in the reference
+    code (``github.com/hongyi-zhang/Fixup``, CIFAR and ImageNet), which also He-initialises the
+    projection shortcuts from the fan-out, without the rescale; ``fan_mode="fan_in"`` uses the
+    fan-in instead (``torch.nn.init.kaiming_normal_``'s default). The two differ wherever a
+    layer's input and output channels differ (stage transitions, the bottleneck's 1×1 convs).
+    On ResNets Fixup builds the reference's post-activation networks unless told otherwise
+    (:attr:`resnet_variant`; ``variant="preact"`` for the pre-activation ones).
+
     Each rule is an option, for ablations (all True by default, the paper's Fixup):
     ``zero_init`` (rule 1; False leaves those layers He-initialised), ``rescale`` (rule 2's
     ``L^(-1/(2m-2))``; False leaves the plain He init), ``multiplier`` and ``biases`` (rule 3's
@@ -345,10 +363,13 @@ class Fixup(Scheme):
 
     name: ClassVar[str] = "fixup"
     layer_bias: ClassVar[bool] = False
+    resnet_variant: ClassVar[str] = "postact"
     zero_init: bool = True
     rescale: bool = True
     multiplier: bool = True
     biases: bool = True
+    #: ``"fan_out"`` (the reference code) or ``"fan_in"``: the fan of He's std in rules 1–2
+    fan_mode: str = "fan_out"
 
     def __post_init__(self) -> None:
         for key in ("zero_init", "rescale", "multiplier", "biases"):
@@ -356,6 +377,10 @@ class Fixup(Scheme):
                 raise DepthlabError(
                     f"{key} in scheme 'fixup' must be true or false, got {getattr(self, key)!r}"
                 )
+        if self.fan_mode not in ("fan_in", "fan_out"):
+            raise DepthlabError(
+                f"fan_mode in scheme 'fixup' must be 'fan_in' or 'fan_out', got {self.fan_mode!r}"
+            )
 
     def bias(self) -> nn.Module | None:
         return Bias() if self.biases else None
@@ -377,7 +402,7 @@ class Fixup(Scheme):
                 m = len(layers)
                 factor = num_branches ** (-1.0 / (2 * m - 2)) if self.rescale and m > 1 else 1.0
                 for layer in layers[:-1]:
-                    he_std = gain / math.sqrt(_fan_in(layer))
+                    he_std = gain / math.sqrt(fan(layer.weight, self.fan_mode))
                     layer.weight.normal_(0.0, he_std * factor)
                     if layer.bias is not None:
                         layer.bias.zero_()
@@ -386,9 +411,14 @@ class Fixup(Scheme):
                     if layers[-1].bias is not None:
                         layers[-1].bias.zero_()
                 elif layers:  # rule 1 off: the last layer is He-initialised like the others
-                    layers[-1].weight.normal_(0.0, gain / math.sqrt(_fan_in(layers[-1])))
+                    he_std = gain / math.sqrt(fan(layers[-1].weight, self.fan_mode))
+                    layers[-1].weight.normal_(0.0, he_std)
                     if layers[-1].bias is not None:
                         layers[-1].bias.zero_()
+                if self.fan_mode == "fan_out" and blk.shortcut is not None:
+                    for layer in weight_layers(blk.shortcut):  # the reference's downsample init
+                        std = math.sqrt(2.0) / math.sqrt(fan(layer.weight, "fan_out"))
+                        layer.weight.normal_(0.0, std)
             head = getattr(model, "classifier", None) or getattr(model, "fc", None)
             if head is not None and self.zero_init:
                 head.weight.zero_()
@@ -434,11 +464,6 @@ class DeepNorm(Scheme):
                     nn.init.xavier_normal_(layer.weight, gain=beta)
                     if layer.bias is not None:
                         layer.bias.zero_()
-
-
-def _fan_in(layer: nn.Module) -> int:
-    w = layer.weight
-    return w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
 
 
 def list_schemes() -> list[str]:

@@ -3,7 +3,8 @@
 SkipInit matches BN at small batch sizes; BN's advantage appears at large batch, where it
 tolerates (and needs) larger learning rates. For each scheme × batch size × seed, a grid of
 learning rates (fixed a priori) is trained for the same number of epochs on a convolutional
-ResNet (the paper's networks are Wide-ResNets; basic blocks here) with SGD, momentum 0.9, no
+ResNet (the paper's networks are pre-activation Wide-ResNets; pre-activation basic blocks here,
+for every scheme) with SGD, momentum 0.9, no
 clipping; we report the best test accuracy over the grid and the learning rate that achieved it.
 Every rule is judged per seed: an effect counts only where its sign holds on every seed and, for
 the accuracy gap, where its mean over seeds exceeds two standard errors.
@@ -91,7 +92,7 @@ class BatchSize(Experiment):
         steps = max(1, math.ceil(cell["epochs"] * data.num_train() / cell["batch_size"]))
         model = dl.create_model(
             "resnet", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"],
-            in_channels=1,
+            in_channels=1, variant="preact",
         )  # fmt: skip
         hist = train(
             model, data, cell, steps=steps,

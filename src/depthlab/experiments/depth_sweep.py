@@ -5,8 +5,11 @@ SkipInit (De & Smith 2020, arXiv 2002.10444, Tables 1–2): ``x + α f(x)`` with
 variance-preserving ``(x + f(x))/√2`` (``scaled``) fail at depth. Fixup (Zhang et al. 2019,
 arXiv 1901.09321, Fig. 3) trains 10,000-layer ResNets as well as BN at the default learning rate.
 
-Here every scheme × depth × seed trains a pre-activation **convolutional** CIFAR ResNet (basic
-blocks, m = 2 weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies) on the digits
+Here every scheme × depth × seed trains a **convolutional** CIFAR ResNet (basic blocks, m = 2
+weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies) — by default the
+post-activation ResNet of Fixup's Fig. 3 and reference code (He et al. 2015, arXiv 1512.03385:
+σ after each sum, option-A shortcuts, fan-out He init), the same network for every scheme;
+``variant="preact"`` runs SkipInit's pre-activation ResNet (arXiv 1603.05027) instead — on the digits
 images (1×8×8; CIFAR-10 with ``data_dir``) for a fixed budget with one recipe, Fixup's: SGD lr 0.1,
 momentum 0.9, weight decay 5e-4, no gradient clipping and no warm-up (neither paper used them);
 Fixup's scalars at lr/10 as in its reference code. The schemes are run as in their papers:
@@ -47,6 +50,13 @@ BUILD = {
     "scaled": ("scaled", {}),
     "noskip": ("noskip", {}),
 }
+#: the network of each variant, as the setup column names it
+NETS = {
+    "postact": "post-activation conv ResNet (He et al. 2015, basic blocks, option-A shortcuts; "
+    "Fixup's reference network)",
+    "preact": "pre-activation conv ResNet (He et al. 2016, basic blocks, projection shortcuts; "
+    "SkipInit's)",
+}
 #: "as well as BN": within this many accuracy points of BN on every seed
 KEEP_UP = 0.05
 #: "fails": diverged, or this far below BN on every seed
@@ -58,6 +68,7 @@ class Config:
     schemes: tuple[str, ...] = SCHEMES
     depths: tuple[int, ...] = (8, 20, 56)  # CIFAR ResNet depth 6n+2
     width: int = 1  # channel multiplier k (16k, 32k, 64k channels)
+    variant: str = "postact"  # postact: Fixup's reference ResNet (Fig. 3); preact: SkipInit's
     steps: int = 100  # training budget (SGD steps; ≈ 4.5 epochs of digits at batch 64)
     batch_size: int = 64
     lr: float = 0.1  # Fixup's default (its Fig. 3 uses the BN learning rate)
@@ -79,8 +90,8 @@ class DepthSweep(Experiment):
         "scheme", "depth", "seed", "test_accuracy", "final_train_loss", "diverged",
         "diverged_step", "wall_time_s",
     )  # fmt: skip
-    version = 2
-    choices = {"schemes": tuple(BUILD)}
+    version = 3
+    choices = {"schemes": tuple(BUILD), "variant": ("postact", "preact")}
     zero_ok = ("grad_clip", "seeds", "weight_decay")
     Config = Config
     presets = {
@@ -110,6 +121,7 @@ class DepthSweep(Experiment):
                 "scheme": s,
                 "depth": d,
                 "width": cfg.width,
+                "variant": cfg.variant,
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
@@ -124,7 +136,8 @@ class DepthSweep(Experiment):
         ]
 
     def cell_model(self, cell: dict) -> tuple[str, dict, int]:
-        return "resnet", {"depth": cell["depth"], "width": cell["width"]}, cell["batch_size"]
+        kwargs = {"depth": cell["depth"], "width": cell["width"], "variant": cell["variant"]}
+        return "resnet", kwargs, cell["batch_size"]
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -141,6 +154,7 @@ class DepthSweep(Experiment):
         model = dl.create_model(
             "resnet", depth=cell["depth"], width=cell["width"], scheme=scheme,
             scheme_options=options or None, in_channels=data.input_shape[0],
+            variant=cell["variant"],
         )  # fmt: skip
         hist = train(
             model,
@@ -206,7 +220,7 @@ class DepthSweep(Experiment):
     def setup(self, cfg: Config, depth: int) -> str:
         data = "CIFAR-10" if cfg.data_dir else "digits 1×8×8"
         return (
-            f"pre-activation conv ResNet (basic blocks), depths {', '.join(map(str, cfg.depths))} "
+            f"{NETS[cfg.variant]}, depths {', '.join(map(str, cfg.depths))} "
             f"(judged at {depth}), {16 * cfg.width}/{32 * cfg.width}/{64 * cfg.width} channels, "
             f"{data}, SGD lr {cfg.lr:g} momentum 0.9 wd {cfg.weight_decay:g} batch "
             f"{cfg.batch_size}, {'no clipping' if not cfg.grad_clip else f'clip {cfg.grad_clip:g}'}"

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from depthlab.nn.fused import SGDInBackward, plan_stack, run_stack
+from depthlab.nn.init import fan
 from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
@@ -148,19 +149,20 @@ def normal_init_(tensors: list[tuple[torch.Tensor, float]]) -> None:
         list(pool.map(fill, range(workers)))
 
 
-def default_init(model: nn.Module, gain: float) -> None:
-    """He/LeCun normal init of every conv and linear (``std = gain/√fan_in``), zero biases; every
-    other module with ``reset_parameters`` (norms, gates, scalar biases) is reset. The module
-    named ``classifier`` gets gain 1."""
+def default_init(model: nn.Module, gain: float, mode: str = "fan_in") -> None:
+    """He/LeCun normal init of every conv and linear (``std = gain/√fan``, ``fan`` the fan-in,
+    or the fan-out with ``mode="fan_out"`` for convs, as in the original ResNet code), zero
+    biases; every other module with ``reset_parameters`` (norms, gates, scalar biases) is reset.
+    The module named ``classifier`` gets gain 1 and always its fan-in."""
     head = getattr(model, "classifier", None)
     weights = []
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 w = module.weight
-                fan_in = w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
+                conv = not isinstance(module, nn.Linear)
                 g = 1.0 if module is head else gain
-                weights.append((w, g / math.sqrt(fan_in)))
+                weights.append((w, g / math.sqrt(fan(w, mode if conv else "fan_in"))))
                 if module.bias is not None:
                     module.bias.zero_()
             elif module is not model and hasattr(module, "reset_parameters"):

@@ -1,12 +1,27 @@
 """Residual networks: CIFAR-style 6n+2 (Wide-)ResNets with basic blocks, and bottleneck ResNets.
 
-Both are pre-activation (He et al. 2016, "Identity Mappings in Deep Residual Networks",
-arXiv 1603.05027); the scheme decides what sits in the norm, gate, bias and scale slots.
+Each comes in two variants (``variant=``):
+
+* ``"preact"``: the pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual
+  Networks", arXiv 1603.05027): ``x + f(x)`` with ``f = conv ∘ σ ∘ norm ∘ conv ∘ σ ∘ norm``, a
+  final norm-σ before the head, 1×1-conv projection shortcuts, He init from the fan-in. What
+  SkipInit (De & Smith 2020) and Wide-ResNets (Zagoruyko & Komodakis 2016) use.
+* ``"postact"``: the original ResNet (He et al. 2015, "Deep Residual Learning for Image
+  Recognition", arXiv 1512.03385): ``σ(x + f(x))`` with ``f = norm ∘ conv ∘ σ ∘ norm ∘ conv``,
+  norm-σ after the stem, He init from the fan-out; CIFAR nets use parameter-free shortcuts
+  (option A: subsample, then zero-pad the new channels), bottleneck nets 1×1-conv projections
+  (option B). What Fixup's reference code builds (``github.com/hongyi-zhang/Fixup``), scalar for
+  scalar: the bias before a block's first conv also feeds its shortcut (``shortcut(x + b₁ₐ)``).
+
+``variant=None`` takes the scheme's choice (:attr:`~depthlab.schemes.Scheme.resnet_variant`:
+``postact`` for Fixup, ``preact`` for the others). The scheme decides what sits in the norm,
+gate, bias and scale slots.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from depthlab.models.common import (
@@ -31,14 +46,79 @@ def conv1x1(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Co
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias)
 
 
+VARIANTS = ("preact", "postact")
+
+
 def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module | None:
     return None if (c_in == c_out and stride == 1) else conv1x1(c_in, c_out, stride)
 
 
+class Shortcut(nn.Module):
+    """The skip path of a post-activation block whose shape changes, fed ``x + b`` with ``b`` the
+    scalar bias before the branch's first conv (Fixup's reference code; none: ``x``):
+
+    * ``kind="pad"`` (option A of He et al. 2015): subsample by ``stride`` (the reference's
+      ``AvgPool2d(1, stride)``), then zero-pad the channels from ``c_in`` to ``c_out``;
+    * ``kind="conv"`` (option B): a 1×1 convolution with that stride (``self.conv``).
+
+    ``b`` is the branch's own :class:`~depthlab.nn.Bias` module, referenced, not registered a
+    second time (its parameter keeps one name, ``branch.0.bias``)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, kind: str, pre: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if kind not in ("pad", "conv") or (kind == "pad" and c_out < c_in):
+            raise DepthlabError(
+                f"shortcut kind must be 'pad' (with c_out ≥ c_in) or 'conv', got {kind!r}"
+            )
+        self.c_in, self.c_out, self.stride, self.kind = c_in, c_out, stride, kind
+        self._pre = (pre,)  # in a tuple: not a submodule
+        self.conv = conv1x1(c_in, c_out, stride) if kind == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self._pre[0]
+        if pre is not None:
+            x = pre(x)
+        if self.conv is not None:
+            return self.conv(x)
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.c_out - self.c_in))
+
+    def extra_repr(self) -> str:
+        return f"{self.c_in}, {self.c_out}, stride={self.stride}, kind={self.kind!r}"
+
+
 def basic_block(
-    s: Scheme, c_in: int, c_out: int, stride: int, num_blocks: int, act: str
+    s: Scheme,
+    c_in: int,
+    c_out: int,
+    stride: int,
+    num_blocks: int,
+    act: str,
+    variant: str = "preact",
 ) -> Residual:
-    """``f(x) = conv(σ(norm(conv(σ(norm(x))))))`` with Fixup's scalar slots: m = 2."""
+    """Two 3×3 convs with Fixup's scalar slots (m = 2): pre-activation
+    ``x + conv(σ(norm(conv(σ(norm(x))))))`` with a projection shortcut, or post-activation
+    ``σ(x + norm(conv(σ(norm(conv(x))))))`` with an option-A shortcut."""
+    if variant == "postact":
+        first = s.bias()
+        branch = seq(
+            first,
+            conv3x3(c_in, c_out, stride, bias=s.layer_bias),
+            s.norm(c_out, "channels"),
+            s.bias(),
+            make_act(act),
+            s.bias(),
+            conv3x3(c_out, c_out, bias=s.layer_bias),
+            s.norm(c_out, "channels"),
+            s.scale(),
+            s.bias(),
+        )
+        same = c_in == c_out and stride == 1
+        shortcut = None if same else Shortcut(c_in, c_out, stride, "pad", first)
+        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
     branch = seq(
         s.norm(c_in, "channels"),
         make_act(act),
@@ -56,10 +136,40 @@ def basic_block(
 
 
 def bottleneck_block(
-    s: Scheme, c_in: int, width: int, stride: int, num_blocks: int, act: str, expansion: int = 4
+    s: Scheme,
+    c_in: int,
+    width: int,
+    stride: int,
+    num_blocks: int,
+    act: str,
+    expansion: int = 4,
+    variant: str = "preact",
 ) -> Residual:
-    """1×1 reduce → 3×3 → 1×1 expand, pre-activation: m = 3."""
+    """1×1 reduce → 3×3 (strided) → 1×1 expand, m = 3; pre-activation, or post-activation with
+    Fixup's reference scalars and a projection shortcut fed ``x + b₁ₐ``."""
     c_out = width * expansion
+    if variant == "postact":
+        first = s.bias()
+        branch = seq(
+            first,
+            conv1x1(c_in, width, bias=s.layer_bias),
+            s.norm(width, "channels"),
+            s.bias(),
+            make_act(act),
+            s.bias(),
+            conv3x3(width, width, stride, bias=s.layer_bias),
+            s.norm(width, "channels"),
+            s.bias(),
+            make_act(act),
+            s.bias(),
+            conv1x1(width, c_out, bias=s.layer_bias),
+            s.norm(c_out, "channels"),
+            s.scale(),
+            s.bias(),
+        )
+        same = c_in == c_out and stride == 1
+        shortcut = None if same else Shortcut(c_in, c_out, stride, "conv", first)
+        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
     branch = seq(
         s.norm(c_in, "channels"),
         make_act(act),
@@ -81,6 +191,30 @@ def bottleneck_block(
     return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
 
 
+def resolve_variant(variant: str | None, s: Scheme) -> str:
+    """``variant``, or the scheme's choice when None; refuses anything else."""
+    v = s.resnet_variant if variant is None else variant
+    if v not in VARIANTS:
+        raise DepthlabError(f"variant must be one of {', '.join(VARIANTS)} (or None), got {v!r}")
+    return v
+
+
+def _stem(s: Scheme, conv: nn.Module, c: int, act: str, variant: str) -> nn.Module:
+    """The stem conv; post-activation nets follow it with norm, scalar bias and σ (Fixup's
+    ``relu(conv1(x) + bias1)``)."""
+    if variant == "postact":
+        return seq(conv, s.norm(c, "channels"), s.bias(), make_act(act))
+    return conv
+
+
+def _head(s: Scheme, c: int, act: str, variant: str) -> nn.Module:
+    """Before pooling: pre-activation nets end with the final norm and σ; both add the scalar
+    bias before the classifier (Fixup's ``fc(x + bias2)``)."""
+    if variant == "postact":
+        return seq(s.bias())
+    return seq(s.final_norm(c, "channels"), make_act(act), s.bias())
+
+
 def check_resnet_depth(depth: int, key: str = "resnet depth") -> None:
     """Refuse a CIFAR ResNet depth that is not 6n+2 (or Wide-ResNet 6n+4), n ≥ 1."""
     if not isinstance(depth, int) or depth < 8 or depth % 6 not in (2, 4):
@@ -96,8 +230,11 @@ class _ResNetBase(nn.Module):
     scheme: Scheme
     init_gain: float
 
+    variant: str
+
     def reset_parameters(self) -> None:
-        default_init(self, self.init_gain)
+        mode = "fan_out" if self.variant == "postact" else "fan_in"
+        default_init(self, self.init_gain, mode)
         self.scheme.initialize(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +248,10 @@ class ResNet(_ResNetBase):
     """CIFAR ResNet of depth 6n+2: a 3×3 stem, three stages of n basic blocks with 16k, 32k, 64k
     channels (strides 1, 2, 2), global average pooling and a linear classifier.
 
-    ``ResNet(depth=110)`` is He et al.'s ResNet-110 (arXiv 1512.03385). Wide-ResNets count depth
+    ``ResNet(depth=110, variant="postact")`` is He et al.'s ResNet-110 (arXiv 1512.03385), and
+    with ``scheme="fixup"`` (whose default variant it is) the reference Fixup ResNet-110, with
+    its 1,720,138 parameters; ``variant="preact"`` is the pre-activation ResNet-110 of He et al.
+    2016 (arXiv 1603.05027). Wide-ResNets count depth
     as 6n+4 (the two projection convs included), so ``ResNet(depth=28, width=10)`` is
     Zagoruyko & Komodakis' Wide-ResNet 28-10 with n = 4 (arXiv 1605.07146); both countings are
     accepted. Works on any input size ≥ 4×4 (e.g. 8×8 digits with ``in_channels=1``).
@@ -125,6 +265,7 @@ class ResNet(_ResNetBase):
         in_channels: int = 3,
         num_classes: int = 10,
         activation: str = "relu",
+        variant: str | None = None,
         scheme_options: dict | None = None,
     ) -> None:
         super().__init__()
@@ -132,28 +273,30 @@ class ResNet(_ResNetBase):
         check_resnet_depth(depth)
         make_act(activation)
         n = (depth - 2) // 6 if depth % 6 == 2 else (depth - 4) // 6  # blocks per stage
+        self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
+        self.variant = v = resolve_variant(variant, s)
         self.config = dict(
             depth=depth,
             width=width,
             in_channels=in_channels,
             num_classes=num_classes,
             activation=activation,
+            variant=v,
         )
-        self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
         self.depth, self.width, self.activation = depth, width, activation
         self.init_gain = GAINS[activation]
         widths = [16 * width, 32 * width, 64 * width]
         num_blocks = 3 * n
         with torch.device("meta"):
-            self.stem = conv3x3(in_channels, 16, bias=s.layer_bias)
+            self.stem = _stem(s, conv3x3(in_channels, 16, bias=s.layer_bias), 16, activation, v)
             blocks, c_in = [], 16
             for stage, c_out in enumerate(widths):
                 for i in range(n):
                     stride = 2 if (stage > 0 and i == 0) else 1
-                    blocks.append(basic_block(s, c_in, c_out, stride, num_blocks, activation))
+                    blocks.append(basic_block(s, c_in, c_out, stride, num_blocks, activation, v))
                     c_in = c_out
             self.blocks = BlockStack(*blocks)
-            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation), s.bias())
+            self.head = _head(s, c_in, activation, v)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)
@@ -170,8 +313,10 @@ BOTTLENECK_LAYERS = {
 
 
 class BottleneckResNet(_ResNetBase):
-    """ImageNet-style bottleneck ResNet (He et al. 2015, arXiv 1512.03385), pre-activation:
-    depth 50/101/152 (also 26/38), stage widths 64·k, 128·k, 256·k, 512·k with expansion 4.
+    """ImageNet-style bottleneck ResNet: depth 50/101/152 (also 26/38), stage widths 64·k,
+    128·k, 256·k, 512·k with expansion 4, the stride on the 3×3 conv; ``variant="postact"`` is
+    He et al. 2015 (arXiv 1512.03385; Fixup's ImageNet reference, its default under ``fixup``),
+    ``"preact"`` the pre-activation variant (arXiv 1603.05027).
 
     ``stem="imagenet"`` is the 7×7/2 conv + 3×3/2 max-pool; ``stem="cifar"`` a 3×3 conv for small
     inputs. ``base_width`` (64) sets the stem and first-stage width; smaller values give cheap
@@ -188,6 +333,7 @@ class BottleneckResNet(_ResNetBase):
         activation: str = "relu",
         stem: str = "imagenet",
         base_width: int = 64,
+        variant: str | None = None,
         scheme_options: dict | None = None,
     ) -> None:
         super().__init__()
@@ -205,6 +351,7 @@ class BottleneckResNet(_ResNetBase):
             raise DepthlabError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         make_act(activation)
         self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
+        self.variant = v = resolve_variant(variant, s)
         self.depth, self.width, self.activation = depth, width, activation
         self.init_gain = GAINS[activation]
         layers = BOTTLENECK_LAYERS[depth]
@@ -216,25 +363,35 @@ class BottleneckResNet(_ResNetBase):
             activation=activation,
             stem=stem,
             base_width=base_width,
+            variant=v,
         )
         num_blocks = sum(layers)
         with torch.device("meta"):
             if stem == "imagenet":
+                conv = nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=s.layer_bias)
                 self.stem = nn.Sequential(
-                    nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=s.layer_bias),
+                    _stem(s, conv, base_width, activation, v),
                     nn.MaxPool2d(3, stride=2, padding=1),
                 )
             else:
-                self.stem = conv3x3(in_channels, base_width, bias=s.layer_bias)
+                self.stem = _stem(
+                    s,
+                    conv3x3(in_channels, base_width, bias=s.layer_bias),
+                    base_width,
+                    activation,
+                    v,
+                )
             blocks, c_in = [], base_width
             for stage, n in enumerate(layers):
                 w = base_width * width * 2**stage
                 for i in range(n):
                     stride = 2 if (stage > 0 and i == 0) else 1
-                    blocks.append(bottleneck_block(s, c_in, w, stride, num_blocks, activation))
+                    blocks.append(
+                        bottleneck_block(s, c_in, w, stride, num_blocks, activation, variant=v)
+                    )
                     c_in = w * 4
             self.blocks = BlockStack(*blocks)
-            self.head = seq(s.final_norm(c_in, "channels"), make_act(activation), s.bias())
+            self.head = _head(s, c_in, activation, v)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)
