@@ -18,7 +18,7 @@ from depthlab.diagnostics import (
     spectrum_summary,
 )
 from depthlab.experiments import EXPERIMENTS, list_experiments, run_experiments
-from depthlab.models import MODELS, create_model, list_models
+from depthlab.models import MODELS, TransformerSeq2Seq, create_model, list_models
 from depthlab.nn import Bias, Gate, Residual, residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.schemes import SCHEMES, Scheme, get_scheme, list_schemes
@@ -51,6 +51,7 @@ __all__ = [
     "Gate",
     "Residual",
     "Scheme",
+    "TransformerSeq2Seq",
     "convert",
     "create_model",
     "get_scheme",

@@ -34,6 +34,21 @@ from depthlab.registry import DepthlabError, Registry
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Where a residual block of an encoder–decoder sits, for scheme rules that depend on more
+    than the number of blocks (DeepNorm's encoder–decoder α and β): ``role`` is ``"encoder"``
+    or ``"decoder"``, and N, M the two stacks' numbers of Transformer layers."""
+
+    role: str
+    encoder_layers: int
+    decoder_layers: int
+
+    def __post_init__(self) -> None:
+        if self.role not in ("encoder", "decoder"):
+            raise DepthlabError(f"stack role must be 'encoder' or 'decoder', got {self.role!r}")
+
+
 @dataclass
 class Scheme:
     """Base class: the plain residual block ``y = x + f(x)`` with no norm and no gate."""
@@ -63,8 +78,9 @@ class Scheme:
         """The scalar multiplying the branch output of one block."""
         return None
 
-    def skip_mult(self, num_blocks: int) -> float:
-        """The constant multiplying the skip path (0 = no skip connection)."""
+    def skip_mult(self, num_blocks: int, stack: Stack | None = None) -> float:
+        """The constant multiplying the skip path (0 = no skip connection); ``stack`` says
+        where the block sits in an encoder–decoder (None elsewhere)."""
         return 1.0
 
     def bias(self) -> nn.Module | None:
@@ -83,19 +99,23 @@ class Scheme:
         num_blocks: int,
         shortcut: nn.Module | None = None,
         post_act: nn.Module | None = None,
+        stack: Stack | None = None,
     ) -> Residual:
         """Wrap ``branch`` into a residual block of this scheme; ``post_act`` is an activation
-        after the sum (and after the scheme's post-sum norm), as in post-activation ResNets."""
+        after the sum (and after the scheme's post-sum norm), as in post-activation ResNets;
+        ``stack`` (kept as ``block.stack``) places the block in an encoder–decoder."""
         post = self.post_norm(num_features, layout)
         if post_act is not None:
             post = post_act if post is None else nn.Sequential(post, post_act)
-        return Residual(
+        block = Residual(
             branch,
             gate=self.gate(num_blocks),
-            skip_mult=self.skip_mult(num_blocks),
+            skip_mult=self.skip_mult(num_blocks, stack),
             shortcut=shortcut,
             post=post,
         )
+        block.stack = stack
+        return block
 
     def identity_at_init(self) -> bool:
         """True when every residual block with an identity shortcut is the identity at init."""
@@ -139,7 +159,7 @@ class NoSkip(Scheme):
 
     name: ClassVar[str] = "noskip"
 
-    def skip_mult(self, num_blocks: int) -> float:
+    def skip_mult(self, num_blocks: int, stack: Stack | None = None) -> float:
         return 0.0
 
 
@@ -157,7 +177,7 @@ class Scaled(Scheme):
     def gate(self, num_blocks: int) -> nn.Module | None:
         return Gate(1 / math.sqrt(2), learnable=False)
 
-    def skip_mult(self, num_blocks: int) -> float:
+    def skip_mult(self, num_blocks: int, stack: Stack | None = None) -> float:
         return 1 / math.sqrt(2)
 
 
@@ -429,16 +449,39 @@ class Fixup(Scheme):
 @SCHEMES.register()
 @dataclass
 class DeepNorm(Scheme):
-    """DeepNorm: ``x_{l+1} = LN(α·x_l + f(x_l))`` with branch weights Xavier-initialised × β.
+    """DeepNorm: ``x_{l+1} = LN(α·x_l + f(x_l))`` with branch weights initialised × β.
 
-    Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers" (arXiv 2203.00555). For an
-    encoder-only stack of N layers (2N residual sublayers) ``α = (2N)^(1/4)``, ``β = (8N)^(-1/4)``;
-    in terms of L residual blocks (L = 2N) that is ``α = L^(1/4)``, ``β = (4L)^(-1/4)``, which is
-    what non-Transformer models use. β applies to the value/output projections and the
-    feed-forward layers (not queries and keys).
+    Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers" (arXiv 2203.00555).
+
+    * Encoder-only (or decoder-only) stack of N layers (2N residual sublayers):
+      ``α = (2N)^(1/4)``, ``β = (8N)^(-1/4)``; in terms of L residual blocks (L = 2N) that is
+      ``α = L^(1/4)``, ``β = (4L)^(-1/4)``, which is what non-Transformer models use.
+    * Encoder–decoder with N encoder and M decoder layers (blocks built with a :class:`Stack`):
+      encoder ``α = 0.81·(N⁴M)^(1/16)``, ``β = 0.87·(N⁴M)^(-1/16)``; decoder
+      ``α = (3M)^(1/4)``, ``β = (12M)^(-1/4)`` (the paper's Table/Fig. 2). torchscale's code
+      divides the encoder's weights by ``(N⁴M)^(1/16)/1.15``, i.e. multiplies them by
+      ``1.15·(N⁴M)^(-1/16)``, not the paper's 0.87; depthlab follows the paper.
+
+    β applies to the value and output projections (self- and cross-attention) and the
+    feed-forward layers, not to queries and keys. ``init`` chooses how:
+
+    * ``"xavier_normal"`` (default): the paper's pseudo-code, ``xavier_normal_(w, gain=β)``,
+      zero biases;
+    * ``"scale_default"``: torchscale's code, which divides the layers' existing init by 1/β —
+      here each layer's PyTorch default init (``nn.Linear.reset_parameters``: weights and biases
+      uniform in ±1/√fan_in) multiplied by β, weights and biases alike. (torchscale's own
+      attention projections start Xavier-uniform, its feed-forward layers PyTorch's default.)
     """
 
     name: ClassVar[str] = "deepnorm"
+    init: str = "xavier_normal"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("xavier_normal", "scale_default"):
+            raise DepthlabError(
+                f"init in scheme 'deepnorm' must be 'xavier_normal' or 'scale_default', "
+                f"got {self.init!r}"
+            )
 
     @staticmethod
     def alpha(num_blocks: int) -> float:
@@ -448,7 +491,22 @@ class DeepNorm(Scheme):
     def beta(num_blocks: int) -> float:
         return float(4 * num_blocks) ** -0.25
 
-    def skip_mult(self, num_blocks: int) -> float:
+    @staticmethod
+    def encoder_decoder(encoder_layers: int, decoder_layers: int) -> dict[str, float]:
+        """The encoder–decoder constants: ``{"encoder_alpha", "encoder_beta", "decoder_alpha",
+        "decoder_beta"}`` for N encoder and M decoder layers (DeepNet, arXiv 2203.00555)."""
+        n, m = float(encoder_layers), float(decoder_layers)
+        return {
+            "encoder_alpha": 0.81 * (n**4 * m) ** (1 / 16),
+            "encoder_beta": 0.87 * (n**4 * m) ** (-1 / 16),
+            "decoder_alpha": (3 * m) ** 0.25,
+            "decoder_beta": (12 * m) ** -0.25,
+        }
+
+    def skip_mult(self, num_blocks: int, stack: Stack | None = None) -> float:
+        if stack is not None:
+            c = self.encoder_decoder(stack.encoder_layers, stack.decoder_layers)
+            return c[f"{stack.role}_alpha"]
         return self.alpha(num_blocks)
 
     def post_norm(self, num_features: int, layout: str) -> nn.Module | None:
@@ -456,14 +514,24 @@ class DeepNorm(Scheme):
 
     def initialize(self, model: nn.Module) -> None:
         blocks = residual_blocks(model)
-        beta = self.beta(len(blocks))
         with torch.no_grad():
             for blk in blocks:
+                if blk.stack is not None:
+                    c = self.encoder_decoder(blk.stack.encoder_layers, blk.stack.decoder_layers)
+                    beta = c[f"{blk.stack.role}_beta"]
+                else:
+                    beta = self.beta(len(blocks))
                 layers = getattr(blk, "deepnorm_layers", None) or weight_layers(blk.branch)
                 for layer in layers:
-                    nn.init.xavier_normal_(layer.weight, gain=beta)
-                    if layer.bias is not None:
-                        layer.bias.zero_()
+                    if self.init == "xavier_normal":
+                        nn.init.xavier_normal_(layer.weight, gain=beta)
+                        if layer.bias is not None:
+                            layer.bias.zero_()
+                    else:
+                        layer.reset_parameters()
+                        layer.weight.mul_(beta)
+                        if layer.bias is not None:
+                            layer.bias.mul_(beta)
 
 
 def list_schemes() -> list[str]:

@@ -9,10 +9,11 @@ Here every scheme × depth × seed trains a **convolutional** CIFAR ResNet (basi
 weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies) — by default the
 post-activation ResNet of Fixup's Fig. 3 and reference code (He et al. 2015, arXiv 1512.03385:
 σ after each sum, option-A shortcuts, fan-out He init), the same network for every scheme;
-``variant="preact"`` runs SkipInit's pre-activation ResNet (arXiv 1603.05027) instead — on the digits
-images (1×8×8; CIFAR-10 with ``data_dir``) for a fixed budget with one recipe, Fixup's: SGD lr 0.1,
-momentum 0.9, weight decay 5e-4, no gradient clipping and no warm-up (neither paper used them);
-Fixup's scalars at lr/10 as in its reference code. The schemes are run as in their papers:
+``variant="preact"`` runs SkipInit's pre-activation ResNet (arXiv 1603.05027) instead — on the
+digits images (1×8×8; CIFAR-10 with ``data_dir``) for a fixed budget with one recipe, Fixup's:
+SGD lr 0.1, momentum 0.9, weight decay 5e-4, no gradient clipping and no warm-up (neither paper
+used them); Fixup's scalars at lr/10 as in its reference code. The schemes are run as in their
+papers:
 
 * ``skipinit``: no normalization, biases, α = 0 learnable;
 * ``fixup``: the three Fixup rules;

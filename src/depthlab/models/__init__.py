@@ -9,7 +9,7 @@ from torch import nn
 from depthlab.models.linear import LinearNet
 from depthlab.models.mlp import MLP
 from depthlab.models.resnet import BottleneckResNet, ResNet
-from depthlab.models.transformer import TransformerBlock, TransformerLM
+from depthlab.models.transformer import TransformerBlock, TransformerLM, TransformerSeq2Seq
 from depthlab.registry import DepthlabError, Registry
 from depthlab.resources import allocation_error, check_fits
 from depthlab.validate import check_kwargs
@@ -64,6 +64,7 @@ __all__ = [
     "ResNet",
     "TransformerBlock",
     "TransformerLM",
+    "TransformerSeq2Seq",
     "create_model",
     "list_models",
     "model_options",

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.models.common import BlockStack, check_positive, default_init, materialize, seq
-from depthlab.nn.transformer import MultiHeadAttention, check_heads
+from depthlab.nn.transformer import MemoryAttention, MultiHeadAttention, check_heads
 from depthlab.registry import DepthlabError, unknown_choice
-from depthlab.schemes import Scheme, get_scheme
+from depthlab.schemes import Scheme, Stack, get_scheme
 
 #: feed-forward activations and their He gains (Fixup's W₁ init)
 FF_ACTIVATIONS = {"relu": (nn.ReLU, math.sqrt(2.0)), "gelu": (nn.GELU, math.sqrt(2.0))}
@@ -68,6 +68,8 @@ class TransformerBlock(BlockStack):
         activation: str = "relu",
         num_blocks: int = 2,
         scheme_options: dict | None = None,
+        cross_attention: bool = False,
+        stack: Stack | None = None,
     ) -> None:
         check_heads(d_model, nhead)
         ff = 4 * d_model if dim_feedforward is None else dim_feedforward
@@ -89,7 +91,20 @@ class TransformerBlock(BlockStack):
             d_model,
             tokens,
             num_blocks,
+            stack=stack,
         )
+        cross_res = None
+        if cross_attention:
+            cross = MemoryAttention(d_model, nhead, dropout, bias=s.layer_bias)
+            cross_res = s.residual(
+                seq(s.norm(d_model, tokens), s.bias(), cross, drop(), s.scale()),
+                d_model,
+                tokens,
+                num_blocks,
+                stack=stack,
+            )
+            cross_res.init_gain = 1.0
+            cross_res.deepnorm_layers = [cross.v_proj, cross.out_proj]
         ff_res = s.residual(
             seq(
                 s.norm(d_model, tokens),
@@ -105,15 +120,19 @@ class TransformerBlock(BlockStack):
             d_model,
             tokens,
             num_blocks,
+            stack=stack,
         )
-        if s.shares_layer_gate() and attn_res.gate is not None and ff_res.gate is not None:
-            # one α per layer: both gates hold the same Parameter (two Gate modules, so hooks on
-            # each sublayer's gate still see only that sublayer)
-            for name, p in attn_res.gate.named_parameters(recurse=False):
-                setattr(ff_res.gate, name, p)
+        others = [r for r in (cross_res, ff_res) if r is not None]
+        if s.shares_layer_gate() and attn_res.gate is not None:
+            # one α per layer: the gates hold the same Parameter (one Gate module per sublayer,
+            # so hooks on each sublayer's gate still see only that sublayer)
+            for res in (r for r in others if r.gate is not None):
+                for name, p in attn_res.gate.named_parameters(recurse=False):
+                    setattr(res.gate, name, p)
         attn_res.init_gain, ff_res.init_gain = 1.0, act_gain
         attn_res.deepnorm_layers = [attn.v_proj, attn.out_proj]
-        super().__init__(OrderedDict(attn=attn_res, ff=ff_res))
+        subs = [("attn", attn_res)] + ([("cross", cross_res)] if cross_res is not None else [])
+        super().__init__(OrderedDict([*subs, ("ff", ff_res)]))
         self.scheme = s
         self.init_gain = 1.0
         self.d_model, self.nhead, self.causal = d_model, nhead, causal
@@ -207,20 +226,8 @@ class TransformerLM(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
-        if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-            raise DepthlabError(
-                f"transformer-lm takes integer token ids of shape (B, T), got dtype {tokens.dtype}"
-            )
-        if tokens.dim() != 2:
-            raise DepthlabError(
-                f"transformer-lm takes token ids of shape (B, T), got shape {tuple(tokens.shape)}"
-            )
+        _check_tokens(tokens, self.context, "transformer-lm")
         T = tokens.shape[1]
-        if T > self.context:
-            raise DepthlabError(
-                f"sequence length {T} exceeds the model's context {self.context}; "
-                f"build the model with context >= {T} or feed shorter windows"
-            )
         pos = torch.arange(T, device=tokens.device)
         x = self.token_embedding(tokens.long()) + self.pos_embedding(pos)  # (B, T, C)
         return self.dropout(x)
@@ -234,3 +241,138 @@ class TransformerLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.logits(self.blocks(self.embed(tokens)))  # (B, T, V)
+
+
+class TransformerSeq2Seq(nn.Module):
+    """Encoder–decoder Transformer (Vaswani et al. 2017, arXiv 1706.03762) under every scheme:
+
+    ``src (B, S), tgt (B, T) -> logits (B, T, V)``, with ``N = encoder_layers`` layers of
+    (self-attention, feed-forward) sublayers and a final norm on the encoder side, and
+    ``M = decoder_layers`` layers of (causal self-attention, cross-attention to the encoder's
+    output, feed-forward) sublayers, a final norm and an untied head on the decoder side. Source
+    and target share the token and position embeddings (``U(-0.1, 0.1)``, as
+    :class:`TransformerLM`).
+
+    Every residual block carries a :class:`~depthlab.schemes.Stack` (``block.stack``: its role
+    and N, M), which is what DeepNorm's encoder–decoder rules read (Wang et al. 2022,
+    arXiv 2203.00555: encoder α = 0.81(N⁴M)^(1/16), β = 0.87(N⁴M)^(-1/16); decoder
+    α = (3M)^(1/4), β = (12M)^(-1/4)). Rules that count blocks (Fixup's L, SkipInit's
+    ``1/sqrt(d)``) see all ``2N + 3M`` of them. ``model.encoder`` and ``model.decoder`` are the
+    flat stacks of residual sublayers.
+    """
+
+    def __init__(
+        self,
+        encoder_layers: int = 6,
+        decoder_layers: int = 6,
+        scheme: str | Scheme = "postnorm",
+        d_model: int = 128,
+        nhead: int = 4,
+        context: int = 128,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        vocab_size: int = 256,
+        scheme_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive(
+            encoder_layers=encoder_layers,
+            decoder_layers=decoder_layers,
+            context=context,
+            vocab_size=vocab_size,
+        )
+        check_heads(d_model, nhead)
+        ff = 4 * d_model if dim_feedforward is None else dim_feedforward
+        self.config = dict(
+            encoder_layers=encoder_layers,
+            decoder_layers=decoder_layers,
+            d_model=d_model,
+            nhead=nhead,
+            context=context,
+            dim_feedforward=ff,
+            dropout=dropout,
+            activation=activation,
+            vocab_size=vocab_size,
+        )
+        self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
+        self.d_model, self.context = d_model, context
+        self.init_gain = 1.0
+        n, m = encoder_layers, decoder_layers
+        num_blocks = 2 * n + 3 * m
+
+        def layers(role: str, count: int) -> BlockStack:
+            stack = Stack(role, n, m)
+            built = [
+                TransformerBlock(
+                    d_model,
+                    nhead,
+                    ff,
+                    dropout,
+                    s,
+                    causal=role == "decoder",
+                    activation=activation,
+                    num_blocks=num_blocks,
+                    cross_attention=role == "decoder",
+                    stack=stack,
+                )
+                for _ in range(count)
+            ]
+            return BlockStack(*[sub for layer in built for sub in layer])
+
+        with torch.device("meta"):
+            self.token_embedding = nn.Embedding(vocab_size, d_model)
+            self.pos_embedding = nn.Embedding(context, d_model)
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            self.encoder = layers("encoder", n)
+            self.encoder_norm = seq(s.final_norm(d_model, "tokens"))
+            self.decoder = layers("decoder", m)
+            self.final_norm = seq(s.final_norm(d_model, "tokens"))
+            self.classifier = nn.Linear(d_model, vocab_size, bias=False)
+        materialize(self)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        default_init(self, self.init_gain)
+        with torch.no_grad():
+            for emb in (self.token_embedding, self.pos_embedding):
+                emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
+        self.scheme.initialize(self)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
+        _check_tokens(tokens, self.context, "transformer-seq2seq")
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.dropout(self.token_embedding(tokens.long()) + self.pos_embedding(pos))
+
+    def encode(self, src: torch.Tensor) -> torch.Tensor:
+        """The encoder's output, ``(B, S)`` tokens -> ``(B, S, C)``."""
+        return self.encoder_norm(self.encoder(self.embed(src)))
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        memory = self.encode(src)  # (B, S, C)
+        cross = [mod for mod in self.decoder.modules() if isinstance(mod, MemoryAttention)]
+        for mod in cross:
+            mod.memory = memory
+        try:
+            h = self.decoder(self.embed(tgt))  # (B, T, C)
+        finally:
+            for mod in cross:
+                mod.memory = None
+        return self.classifier(self.final_norm(h))  # (B, T, V)
+
+
+def _check_tokens(tokens: torch.Tensor, context: int, model: str) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+        raise DepthlabError(
+            f"{model} takes integer token ids of shape (B, T), got dtype {tokens.dtype}"
+        )
+    if tokens.dim() != 2:
+        raise DepthlabError(
+            f"{model} takes token ids of shape (B, T), got shape {tuple(tokens.shape)}"
+        )
+    if tokens.shape[1] > context:
+        raise DepthlabError(
+            f"sequence length {tokens.shape[1]} exceeds the model's context {context}; "
+            f"build the model with context >= {tokens.shape[1]} or feed shorter windows"
+        )

@@ -271,6 +271,9 @@ class Residual(nn.Module):
         self.skip_mult = float(skip_mult)
         self.shortcut = shortcut
         self.post = post
+        #: where the block sits in an encoder–decoder (a :class:`~depthlab.schemes.Stack`, set by
+        #: the scheme for rules that depend on it, e.g. DeepNorm's), else None
+        self.stack = None
 
     @property
     def has_skip(self) -> bool:

@@ -180,6 +180,24 @@ class MultiHeadAttention(nn.Module):
         )
 
 
+class MemoryAttention(MultiHeadAttention):
+    """Cross-attention as a one-input module, for residual branches: ``forward(x)`` attends from
+    ``x`` (B, T, C) to ``self.memory`` (B, S, C), which the model that owns it sets before each
+    call (an encoder–decoder sets its encoder's output). Hooks, masks and shapes are
+    :class:`MultiHeadAttention`'s."""
+
+    memory: Tensor | None = None
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, **kwargs) -> Tensor:
+        memory = self.memory if memory is None else memory
+        if memory is None:
+            raise DepthlabError(
+                "MemoryAttention has no memory: set module.memory to the encoder output "
+                "(B, S, C) before calling it, or pass memory="
+            )
+        return super().forward(x, memory, **kwargs)
+
+
 class _ReZeroLayer(nn.Module):
     """Shared parts of the drop-in layers: torch's constructor signature, the feed-forward
     sublayer, the ReZero gate, cross-attention for decoders and one dropout per sublayer."""
