@@ -367,11 +367,13 @@ class Fixup(Scheme):
 
     Branches with a single weight layer (m=1) only get rule 1.
 
-    He's std in rule 2 is taken from the **fan-out** (``√2/√(c_out·k²)``), as in the reference
-    code (``github.com/hongyi-zhang/Fixup``, CIFAR and ImageNet), which also He-initialises the
-    projection shortcuts from the fan-out, without the rescale; ``fan_mode="fan_in"`` uses the
-    fan-in instead (``torch.nn.init.kaiming_normal_``'s default). The two differ wherever a
-    layer's input and output channels differ (stage transitions, the bottleneck's 1×1 convs).
+    He's std in rule 2 is taken, for convolutions, from the **fan-out** (``√2/√(c_out·k²)``), as
+    in the reference code (``github.com/hongyi-zhang/Fixup``, CIFAR and ImageNet), which also
+    He-initialises projection shortcuts from the fan-out, without the rescale; for linear
+    layers (MLP, Transformer) from the fan-in (``fan_mode="auto"``, the default). ``"fan_in"``
+    or ``"fan_out"`` use that fan for every layer. The two differ wherever a layer's input and
+    output widths differ (stage transitions: 1/√2; the bottleneck's 1×1 convs: 2 or 1/2).
+    (The reference's Transformer code initialises Xavier-uniform instead; not built here.)
     On ResNets Fixup builds the reference's post-activation networks unless told otherwise
     (:attr:`resnet_variant`; ``variant="preact"`` for the pre-activation ones).
 
@@ -388,8 +390,9 @@ class Fixup(Scheme):
     rescale: bool = True
     multiplier: bool = True
     biases: bool = True
-    #: ``"fan_out"`` (the reference code) or ``"fan_in"``: the fan of He's std in rules 1–2
-    fan_mode: str = "fan_out"
+    #: the fan of He's std in rules 1–2: ``"auto"`` (fan-out for convolutions, as the reference
+    #: code; fan-in for linear layers), ``"fan_in"`` or ``"fan_out"``
+    fan_mode: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("zero_init", "rescale", "multiplier", "biases"):
@@ -397,10 +400,17 @@ class Fixup(Scheme):
                 raise DepthlabError(
                     f"{key} in scheme 'fixup' must be true or false, got {getattr(self, key)!r}"
                 )
-        if self.fan_mode not in ("fan_in", "fan_out"):
+        if self.fan_mode not in ("auto", "fan_in", "fan_out"):
             raise DepthlabError(
-                f"fan_mode in scheme 'fixup' must be 'fan_in' or 'fan_out', got {self.fan_mode!r}"
+                "fan_mode in scheme 'fixup' must be 'auto', 'fan_in' or 'fan_out', "
+                f"got {self.fan_mode!r}"
             )
+
+    def _fan(self, layer: nn.Module) -> int:
+        mode = self.fan_mode
+        if mode == "auto":
+            mode = "fan_in" if isinstance(layer, nn.Linear) else "fan_out"
+        return fan(layer.weight, mode)
 
     def bias(self) -> nn.Module | None:
         return Bias() if self.biases else None
@@ -422,7 +432,7 @@ class Fixup(Scheme):
                 m = len(layers)
                 factor = num_branches ** (-1.0 / (2 * m - 2)) if self.rescale and m > 1 else 1.0
                 for layer in layers[:-1]:
-                    he_std = gain / math.sqrt(fan(layer.weight, self.fan_mode))
+                    he_std = gain / math.sqrt(self._fan(layer))
                     layer.weight.normal_(0.0, he_std * factor)
                     if layer.bias is not None:
                         layer.bias.zero_()
@@ -431,14 +441,13 @@ class Fixup(Scheme):
                     if layers[-1].bias is not None:
                         layers[-1].bias.zero_()
                 elif layers:  # rule 1 off: the last layer is He-initialised like the others
-                    he_std = gain / math.sqrt(fan(layers[-1].weight, self.fan_mode))
+                    he_std = gain / math.sqrt(self._fan(layers[-1]))
                     layers[-1].weight.normal_(0.0, he_std)
                     if layers[-1].bias is not None:
                         layers[-1].bias.zero_()
-                if self.fan_mode == "fan_out" and blk.shortcut is not None:
+                if self.fan_mode != "fan_in" and blk.shortcut is not None:
                     for layer in weight_layers(blk.shortcut):  # the reference's downsample init
-                        std = math.sqrt(2.0) / math.sqrt(fan(layer.weight, "fan_out"))
-                        layer.weight.normal_(0.0, std)
+                        layer.weight.normal_(0.0, math.sqrt(2.0) / math.sqrt(self._fan(layer)))
             head = getattr(model, "classifier", None) or getattr(model, "fc", None)
             if head is not None and self.zero_init:
                 head.weight.zero_()
