@@ -25,7 +25,7 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["model"] == {
         "name": "resnet", "scheme": "fixup", "depth": 8, "width": 2, "in_channels": 1,
-        "num_classes": 10, "activation": "relu",
+        "num_classes": 10, "activation": "relu", "variant": "postact",
     }  # fmt: skip
     assert cfg["train"]["scalar_lr_mult"] == 0.1 and cfg["data"] == {"name": "digits"}
     summary = json.loads((out / "summary.json").read_text())

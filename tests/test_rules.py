@@ -102,6 +102,24 @@ def test_depth_sweep_keep_up_fails_without_the_effect(change):
     assert claims[1].verdict != "reproduced" and claims[1].rule
 
 
+def _paper_sweep(bn_post: list[float], fixup: list[float]) -> list[dict]:
+    """variant="paper" records: Fixup on the post-activation net, the rest on the pre-activation
+    one, BN and the control on both."""
+    rows = [{**r, "variant": "preact"} for r in _sweep(GOOD_SWEEP) if r["scheme"] != "fixup"]
+    post = {"batchnorm": bn_post, "fixup": fixup, "frozen": [0.3, 0.3, 0.3]}
+    return rows + [{**r, "variant": "postact"} for r in _sweep(post)]
+
+
+def test_depth_sweep_judges_fixup_against_bn_on_its_own_network():
+    # Fixup ties BN on the post-activation net (though far below the pre-activation BN): holds
+    assert _claims("depth-sweep", _paper_sweep([0.6, 0.6, 0.6], [0.6, 0.61, 0.6]))[1].verdict == (
+        "reproduced"
+    )
+    # Fixup far below BN on its own net: fails, whatever the other net's BN did
+    claims = _claims("depth-sweep", _paper_sweep([0.95, 0.95, 0.95], [0.6, 0.61, 0.6]))
+    assert claims[1].verdict != "reproduced" and "fixup" in claims[1].rule
+
+
 def test_depth_sweep_rezero_tie_is_not_faster():
     loss = {"rezero": [0.3, 0.3, 0.3], "batchnorm": [0.3, 0.3, 0.3]}
     claims = _claims("depth-sweep", _sweep(GOOD_SWEEP, loss=loss))

@@ -269,7 +269,7 @@ def test_channels_last_trains_the_same_run_and_resumes(tmp_path):
         curves.append([r["train_loss"] for r in hist.records if "train_loss" in r])
         models.append(model)
         assert (tmp_path / str(cl) / "checkpoint.pt").exists()
-    kernel = models[1].blocks[0].branch[2].weight  # (16, 16, 3, 3)
+    kernel = models[1].blocks[0].branch[1].weight  # (16, 16, 3, 3), after the scalar bias
     assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
     torch.testing.assert_close(
         torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5

@@ -5,7 +5,8 @@ record, on one batch:
 
 * ``in_var``      variance of the block input x;
 * ``skip_var``    variance of the skip term entering the sum, ``m·shortcut(x)``;
-* ``branch_var``  variance of the branch output f(x), before its gate;
+* ``branch_var``  variance of the branch output f(x), before its gate (DeepMind's
+  ``res_avg_var`` in the NF-ResNet signal-propagation plots, Brock et al. 2021);
 * ``gated_var``   variance after the gate, α·f(x) (= ``branch_var`` without a gate);
 * ``out_var``     variance of the block output y;
 * ``out_mean_sq`` average squared channel mean of y;
@@ -19,7 +20,10 @@ record, on one batch:
 Reductions (dimension legend: N batch, C channels/features, H×W spatial, T tokens): a (N, C, H, W)
 activation has its variance and mean taken per channel over (N, H, W), then averaged over C; a
 (N, C) activation per feature over N; a (N, T, C) activation per feature over (N, T). Variances
-are biased (population) variances.
+are biased (population) variances, dividing by the number of elements reduced, as DeepMind's
+signal-propagation code (``jnp.var``) does; timm's signal statistics use torch's unbiased
+default (dividing by n − 1), larger by a factor n/(n − 1) — small at the batch sizes these
+plots are made at, but not zero.
 
 These are the plots of De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the
 Identity Function in Deep Networks" (arXiv 2002.10444, Fig. 4: skip variance ≈ i, branch ≈ 1 in
@@ -58,7 +62,8 @@ MODES = ("current", "train", "eval")
 
 def channel_stats(t: torch.Tensor) -> tuple[float, float]:
     """``(mean over channels of the per-channel variance, mean over channels of the squared
-    per-channel mean)`` with the reductions of the module docstring."""
+    per-channel mean)`` with the reductions of the module docstring; the variance is the
+    population one (``unbiased=False``, as DeepMind's), not timm's unbiased one."""
     t = t.detach().to(torch.float64)
     if t.dim() == 2:  # (N, C)
         dims: tuple[int, ...] = (0,)

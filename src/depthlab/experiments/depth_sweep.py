@@ -6,11 +6,19 @@ variance-preserving ``(x + f(x))/√2`` (``scaled``) fail at depth. Fixup (Zhang
 arXiv 1901.09321, Fig. 3) trains 10,000-layer ResNets as well as BN at the default learning rate.
 
 Here every scheme × depth × seed trains a **convolutional** CIFAR ResNet (basic blocks, m = 2
-weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies) — by default the
-post-activation ResNet of Fixup's Fig. 3 and reference code (He et al. 2015, arXiv 1512.03385:
-σ after each sum, option-A shortcuts, fan-out He init), the same network for every scheme;
-``variant="preact"`` runs SkipInit's pre-activation ResNet (arXiv 1603.05027) instead — on the
-digits images (1×8×8; CIFAR-10 with ``data_dir``) for a fixed budget with one recipe, Fixup's:
+weight layers per branch, so Fixup's L^(-1/(2m-2)) rescale applies), each claim on its paper's
+network (``variant="paper"``, the default):
+
+* Fixup on the **post-activation** ResNet of its Fig. 3 and reference code (He et al. 2015,
+  arXiv 1512.03385: σ after each sum, option-A shortcuts, fan-out He init, every reference
+  scalar);
+* SkipInit, α = 1 (``plain``), ``scaled`` and ReZero on the **pre-activation** ResNet of
+  SkipInit's paper (He et al. 2016, arXiv 1603.05027);
+* BatchNorm and the control on both, so that every arm is compared with BN and the control on
+  its own network.
+
+``variant="postact"`` or ``"preact"`` runs every scheme on that one network instead. Data: the
+digits images (1×8×8; CIFAR-10 with ``data_dir``), a fixed budget with one recipe, Fixup's:
 SGD lr 0.1, momentum 0.9, weight decay 5e-4, no gradient clipping and no warm-up (neither paper
 used them); Fixup's scalars at lr/10 as in its reference code. The schemes are run as in their
 papers:
@@ -53,11 +61,22 @@ BUILD = {
 }
 #: the network of each variant, as the setup column names it
 NETS = {
-    "postact": "post-activation conv ResNet (He et al. 2015, basic blocks, option-A shortcuts; "
-    "Fixup's reference network)",
-    "preact": "pre-activation conv ResNet (He et al. 2016, basic blocks, projection shortcuts; "
-    "SkipInit's)",
+    "postact": "post-activation conv ResNet (He et al. 2015, option-A shortcuts; Fixup's "
+    "reference network)",
+    "preact": "pre-activation conv ResNet (He et al. 2016, projection shortcuts; SkipInit's)",
 }
+#: variant="paper": the networks each scheme runs on (its paper's; BN and the control on both)
+PAPER_VARIANTS = {"fixup": ("postact",), "batchnorm": ("preact", "postact")}
+PAPER_VARIANTS["frozen"] = PAPER_VARIANTS["batchnorm"]
+
+
+def variants_of(scheme: str, variant: str) -> tuple[str, ...]:
+    """The networks ``scheme`` runs on under the config's ``variant``."""
+    if variant != "paper":
+        return (variant,)
+    return PAPER_VARIANTS.get(scheme, ("preact",))
+
+
 #: "as well as BN": within this many accuracy points of BN on every seed
 KEEP_UP = 0.05
 #: "fails": diverged, or this far below BN on every seed
@@ -69,7 +88,9 @@ class Config:
     schemes: tuple[str, ...] = SCHEMES
     depths: tuple[int, ...] = (8, 20, 56)  # CIFAR ResNet depth 6n+2
     width: int = 1  # channel multiplier k (16k, 32k, 64k channels)
-    variant: str = "postact"  # postact: Fixup's reference ResNet (Fig. 3); preact: SkipInit's
+    #: paper: each scheme on its paper's network (Fixup post-activation, the others
+    #: pre-activation; BN and the control on both); postact | preact: all on that one
+    variant: str = "paper"
     steps: int = 100  # training budget (SGD steps; ≈ 4.5 epochs of digits at batch 64)
     batch_size: int = 64
     lr: float = 0.1  # Fixup's default (its Fig. 3 uses the BN learning rate)
@@ -88,11 +109,11 @@ class DepthSweep(Experiment):
         "De & Smith 2020, arXiv 2002.10444, Tables 1–2; Zhang et al. 2019, arXiv 1901.09321, Fig. 3"
     )
     columns = (
-        "scheme", "depth", "seed", "test_accuracy", "final_train_loss", "diverged",
+        "scheme", "variant", "depth", "seed", "test_accuracy", "final_train_loss", "diverged",
         "diverged_step", "wall_time_s",
     )  # fmt: skip
     version = 3
-    choices = {"schemes": tuple(BUILD), "variant": ("postact", "preact")}
+    choices = {"schemes": tuple(BUILD), "variant": ("paper", "postact", "preact")}
     zero_ok = ("grad_clip", "seeds", "weight_decay")
     Config = Config
     presets = {
@@ -122,7 +143,7 @@ class DepthSweep(Experiment):
                 "scheme": s,
                 "depth": d,
                 "width": cfg.width,
-                "variant": cfg.variant,
+                "variant": v,
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
@@ -134,6 +155,7 @@ class DepthSweep(Experiment):
             for d in cfg.depths
             for seed in cfg.seeds
             for s in cfg.schemes
+            for v in variants_of(s, cfg.variant)
         ]
 
     def cell_model(self, cell: dict) -> tuple[str, dict, int]:
@@ -192,12 +214,16 @@ class DepthSweep(Experiment):
         d = self.accuracy(df)
         fig, ax = plt.subplots(figsize=(6.4, 4))
         markers = dict(zip(BUILD, "osD^v*Px", strict=False))
-        for k, (s, g) in enumerate(d.groupby("scheme", sort=False)):
+        both = d["variant"].nunique() > 1
+        groups = d.groupby(["scheme", "variant"], sort=False)
+        for k, ((s, v), g) in enumerate(groups):
             st = g.groupby("depth")["acc"].agg(["mean", "min", "max"]).sort_index()
             x = st.index.to_numpy() * (1 + 0.03 * (k - 3))  # offset so equal lines stay visible
+            label = s + (f" ({v})" if both else "")
             (line,) = ax.plot(
-                x, st["mean"], marker=markers.get(s, "o"), ls="--" if s == "frozen" else "-",
-                label=s + (" (control: gates fixed at 0)" if s == "frozen" else ""),
+                x, st["mean"], marker=markers.get(s, "o"),
+                ls="--" if s == "frozen" else (":" if both and v == "postact" else "-"),
+                label=label + (" (control: gates fixed at 0)" if s == "frozen" else ""),
             )  # fmt: skip
             ax.vlines(x, st["min"], st["max"], color=line.get_color(), lw=1)
             div = g[g["diverged"].astype(bool)].groupby("depth").size()
@@ -220,8 +246,16 @@ class DepthSweep(Experiment):
 
     def setup(self, cfg: Config, depth: int) -> str:
         data = "CIFAR-10" if cfg.data_dir else "digits 1×8×8"
+        if cfg.variant == "paper":
+            net = (
+                "conv ResNets with basic blocks: Fixup on the post-activation net of its "
+                "reference code (option-A shortcuts), the others on SkipInit's pre-activation "
+                "net, BN and the control on both"
+            )
+        else:
+            net = NETS[cfg.variant] + ", every scheme"
         return (
-            f"{NETS[cfg.variant]}, depths {', '.join(map(str, cfg.depths))} "
+            f"{net}; depths {', '.join(map(str, cfg.depths))} "
             f"(judged at {depth}), {16 * cfg.width}/{32 * cfg.width}/{64 * cfg.width} channels, "
             f"{data}, SGD lr {cfg.lr:g} momentum 0.9 wd {cfg.weight_decay:g} batch "
             f"{cfg.batch_size}, {'no clipping' if not cfg.grad_clip else f'clip {cfg.grad_clip:g}'}"
@@ -231,27 +265,42 @@ class DepthSweep(Experiment):
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
         d = self.accuracy(df)
+        if "variant" not in d.columns:
+            d["variant"] = "preact"
         depth = int(d["depth"].max())
         at = d[d["depth"] == depth]
 
-        def acc(s: str) -> dict[int, float]:
-            g = at[at["scheme"] == s]
+        def net(s: str) -> str:
+            """The network ``s`` ran on (its first, where it ran on both)."""
+            vs = [
+                v
+                for v in ("preact", "postact")
+                if ((at["scheme"] == s) & (at["variant"] == v)).any()
+            ]
+            return vs[0] if vs else "preact"
+
+        def rows(s: str, v: str) -> pd.DataFrame:
+            return at[(at["scheme"] == s) & (at["variant"] == v)]
+
+        def acc(s: str, v: str | None = None) -> dict[int, float]:
+            g = rows(s, v or net(s))
             return {int(r.seed): float(r.acc) for r in g.itertuples()}
 
-        def div(s: str) -> int:
-            return int(at[at["scheme"] == s]["diverged"].astype(bool).sum())
-
-        def show(s: str) -> str:
-            a = acc(s)
+        def show(s: str, v: str | None = None) -> str:
+            v = v or net(s)
+            a = acc(s, v)
+            both = at[at["scheme"] == s]["variant"].nunique() > 1
+            label = s + (f" ({v})" if both or s in ("batchnorm", "frozen") else "")
             if not a:
-                return f"{s} n/a"
-            n = div(s)
-            return f"{s} {spread(a.values())}" + (f" ({n}/{len(a)} diverged)" if n else "")
+                return f"{label} n/a"
+            n = int(rows(s, v)["diverged"].astype(bool).sum())
+            return f"{label} {spread(a.values())}" + (f" ({n}/{len(a)} diverged)" if n else "")
 
-        bn, ctrl = acc("batchnorm"), acc("frozen")
         setup = self.setup(cfg, depth)
-        bn_trains = every(bn, ctrl) if ctrl else False
         bad = [s for s in BAD if acc(s)]
+        ref = net(bad[0]) if bad else "preact"  # the network the plain/scaled claim is judged on
+        bn, ctrl = acc("batchnorm", ref), acc("frozen", ref)
+        bn_trains = every(bn, ctrl) if ctrl else False
         fails = {s: all(x < bn.get(k, math.nan) - FAIL for k, x in acc(s).items()) for s in bad}
         v1, why1 = contrast(
             bn_trains, bool(bad) and all(fails.values()), "BN", " and ".join(bad) or "plain/scaled"
@@ -259,54 +308,63 @@ class DepthSweep(Experiment):
         if bn_trains and any(fails.values()) and not all(fails.values()):
             v1 = verdict(False, partly=True)
             why1 = ", ".join(s for s, f in fails.items() if not f) + " did not fail on every seed"
-        rows = [
+        out = [
             Claim(
                 claim="Without normalization, α=1 (plain) and 1/√2 scaling (scaled) fail at depth "
                 "where BN trains",
                 paper="plain and scaled fail at 1,000 layers, BN trains (Table 2)",
-                paper_setup="Wide-ResNet, CIFAR-10, 1,000 layers, SGD, batch 64",
+                paper_setup="Wide-ResNet (pre-activation), CIFAR-10, 1,000 layers, SGD, batch 64",
                 setup=setup,
                 measured=f"depth {depth}, test accuracy: "
-                + ", ".join(show(s) for s in ("batchnorm", *bad, "frozen")),
+                + ", ".join(show(s, ref) for s in ("batchnorm", *bad, "frozen")),
                 verdict=v1,
                 rule=why1
                 or f"BN beats the control on every seed; each of {', '.join(bad)} is "
-                f"{FAIL:g} below BN (or diverged) on every seed",
+                f"{FAIL:g} below BN (or diverged) on every seed (on the {ref} net)",
             )
         ]
         free = [s for s in FREE if acc(s)]
-        keeps = {
-            s: all(x >= bn.get(k, math.nan) - KEEP_UP for k, x in acc(s).items()) for s in free
-        }
-        beats = {s: every(acc(s), ctrl) for s in free}
-        ok = [s for s in free if keeps[s] and beats[s] and bn_trains]
-        reasons = []
-        if not bn_trains:
-            reasons.append("BN does not beat the frozen-gate control")
+        reasons, ok = [], []
         for s in free:
-            if not beats[s]:
+            v = net(s)
+            bn_s, ctrl_s = acc("batchnorm", v), acc("frozen", v)
+            bn_ok = every(bn_s, ctrl_s) if ctrl_s else False
+            keeps = all(x >= bn_s.get(k, math.nan) - KEEP_UP for k, x in acc(s).items())
+            beats = every(acc(s), ctrl_s)
+            if not bn_ok:
+                reasons.append(f"BN does not beat the frozen-gate control on the {v} net")
+            if not beats:
                 reasons.append(f"{s} does not beat the frozen-gate control on every seed")
-            elif not keeps[s]:
+            elif not keeps:
                 reasons.append(f"{s} is more than {KEEP_UP:g} below BN on some seed")
-        rows.append(
+            if bn_ok and beats and keeps:
+                ok.append(s)
+        shown = []
+        for s in free:
+            for x in ("batchnorm", s, "frozen"):
+                item = show(x, net(s))
+                if item not in shown:
+                    shown.append(item)
+        out.append(
             Claim(
                 claim="SkipInit and Fixup (no normalization) train at depth as well as BatchNorm",
                 paper="SkipInit ≈ BN at 1,000 layers (Table 1); Fixup ≈ BN at 10,000 (Fig. 3)",
-                paper_setup="Wide-ResNet 1,000 layers (SkipInit); ResNet to 10,000 layers, "
-                "accuracy after 1 epoch at lr 0.1 (Fixup); CIFAR-10",
+                paper_setup="Wide-ResNet 1,000 layers, pre-activation (SkipInit); post-activation "
+                "ResNet to 10,000 layers, accuracy after 1 epoch at lr 0.1 (Fixup); CIFAR-10",
                 setup=setup,
-                measured=f"depth {depth}, test accuracy: "
-                + ", ".join(show(s) for s in ("batchnorm", *free, "frozen")),
+                measured=f"depth {depth}, test accuracy: " + ", ".join(shown),
                 verdict=verdict(len(ok) == len(free) > 0, partly=bool(ok)),
                 rule="; ".join(reasons)
-                or f"within {KEEP_UP:g} of BN on every seed and above the control on every seed",
+                or f"within {KEEP_UP:g} of BN on its own net on every seed and above that net's "
+                "control on every seed",
             )
         )
-        rz = {k: float(v) for k, v in _loss(at, "rezero").items()}
+        rz_net = net("rezero")
+        rz = {k: float(v) for k, v in _loss(rows("rezero", rz_net)).items()}
         if rz:
-            bnl = _loss(at, "batchnorm")
+            bnl = _loss(rows("batchnorm", rz_net))
             faster = every({k: -v for k, v in rz.items()}, {k: -v for k, v in bnl.items()})
-            rows.append(
+            out.append(
                 Claim(
                     claim="ReZero's gates (α = 0 on a BN ResNet) converge faster than the BN "
                     "ResNet",
@@ -319,12 +377,11 @@ class DepthSweep(Experiment):
                     rule="" if faster else "ReZero's training loss is not below BN's on every seed",
                 )
             )
-        return rows
+        return out
 
 
-def _loss(at: pd.DataFrame, scheme: str) -> dict[int, float]:
-    """Final training loss per seed (inf for a diverged run)."""
-    g = at[at["scheme"] == scheme]
+def _loss(g: pd.DataFrame) -> dict[int, float]:
+    """Final training loss per seed (inf for a diverged run) of one arm's rows."""
     return {
         int(r.seed): (math.inf if bool(r.diverged) else float(r.final_train_loss))
         for r in g.itertuples()
