@@ -1,6 +1,8 @@
 """Diagnostics: pure functions from a model (and a batch) to tidy records (pandas DataFrames).
 
 * :func:`path_variance` — variance share by path length (De & Smith 2020, arXiv 2002.10444);
+* :func:`path_decomposition` — the same measured on a real network: the exact sums over paths
+  through k branches, their cross terms (Veit et al. 2016, arXiv 1605.06431);
 * :func:`signal_propagation` — per-block skip/branch/output variances, channel mean², BN stats
   (Brock et al. 2021, arXiv 2101.08692);
 * :func:`jacobian_spectrum` — input-output Jacobian singular values, dense or matrix-free
@@ -28,6 +30,7 @@ from depthlab.diagnostics.jacobian import (
     jacobian_spectrum,
     spectrum_summary,
 )
+from depthlab.diagnostics.path_decomposition import path_decomposition
 from depthlab.diagnostics.paths import (
     path_summary,
     path_variance,
@@ -46,6 +49,7 @@ __all__ = [
     "jacobian_spectrum",
     "layer_maps",
     "participation_ratio",
+    "path_decomposition",
     "path_summary",
     "path_variance",
     "path_variance_monte_carlo",
