@@ -356,6 +356,55 @@ def _paths(bn_short: float, one_short: float) -> list[dict]:
     return rows
 
 
+def _measured_paths(net: str, short: float, cross: list[float], mean: list[float]) -> list[dict]:
+    """Measured path-variance records of one net at d = 100, width 64: the share ``short`` at
+    k ≤ 15 and the rest at k = 20, per seed."""
+    rows = []
+    for seed, (c, m) in enumerate(zip(cross, mean, strict=True)):
+        for k, share in ((3, short), (20, 1 - short)):
+            rows.append({
+                "part": "measured", "depth": 100, "variant": f"real {net}", "width": 64,
+                "seed": seed, "path_length": k, "share": share, "cdf": share, "net_share": share,
+                "cross": 0.0, "cross_share": c, "tail_share": 0.0, "mean_path_length": m,
+            })  # fmt: skip
+    return rows
+
+
+def _with_analytic(rows: list[dict]) -> list[dict]:
+    return [{**r, "part": "analytic"} for r in _paths(0.97, 0.0)] + rows
+
+
+@pytest.mark.parametrize(
+    ("short", "cross", "ok"),
+    [
+        (0.99, [0.01, -0.02, 0.0], True),
+        (0.99, [-0.5, -0.6, -0.55], False),  # correlated paths: not the independent-path picture
+        (0.99, [0.01, -0.02, -0.3], False),  # one seed against
+        (0.5, [0.01, -0.02, 0.0], False),  # long paths carry the variance
+    ],
+)
+def test_path_variance_measured_bn_rule(short, cross, ok):
+    claims = _claims(
+        "path-variance", _with_analytic(_measured_paths("batchnorm", short, cross, [4.0] * 3))
+    )
+    row = next(c for c in claims if "real BN" in c.claim)
+    assert (row.verdict == "reproduced") == ok and (ok or row.rule)
+
+
+@pytest.mark.parametrize(
+    ("cross", "mean", "ok"),
+    [
+        ([0.02, -0.03, 0.01], [4.15, 4.22, 4.19], True),  # analytic: 4.197 at d = 100
+        ([0.02, -0.03, 0.01], [8.1, 8.3, 8.2], False),  # twice the analytic path length
+        ([0.5, 0.55, 0.52], [4.15, 4.22, 4.19], False),  # correlated paths
+    ],
+)
+def test_path_variance_control_rule(cross, mean, ok):
+    claims = _claims("path-variance", _with_analytic(_measured_paths("fixed", 0.99, cross, mean)))
+    row = next(c for c in claims if c.claim.startswith("Control"))
+    assert (row.verdict == "reproduced") == ok
+
+
 def test_path_variance_rule_fails_without_short_paths():
     assert _claims("path-variance", _paths(0.97, 0.0))[0].verdict == "reproduced"
     assert _claims("path-variance", _paths(0.3, 0.0))[0].verdict != "reproduced"
