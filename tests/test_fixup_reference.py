@@ -199,3 +199,28 @@ def test_postact_batchnorm_block_order():
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
     stem = [type(m).__name__ for m in net.stem]
     assert stem == ["Conv2d", "BatchNorm2d", "ReLU"]
+
+
+@pytest.mark.parametrize("variant", ["postact", "preact"])
+def test_batchnorm_zero_init_residual_makes_every_block_its_skip_path(variant):
+    """γ = 0 in each branch's last BN (the reference code's BN ResNet, Goyal et al. 2017)."""
+    net = dl.create_model(
+        "resnet", depth=14, scheme="batchnorm", variant=variant,
+        scheme_options={"zero_init_residual": True},
+    ).train()  # fmt: skip
+    assert net.scheme.identity_at_init()
+    seen = {}
+    for blk in residual_blocks(net):
+        blk.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0], o)))
+    net(torch.randn(4, 3, 8, 8))
+    for blk, (x, y) in seen.items():
+        with torch.no_grad():
+            skip = blk.skip(x)
+            expected = skip if blk.post is None else blk.post(skip)
+        assert torch.equal(y, expected)
+        bns = [m for m in blk.branch if isinstance(m, nn.BatchNorm2d)]
+        assert not bns[-1].weight.any() and all(b.weight.eq(1).all() for b in bns[:-1])
+    plain = dl.create_model("resnet", depth=8, scheme="batchnorm", variant=variant)
+    assert all(
+        m.weight.eq(1).all() for m in plain.modules() if isinstance(m, nn.BatchNorm2d)
+    )  # off by default

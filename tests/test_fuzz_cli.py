@@ -94,6 +94,21 @@ CASES = [
     ("model-depth-string", [*T, "--set", "model.depth=deep"], "depth in model 'mlp' must be"),
     ("model-width-float", [*T, "--set", "model.width=8.5"], "width in model 'mlp' must be"),
     ("model-activation", [*T, "--set", "model.activation=gelu2"], "unknown activation"),
+    (
+        "resnet-variant",
+        [*T, "--model", "resnet", "--depth", "8", "--set", "model.variant=v3"],
+        "variant must be one of",
+    ),
+    (
+        "fixup-fan-mode",
+        [*T, "--scheme", "fixup", "--set", "scheme_options.fan_mode=fan_avg"],
+        "fan_mode in scheme 'fixup'",
+    ),
+    (
+        "deepnorm-init",
+        [*T, "--scheme", "deepnorm", "--set", "scheme_options.init=uniform"],
+        "init in scheme 'deepnorm'",
+    ),
     ("data-flat-maybe", [*T, "--set", "data.flat=maybe"], "flat in data set 'digits'"),
     ("data-test-fraction-nan", [*T, "--set", "data.test_fraction=.nan"], "test_fraction"),
     ("data-test-fraction-1", [*T, "--set", "data.test_fraction=1"], "test_fraction"),

@@ -194,12 +194,30 @@ class BatchNorm(Scheme):
 
     name: ClassVar[str] = "batchnorm"
     layer_bias: ClassVar[bool] = False
+    #: γ = 0 in the last BatchNorm of every residual branch, so every block starts as its skip
+    #: path (Goyal et al. 2017, arXiv 1706.02677; torchvision's ``zero_init_residual``; the BN
+    #: ResNet of Fixup's reference code)
+    zero_init_residual: bool = False
 
     def norm(self, num_features: int, layout: str) -> nn.Module | None:
         return create_norm("batchnorm", num_features, layout)
 
     def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
         return create_norm("batchnorm", num_features, layout)
+
+    def identity_at_init(self) -> bool:
+        return self.zero_init_residual
+
+    def initialize(self, model: nn.Module) -> None:
+        if not self.zero_init_residual:
+            return
+        with torch.no_grad():
+            for blk in residual_blocks(model):
+                norms = [
+                    m for m in blk.branch.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                ]
+                if norms and norms[-1].weight is not None:
+                    norms[-1].weight.zero_()
 
 
 @SCHEMES.register()

@@ -11,7 +11,8 @@ network (``variant="paper"``, the default):
 
 * Fixup on the **post-activation** ResNet of its Fig. 3 and reference code (He et al. 2015,
   arXiv 1512.03385: σ after each sum, option-A shortcuts, fan-out He init, every reference
-  scalar);
+  scalar); its BN baseline there is the reference's BN ResNet, whose last BN of every branch
+  starts at γ = 0 (``zero_init_residual``);
 * SkipInit, α = 1 (``plain``), ``scaled`` and ReZero on the **pre-activation** ResNet of
   SkipInit's paper (He et al. 2016, arXiv 1603.05027);
 * BatchNorm and the control on both, so that every arm is compared with BN and the control on
@@ -65,6 +66,9 @@ NETS = {
     "reference network)",
     "preact": "pre-activation conv ResNet (He et al. 2016, projection shortcuts; SkipInit's)",
 }
+#: extra scheme options on the post-activation net: its BN ResNet is the reference code's, with
+#: γ = 0 in the last BN of every branch (Goyal et al. 2017)
+POSTACT_OPTIONS = {"batchnorm": {"zero_init_residual": True}}
 #: variant="paper": the networks each scheme runs on (its paper's; BN and the control on both)
 PAPER_VARIANTS = {"fixup": ("postact",), "batchnorm": ("preact", "postact")}
 PAPER_VARIANTS["frozen"] = PAPER_VARIANTS["batchnorm"]
@@ -112,7 +116,7 @@ class DepthSweep(Experiment):
         "scheme", "variant", "depth", "seed", "test_accuracy", "final_train_loss", "diverged",
         "diverged_step", "wall_time_s",
     )  # fmt: skip
-    version = 3
+    version = 4
     choices = {"schemes": tuple(BUILD), "variant": ("paper", "postact", "preact")}
     zero_ok = ("grad_clip", "seeds", "weight_decay")
     Config = Config
@@ -174,6 +178,8 @@ class DepthSweep(Experiment):
         else:
             data = create_dataset("digits")
         scheme, options = BUILD[cell["scheme"]]
+        if cell["variant"] == "postact":
+            options = {**options, **POSTACT_OPTIONS.get(cell["scheme"], {})}
         model = dl.create_model(
             "resnet", depth=cell["depth"], width=cell["width"], scheme=scheme,
             scheme_options=options or None, in_channels=data.input_shape[0],
@@ -249,8 +255,9 @@ class DepthSweep(Experiment):
         if cfg.variant == "paper":
             net = (
                 "conv ResNets with basic blocks: Fixup on the post-activation net of its "
-                "reference code (option-A shortcuts), the others on SkipInit's pre-activation "
-                "net, BN and the control on both"
+                "reference code (option-A shortcuts; its BN with γ = 0 in each branch's last BN, "
+                "as the reference), the others on SkipInit's pre-activation net, BN and the "
+                "control on both"
             )
         else:
             net = NETS[cfg.variant] + ", every scheme"

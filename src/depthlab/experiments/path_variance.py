@@ -56,7 +56,7 @@ class Config:
     measured_depths: tuple[int, ...] = (10, 100, 1000)  # residual blocks of the real networks
     widths: tuple[int, ...] = (32, 128)
     batch: int = 128  # examples the variances are taken over
-    max_k: int = 30  # path sums up to this length; the rest is the (exact) tail
+    max_k: int = 20  # path sums up to this length (≥ short); the rest is the (exact) tail
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -80,7 +80,7 @@ class PathVariance(Experiment):
             measured_depths=(10, 30),
             widths=(16,),
             batch=32,
-            max_k=10,
+            max_k=15,
             seeds=(0, 1),
         ),  # fmt: skip
         "quick": Config(),

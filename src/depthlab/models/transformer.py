@@ -18,7 +18,8 @@ multiplier after each sublayer; with L residual sublayers the attention branch c
 weight layers — query, key, value He-initialised × L^(-1/(2·4-2)) = L^(-1/6), output projection
 zero — and the feed-forward branch m = 2 — W₁ × L^(-1/2), W₂ zero) and DeepNorm (Wang et al.
 2022, arXiv 2203.00555; ``LN(α·x + f(x))``, α = (2N)^(1/4), Xavier β = (8N)^(-1/4) on W₁, W₂,
-v_proj, out_proj). Every other registered scheme builds and runs through the same hooks.
+v_proj, out_proj; in :class:`TransformerSeq2Seq` the encoder–decoder α and β of each stack).
+Every other registered scheme builds and runs through the same hooks.
 """
 
 from __future__ import annotations
