@@ -40,7 +40,9 @@ from depthlab.diagnostics.jacobian import (
 def stage(blocks: int, pool: bool, scheme: str = "batchnorm", alpha: float = 0.5) -> nn.Module:
     torch.manual_seed(0)
     opts = {"alpha_init": alpha} if scheme in ("skipinit", "rezero") else {}
-    net = dl.create_model("resnet", depth=6 * blocks + 2, scheme=scheme, scheme_options=opts)
+    net = dl.create_model(
+        "resnet", depth=6 * blocks + 2, scheme=scheme, scheme_options=opts, variant="preact"
+    )
     layers = list(net.blocks[:blocks])  # stage 1: 16 channels, stride 1
     if pool:
         layers.append(nn.AvgPool2d(2))

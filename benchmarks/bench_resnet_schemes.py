@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
+    ap.add_argument(
+        "--variant",
+        default="preact",
+        choices=("preact", "postact", "scheme"),
+        help="the ResNet every scheme runs on (scheme: each scheme's default, Fixup postact)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda (CPU-time columns: host time)")
     ap.add_argument(
         "--roofline", action="store_true", help="CPU: conv FLOPs, float32 peak, time in conv/BN ops"
@@ -75,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (args.batch,)).to(dev)
     runs = {}
     for name in schemes:
-        model = dl.create_model("resnet", depth=args.depth, scheme=name, num_classes=10)
+        variant = None if args.variant == "scheme" else args.variant
+        model = dl.create_model(
+            "resnet", depth=args.depth, scheme=name, num_classes=10, variant=variant
+        )
         model = model.to(dev, memory_format=fmt)
         # a small learning rate keeps the unnormalized 'plain' net finite over the timed steps
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

@@ -12,6 +12,9 @@ Each comes in two variants (``variant=``):
   (option A: subsample, then zero-pad the new channels), bottleneck nets 1×1-conv projections
   (option B). What Fixup's reference code builds (``github.com/hongyi-zhang/Fixup``), scalar for
   scalar: the bias before a block's first conv also feeds its shortcut (``shortcut(x + b₁ₐ)``).
+  One difference remains: the stem is He-initialised from its fan-out, as the reference's BN
+  ResNet does, while the reference's Fixup ResNet leaves its stem at PyTorch's default
+  (uniform, std 1/√(3·fan_in): 0.111 for a 3→16 3×3 stem, against 0.118 here).
 
 ``variant=None`` takes the scheme's choice (:attr:`~depthlab.schemes.Scheme.resnet_variant`:
 ``postact`` for Fixup, ``preact`` for the others). The scheme decides what sits in the norm,
