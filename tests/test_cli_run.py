@@ -61,7 +61,8 @@ def test_run_writes_every_output_and_report_rerenders_them(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = run_cli(
         capsys, "run", "path-variance", "--preset", "smoke", "--out", str(out),
-        "--set", "depths=[10,1000]",
+        "--set", "depths=[10,1000]", "--set", "measured_depths=[10]", "--set", "nets=[fixed]",
+        "--set", "seeds=[0,1]",
     )  # fmt: skip
     assert code == 0
     d = out / "path-variance"
@@ -71,17 +72,18 @@ def test_run_writes_every_output_and_report_rerenders_them(tmp_path, capsys):
     assert cfg["depths"] == [10, 1000] and cfg["preset"] == "smoke"
     df = pd.read_csv(d / "records.csv")
     assert sorted(df["depth"].unique()) == [10, 1000]
-    assert len(list((d / "cells").glob("*.json"))) == 6  # 2 depths × 3 variants
+    assert len(list((d / "cells").glob("*.json"))) == 8  # 2 depths × 3 variants + 2 measured
     summary = json.loads((d / "summary.json").read_text())
     assert summary["claims"][0]["verdict"] == "reproduced"
     # progress per cell, then the claim-vs-measured table last
-    assert "[path-variance] cell 6/6" in stdout
+    assert "[path-variance] cell 8/8" in stdout
     table = stdout.split("total wall time:")[1]
     assert "experiment" in table and "verdict" in table and "reproduced" in table
     report = (d / "report.md").read_text()
     assert (
         "| experiment | paper's claim |" in report
         and "![path_variance](path_variance.png)" in report
+        and "![path_decomposition](path_decomposition.png)" in report
     )
 
     (d / "report.md").unlink()

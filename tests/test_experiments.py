@@ -60,9 +60,13 @@ def test_presets_are_complete_and_smoke_is_smallest(name):
 
 def test_path_variance_shares_match_the_binomial_and_the_bn_claim(smoke):
     df = smoke("path-variance").records
-    for (_d, _v), g in df.groupby(["depth", "variant"]):
+    analytic, measured = df[df["part"] == "analytic"], df[df["part"] == "measured"]
+    for (_d, _v), g in analytic.groupby(["depth", "variant"]):
         assert g["share"].sum() == pytest.approx(1.0, abs=1e-9)
-    one = df[(df["depth"] == 100) & (df["variant"] == "alpha=1")]
+    for _, g in measured.groupby(["depth", "variant", "width", "seed"]):  # the tail is the rest
+        assert g["share"].sum() + g["tail_share"].iloc[0] == pytest.approx(1.0, abs=1e-9)
+    assert set(measured["variant"]) == {"real batchnorm", "real fixed"}
+    one = analytic[(analytic["depth"] == 100) & (analytic["variant"] == "alpha=1")]
     # α = 1: Binomial(d, 1/2) — the mode is d/2 and the share at d/2 is C(100,50)/2^100
     assert int(one.loc[one["share"].idxmax(), "path_length"]) == 50
     assert one.set_index("path_length").loc[50, "share"] == pytest.approx(
