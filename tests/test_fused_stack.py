@@ -424,3 +424,31 @@ def test_recompute_skips_each_segments_last_gemm(monkeypatch):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     for name, g in ref.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
+
+
+ACT_MODULES = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "linear": torch.nn.Identity}
+
+
+@pytest.mark.parametrize("segments", [0, 2])
+@pytest.mark.parametrize("scheme", ["rezero", "scaled", "noskip"])  # skip 1, 1/√2, 0
+@pytest.mark.parametrize(
+    "pair", [(a, b) for a in ACT_MODULES for b in ACT_MODULES if a != b], ids="-".join
+)
+def test_mixed_activation_stacks_give_module_by_module_gradients(
+    pair, scheme, segments, module_by_module
+):
+    """Blocks alternating two activations (a linear block's r is the stream itself, so the
+    stream must not be updated in place after it): fused outputs and gradients equal the
+    module-by-module ones in float64."""
+    m = _model(scheme, "relu", {}, depth=7)
+    for i, blk in enumerate(m.blocks):
+        blk.branch[0] = ACT_MODULES[pair[i % 2]]()
+    m.blocks.checkpoint_segments = segments
+    x = torch.randn(6, 5, dtype=torch.float64)
+    out, gx, grads, nodes = _run(m, x)
+    ref_out, ref_gx, ref_grads, ref_nodes = module_by_module(lambda: _run(m, x))
+    assert nodes >= 1 and ref_nodes == 0
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-12, atol=1e-12, msg=name)

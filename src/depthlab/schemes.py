@@ -110,7 +110,10 @@ class Scheme:
         block = Residual(
             branch,
             gate=self.gate(num_blocks),
-            skip_mult=self.skip_mult(num_blocks, stack),
+            # (a scheme written before ``stack`` existed overrides skip_mult(num_blocks) only)
+            skip_mult=self.skip_mult(num_blocks)
+            if stack is None
+            else self.skip_mult(num_blocks, stack),
             shortcut=shortcut,
             post=post,
         )

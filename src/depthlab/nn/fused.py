@@ -202,6 +202,8 @@ def _forward(blocks: list[tuple], alphas: list[float], h: torch.Tensor, keep: li
     own, y_buf = False, None  # own: h is this loop's scratch (not the input, not a kept r)
     for (act, w, b, _, skip, _), a in zip(blocks, alphas):
         r = _act(act, h)
+        if r is h:  # a linear block's r is h itself, which must now stay as it is
+            own = False
         if keep is not None:
             keep.append(r)
         if skip == 1.0:  # y only feeds the add: one scratch buffer serves every block
@@ -220,7 +222,7 @@ def _forward(blocks: list[tuple], alphas: list[float], h: torch.Tensor, keep: li
         else:
             y = torch.mm(r, w.t()) if b is None else torch.addmm(b, r, w.t())
             h = y.mul_(a) if skip == 0.0 else torch.add(y.mul_(a), h, alpha=skip)
-        own = act != "linear"  # a linear block's r is h itself
+        own = True  # a new tensor, or h updated in place because it already was scratch
     return h
 
 
