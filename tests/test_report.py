@@ -132,3 +132,24 @@ def test_report_html_renders_in_headless_chromium_with_every_figure(combined, tm
     decoded, total, rows = map(int, m.groups())
     assert total == 3 and decoded == total
     assert rows == sum(len(r.claims) for r in results) == 3
+
+
+def test_run_experiments_leaves_the_callers_figures_and_backend(tmp_path):
+    """A notebook's open figures and backend survive a run (only the run's figures close)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    import depthlab as dl
+
+    backend = matplotlib.get_backend()
+    fig = plt.figure()
+    try:
+        results = dl.run_experiments(
+            "path-variance", preset="smoke", out=tmp_path, log=lambda s: None,
+            overrides={"measured_depths": [10], "seeds": [0, 1], "nets": ["fixed"]},
+        )  # fmt: skip
+        assert results[0].figures and not results[0].error
+        assert plt.fignum_exists(fig.number) and plt.get_fignums() == [fig.number]
+        assert matplotlib.get_backend() == backend
+    finally:
+        plt.close(fig)

@@ -256,3 +256,30 @@ def test_rezero_layers_identity_at_init_and_dropout_in_train_mode():
     assert not torch.allclose(a, b)  # dropout active
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x))
+
+
+def test_hooks_on_attention_projections_run():
+    """A forward hook on q_proj fires (the fused q/k/v product falls back to module calls), and
+    a pruning pre-hook on v_proj changes the output as it would on a plain Linear."""
+    import torch.nn.utils.prune
+
+    import depthlab as dl
+
+    torch.manual_seed(0)
+    model = dl.create_model(
+        "transformer-lm", depth=2, scheme="prenorm", d_model=16, nhead=2, context=8, vocab_size=32
+    )
+    tokens = torch.randint(0, 32, (2, 8))
+    ref = model(tokens)
+    seen = []
+    attn = model.blocks[0].branch[1]
+    handle = attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out = model(tokens)
+    handle.remove()
+    assert seen == [torch.Size([2, 8, 16])]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # the same function
+    torch.nn.utils.prune.l1_unstructured(attn.v_proj, "weight", amount=0.5)
+    pruned = model(tokens)
+    assert not torch.allclose(pruned, ref)
+    torch.nn.utils.prune.remove(attn.v_proj, "weight")
+    torch.testing.assert_close(model(tokens), pruned)  # the pruned weight, now plain

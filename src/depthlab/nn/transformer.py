@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from depthlab.nn.residual import _global_hooks, _hooked
 from depthlab.nn.scalars import Gate
 from depthlab.registry import DepthlabError
 
@@ -113,6 +114,11 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, **kw)
 
     def _fused(self, layers: tuple[nn.Linear, ...], x: Tensor) -> Tensor:
+        """The projections of ``x`` by ``layers``, concatenated on the last dim: one matrix
+        product, or each layer called as a module when any has hooks (forward hooks,
+        pruning and weight-norm pre-hooks, diagnostics) so that they run as usual."""
+        if _global_hooks() or any(_hooked(layer) for layer in layers):
+            return torch.cat([layer(x) for layer in layers], dim=-1)
         w = torch.cat([layer.weight for layer in layers])
         b = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
         return F.linear(x, w, b)

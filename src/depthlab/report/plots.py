@@ -1,20 +1,17 @@
-"""Figures of the diagnostics frames (matplotlib, Agg backend). Each function takes the
-DataFrame a :mod:`depthlab.diagnostics` function returned, writes one PNG atomically and returns
-its path."""
+"""Figures of the diagnostics frames (matplotlib). Each function takes the DataFrame a
+:mod:`depthlab.diagnostics` function returned, writes one PNG atomically, closes its figure and
+returns its path; the caller's backend and other figures are left alone."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from depthlab.io import atomic_write  # noqa: E402
+from depthlab.io import atomic_write
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -23,18 +23,19 @@ VERDICT_MARK = {"reproduced": "✅", "partly": "🟡", "not reproduced": "❌", 
 
 
 def save_figures(exp: Any, df: Any, cfg: Any, out_dir: Path) -> list[Path]:
-    """Let the experiment draw its figures with the Agg backend; close them afterwards."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Let the experiment draw its figures, then close the figures it opened — and only those:
+    the caller's matplotlib backend and open figures (a notebook's) are left as they were.
+    (Without a display matplotlib picks a non-interactive backend by itself.)"""
     import matplotlib.pyplot as plt
 
     if df is None or not len(df):
         return []
+    before = set(plt.get_fignums())
     try:
         paths = exp.figures(df, cfg, Path(out_dir))
     finally:
-        plt.close("all")
+        for num in set(plt.get_fignums()) - before:
+            plt.close(num)
     return [Path(p) for p in paths]
 
 
