@@ -411,9 +411,71 @@ def test_path_variance_rule_fails_without_short_paths():
     assert _claims("path-variance", _paths(0.97, 0.97))[0].verdict != "reproduced"
 
 
+# -- fixup-ablation --
+def _ablation(acc: dict[tuple[str, float], list[float]], diverged=()) -> list[dict]:
+    rows = []
+    for (arm, lr), accs in acc.items():
+        for seed, a in zip(SEEDS, accs, strict=True):
+            div = (arm, lr, seed) in diverged
+            rows.append({
+                "arm": arm, "variant": "preact", "depth": 56, "lr": lr, "seed": seed,
+                "test_accuracy": a, "final_train_loss": 0.5, "diverged": div,
+            })  # fmt: skip
+    return rows
+
+
+GOOD_ABLATION = {
+    ("fixup", 0.1): [0.95, 0.94, 0.95], ("only-zero_init", 0.1): [0.93, 0.92, 0.94],
+    ("only-rescale", 0.1): [0.9, 0.91, 0.9], ("no-rescale", 0.1): [0.94, 0.93, 0.94],
+    ("frozen", 0.1): [0.7, 0.71, 0.69], ("fixup", 1.0): [0.9, 0.91, 0.9],
+    ("no-rescale", 1.0): [0.1, 0.1, 0.1], ("frozen", 1.0): [0.5, 0.5, 0.5],
+    ("only-zero_init", 1.0): [0.1, 0.1, 0.1], ("only-rescale", 1.0): [0.1, 0.1, 0.1],
+}  # fmt: skip
+
+
+def test_fixup_ablation_rules_pass_with_the_effect():
+    assert _verdicts(_claims("fixup-ablation", _ablation(GOOD_ABLATION))) == ["reproduced"] * 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {("only-zero_init", 0.1): [0.7, 0.75, 0.6]},  # not above the control on every seed
+        {("only-rescale", 0.1): [0.5, 0.5, 0.5]},  # below the control
+        {("frozen", 0.1): [0.95, 0.95, 0.95]},  # the control ties everything
+    ],
+)
+def test_fixup_ablation_alone_rule_fails_without_the_effect(change):
+    claims = _claims("fixup-ablation", _ablation({**GOOD_ABLATION, **change}))
+    assert claims[0].verdict != "reproduced" and claims[0].rule
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {("no-rescale", 1.0): [0.9, 0.91, 0.9]},  # both train at every lr: no necessity shown
+        {("fixup", 1.0): [0.1, 0.1, 0.1], ("no-rescale", 1.0): [0.1, 0.1, 0.1]},  # both fail
+        {("no-rescale", 1.0): [0.1, 0.1, 0.85]},  # one seed against
+    ],
+)
+def test_fixup_ablation_necessity_rule_fails_without_the_effect(change):
+    claims = _claims("fixup-ablation", _ablation({**GOOD_ABLATION, **change}))
+    assert claims[1].verdict != "reproduced" and claims[1].rule
+
+
+def test_fixup_ablation_arms_are_the_options_they_name():
+    from depthlab.experiments.fixup_ablation import ARMS, RULES
+
+    assert ARMS["fixup"][1] == dict.fromkeys(RULES, True)
+    assert ARMS["none"][1] == dict.fromkeys(RULES, False)
+    for r in RULES:
+        assert ARMS[f"only-{r}"][1] == {x: x == r for x in RULES}
+        assert ARMS[f"no-{r}"][1] == {x: x != r for x in RULES}
+
+
 # -- what the quick presets run --
 TRAINING = ("depth-sweep", "deep-fc", "batch-size", "fc-convergence", "transformer-convergence",
-            "transformer-jacobian", "degeneracy")  # fmt: skip
+            "transformer-jacobian", "degeneracy", "fixup-ablation")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TRAINING)

@@ -172,3 +172,61 @@ def test_fixup_rules_are_options_for_ablations():
     assert count(full, Bias) > 0 and count(build(biases=False), Bias) == 0
     with pytest.raises(dl.DepthlabError, match="rescale in scheme 'fixup' must be true or false"):
         dl.get_scheme("fixup", rescale="maybe")
+
+
+def _fixup(variant: str = "postact", **opts):
+    """A Fixup ResNet-20 (width 2) with the given rule options, from seed 0: the model, its
+    inner branch layers, the last layer of each branch and its stem conv."""
+    from depthlab.nn.residual import residual_blocks, weight_layers
+
+    torch.manual_seed(0)
+    net = dl.create_model(
+        "resnet", depth=20, scheme="fixup", width=2, variant=variant, scheme_options=opts or None
+    )
+    blocks = residual_blocks(net)
+    inner = [w for b in blocks for w in weight_layers(b.branch)[:-1]]
+    last = [weight_layers(b.branch)[-1] for b in blocks]
+    return net, inner, last, weight_layers(net.stem)[0]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x.weight, y.weight) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("variant", ["postact", "preact"])
+def test_fixup_rescale_off_changes_only_the_inner_branch_layers_by_the_factor(variant):
+    full, inner, last, stem = _fixup(variant)
+    off, inner_off, last_off, stem_off = _fixup(variant, rescale=False)
+    L = len(last)
+    for a, b in zip(inner, inner_off, strict=True):  # the same draws, L^(1/2) larger (m = 2)
+        torch.testing.assert_close(b.weight, a.weight * L**0.5, rtol=1e-6, atol=0)
+    assert _same(last, last_off) and _same([stem], [stem_off])
+    assert torch.equal(full.classifier.weight, off.classifier.weight)
+
+
+@pytest.mark.parametrize("variant", ["postact", "preact"])
+def test_fixup_zero_init_off_changes_only_the_last_layers_and_the_classifier(variant):
+    import math
+
+    full, inner, last, stem = _fixup(variant)
+    off, inner_off, last_off, stem_off = _fixup(variant, zero_init=False)
+    assert _same(inner, inner_off) and _same([stem], [stem_off])
+    assert all(not x.weight.any() for x in last) and not full.classifier.weight.any()
+    assert all(x.weight.any() for x in last_off) and off.classifier.weight.any()
+    # the last layers He-initialised from the fan-out (3×3 convs: fan = 9·c_out), no rescale
+    z = torch.cat([x.weight.flatten() * math.sqrt(9 * x.weight.shape[0] / 2) for x in last_off])
+    assert abs(z.std().item() - 1) < 0.03
+
+
+@pytest.mark.parametrize("rule", ["multiplier", "biases"])
+def test_fixup_scalars_off_drop_only_their_scalars(rule):
+    from depthlab.nn import Bias, Gate
+
+    full, inner, last, stem = _fixup()
+    off, inner_off, last_off, stem_off = _fixup(**{rule: False})
+    assert _same(inner, inner_off) and _same(last, last_off) and _same([stem], [stem_off])
+    kind = Gate if rule == "multiplier" else Bias
+    other = Bias if rule == "multiplier" else Gate
+    count = lambda m, t: sum(isinstance(mod, t) for mod in m.modules())  # noqa: E731
+    assert count(full, kind) > 0 and count(off, kind) == 0
+    assert count(off, other) == count(full, other)

@@ -446,10 +446,15 @@ class Fixup(Scheme):
         blocks = residual_blocks(model)
         num_branches = len(blocks)
         model_gain = getattr(model, "init_gain", math.sqrt(2.0))
+        # three passes (inner layers, last layers, shortcuts), so that switching one rule off
+        # draws the same random numbers for the layers the other rules initialise
+        plan = []
+        for blk in blocks:
+            gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
+            layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
+            plan.append((blk, gain, layers))
         with torch.no_grad():
-            for blk in blocks:
-                gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
-                layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
+            for _, gain, layers in plan:
                 m = len(layers)
                 factor = num_branches ** (-1.0 / (2 * m - 2)) if self.rescale and m > 1 else 1.0
                 for layer in layers[:-1]:
@@ -457,15 +462,17 @@ class Fixup(Scheme):
                     layer.weight.normal_(0.0, he_std * factor)
                     if layer.bias is not None:
                         layer.bias.zero_()
-                if layers and self.zero_init:
+            for _, gain, layers in plan:
+                if not layers:
+                    continue
+                if self.zero_init:
                     layers[-1].weight.zero_()
-                    if layers[-1].bias is not None:
-                        layers[-1].bias.zero_()
-                elif layers:  # rule 1 off: the last layer is He-initialised like the others
+                else:  # rule 1 off: the last layer is He-initialised like the others
                     he_std = gain / math.sqrt(self._fan(layers[-1]))
                     layers[-1].weight.normal_(0.0, he_std)
-                    if layers[-1].bias is not None:
-                        layers[-1].bias.zero_()
+                if layers[-1].bias is not None:
+                    layers[-1].bias.zero_()
+            for blk, _, _ in plan:
                 if self.fan_mode != "fan_in" and blk.shortcut is not None:
                     for layer in weight_layers(blk.shortcut):  # the reference's downsample init
                         layer.weight.normal_(0.0, math.sqrt(2.0) / math.sqrt(self._fan(layer)))

@@ -12,6 +12,7 @@ from depthlab.experiments import (  # noqa: F401 - importing registers the exper
     degeneracy,
     depth_sweep,
     fc_convergence,
+    fixup_ablation,
     path_variance,
     transformer_convergence,
     transformer_jacobian,
