@@ -65,6 +65,17 @@ AFFINE_TOL = 1e-7
 Map = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _forward_with(net: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One forward pass of ``net`` on ``x`` without gradients; the hook handles are removed
+    afterwards, also when the pass raises."""
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _freeze_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
     """Run ``net`` once in training mode, record every BatchNorm's batch mean and biased
     variance, and make them its running statistics; ``net`` is left in eval mode, so every
@@ -77,14 +88,8 @@ def _freeze_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
         stats[mod] = (z.mean(dims), z.var(dims, unbiased=False))
 
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    hooks = [m.register_forward_pre_hook(grab) for m in bns]
     net.train()
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with(net, x, [m.register_forward_pre_hook(grab) for m in bns])
     net.eval()
     for m in bns:
         if m not in stats:
@@ -108,13 +113,7 @@ def _trace(net: nn.Module, x: torch.Tensor, blocks: list[Residual]) -> list[torc
     def grab(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         seen[index[id(mod)]] = (inp[0].detach(), out.detach())
 
-    hooks = [b.register_forward_hook(grab) for b in blocks]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with(net, x, [b.register_forward_hook(grab) for b in blocks])
     if len(seen) != len(blocks):
         raise DepthlabError("path_decomposition: some residual blocks did not run on this input")
     for i in range(1, len(blocks)):

@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, train, verdict
-from depthlab.experiments.rules import contrast, every, spread
+from depthlab.experiments.rules import accuracy_or_zero, contrast, every, spread
 from depthlab.registry import DepthlabError  # noqa: F401
 
 SCHEMES = ("batchnorm", "skipinit", "fixup", "rezero", "frozen", "plain", "scaled")
@@ -204,20 +204,12 @@ class DepthSweep(Experiment):
             }
         ]
 
-    @staticmethod
-    def accuracy(df: pd.DataFrame) -> pd.DataFrame:
-        """Test accuracy with diverged runs counted as chance-or-worse (0)."""
-        d = df.copy()
-        div = d["diverged"].astype(bool)
-        d["acc"] = d["test_accuracy"].astype(float).fillna(0.0).where(~div, 0.0)
-        return d
-
     def figures(self, df: pd.DataFrame, cfg: Config, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         from depthlab.report.render import save_fig
 
-        d = self.accuracy(df)
+        d = accuracy_or_zero(df)
         fig, ax = plt.subplots(figsize=(6.4, 4))
         markers = dict(zip(BUILD, "osD^v*Px", strict=False))
         both = d["variant"].nunique() > 1
@@ -271,7 +263,7 @@ class DepthSweep(Experiment):
         )
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
-        d = self.accuracy(df)
+        d = accuracy_or_zero(df)
         if "variant" not in d.columns:
             d["variant"] = "preact"
         depth = int(d["depth"].max())

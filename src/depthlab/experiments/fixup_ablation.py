@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, train, verdict
-from depthlab.experiments.rules import contrast, every, spread
+from depthlab.experiments.rules import accuracy_or_zero, contrast, every, spread
 
 RULES = ("zero_init", "rescale", "multiplier", "biases")
 
@@ -146,20 +146,12 @@ class FixupAblation(Experiment):
             }
         ]
 
-    @staticmethod
-    def accuracy(df: pd.DataFrame) -> pd.DataFrame:
-        """Test accuracy with diverged runs counted as 0."""
-        d = df.copy()
-        div = d["diverged"].astype(bool)
-        d["acc"] = d["test_accuracy"].astype(float).fillna(0.0).where(~div, 0.0)
-        return d
-
     def figures(self, df: pd.DataFrame, cfg: Config, out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         from depthlab.report.render import save_fig
 
-        d = self.accuracy(df)
+        d = accuracy_or_zero(df)
         lrs = sorted(d["lr"].unique())
         arms = [a for a in ARMS if a in set(d["arm"])]
         fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(arms) * len(lrs)), 3.8))
@@ -195,7 +187,7 @@ class FixupAblation(Experiment):
         )
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
-        d = self.accuracy(df)
+        d = accuracy_or_zero(df)
         lrs = sorted(d["lr"].unique())
         if not lrs:
             return []

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from depthlab.experiments.base import verdict
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _clean(values: Iterable[float]) -> list[float]:
@@ -86,3 +90,12 @@ def contrast(works: bool, fails: bool, works_label: str, fails_label: str) -> tu
 def per_seed(values: Sequence[tuple[int, float]]) -> dict[int, float]:
     """``{seed: value}`` from ``(seed, value)`` pairs."""
     return {int(s): float(v) for s, v in values}
+
+
+def accuracy_or_zero(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with an ``acc`` column: the test accuracy, with diverged runs (and missing values)
+    counted as 0 — a run that diverged did not reach chance."""
+    d = df.copy()
+    div = d["diverged"].astype(bool)
+    d["acc"] = d["test_accuracy"].astype(float).fillna(0.0).where(~div, 0.0)
+    return d

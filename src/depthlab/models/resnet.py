@@ -93,6 +93,56 @@ class Shortcut(nn.Module):
         return f"{self.c_in}, {self.c_out}, stride={self.stride}, kind={self.kind!r}"
 
 
+def _branch(
+    s: Scheme, convs: list[nn.Conv2d], act: str, variant: str
+) -> tuple[nn.Module, nn.Module | None]:
+    """The residual branch around ``convs`` with the scheme's slots, and its first scalar bias
+    (post-activation: the one a changed shortcut reads too; None pre-activation):
+
+    * pre-activation: ``norm σ (+b) conv`` then ``norm (+b) σ (+b) conv`` per further conv;
+    * post-activation: ``(+b) conv norm`` then ``(+b) σ (+b) conv norm`` per further conv;
+
+    both end in the scalar multiplier and bias, ``·s (+b)`` (Fixup's slots)."""
+    mods: list[nn.Module | None] = []
+    first = None
+    if variant == "postact":
+        first = s.bias()
+        mods.append(first)
+        for i, conv in enumerate(convs):
+            if i:
+                mods += [s.bias(), make_act(act), s.bias()]
+            mods += [conv, s.norm(conv.out_channels, "channels")]
+    else:
+        for i, conv in enumerate(convs):
+            mods.append(s.norm(conv.in_channels, "channels"))
+            mods += [s.bias(), make_act(act), s.bias()] if i else [make_act(act), s.bias()]
+            mods.append(conv)
+    mods += [s.scale(), s.bias()]
+    return seq(*mods), first
+
+
+def _block(
+    s: Scheme,
+    convs: list[nn.Conv2d],
+    c_in: int,
+    stride: int,
+    num_blocks: int,
+    act: str,
+    variant: str,
+    shortcut_kind: str,
+) -> Residual:
+    """One residual block around ``convs``: pre-activation with a projection shortcut where the
+    shape changes, or post-activation (σ after the sum) with a ``shortcut_kind`` shortcut fed
+    ``x + b₁ₐ``."""
+    c_out = convs[-1].out_channels
+    branch, first = _branch(s, convs, act, variant)
+    if variant == "postact":
+        same = c_in == c_out and stride == 1
+        shortcut = None if same else Shortcut(c_in, c_out, stride, shortcut_kind, first)
+        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
+    return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
+
+
 def basic_block(
     s: Scheme,
     c_in: int,
@@ -105,37 +155,11 @@ def basic_block(
     """Two 3×3 convs with Fixup's scalar slots (m = 2): pre-activation
     ``x + conv(σ(norm(conv(σ(norm(x))))))`` with a projection shortcut, or post-activation
     ``σ(x + norm(conv(σ(norm(conv(x))))))`` with an option-A shortcut."""
-    if variant == "postact":
-        first = s.bias()
-        branch = seq(
-            first,
-            conv3x3(c_in, c_out, stride, bias=s.layer_bias),
-            s.norm(c_out, "channels"),
-            s.bias(),
-            make_act(act),
-            s.bias(),
-            conv3x3(c_out, c_out, bias=s.layer_bias),
-            s.norm(c_out, "channels"),
-            s.scale(),
-            s.bias(),
-        )
-        same = c_in == c_out and stride == 1
-        shortcut = None if same else Shortcut(c_in, c_out, stride, "pad", first)
-        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
-    branch = seq(
-        s.norm(c_in, "channels"),
-        make_act(act),
-        s.bias(),
+    convs = [
         conv3x3(c_in, c_out, stride, bias=s.layer_bias),
-        s.norm(c_out, "channels"),
-        s.bias(),
-        make_act(act),
-        s.bias(),
         conv3x3(c_out, c_out, bias=s.layer_bias),
-        s.scale(),
-        s.bias(),
-    )
-    return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
+    ]
+    return _block(s, convs, c_in, stride, num_blocks, act, variant, "pad")
 
 
 def bottleneck_block(
@@ -150,48 +174,12 @@ def bottleneck_block(
 ) -> Residual:
     """1×1 reduce → 3×3 (strided) → 1×1 expand, m = 3; pre-activation, or post-activation with
     Fixup's reference scalars and a projection shortcut fed ``x + b₁ₐ``."""
-    c_out = width * expansion
-    if variant == "postact":
-        first = s.bias()
-        branch = seq(
-            first,
-            conv1x1(c_in, width, bias=s.layer_bias),
-            s.norm(width, "channels"),
-            s.bias(),
-            make_act(act),
-            s.bias(),
-            conv3x3(width, width, stride, bias=s.layer_bias),
-            s.norm(width, "channels"),
-            s.bias(),
-            make_act(act),
-            s.bias(),
-            conv1x1(width, c_out, bias=s.layer_bias),
-            s.norm(c_out, "channels"),
-            s.scale(),
-            s.bias(),
-        )
-        same = c_in == c_out and stride == 1
-        shortcut = None if same else Shortcut(c_in, c_out, stride, "conv", first)
-        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
-    branch = seq(
-        s.norm(c_in, "channels"),
-        make_act(act),
-        s.bias(),
+    convs = [
         conv1x1(c_in, width, bias=s.layer_bias),
-        s.norm(width, "channels"),
-        s.bias(),
-        make_act(act),
-        s.bias(),
         conv3x3(width, width, stride, bias=s.layer_bias),
-        s.norm(width, "channels"),
-        s.bias(),
-        make_act(act),
-        s.bias(),
-        conv1x1(width, c_out, bias=s.layer_bias),
-        s.scale(),
-        s.bias(),
-    )
-    return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
+        conv1x1(width, width * expansion, bias=s.layer_bias),
+    ]
+    return _block(s, convs, c_in, stride, num_blocks, act, variant, "conv")
 
 
 def resolve_variant(variant: str | None, s: Scheme) -> str:

@@ -144,7 +144,31 @@ class TransformerBlock(BlockStack):
         self.scheme.initialize(self)
 
 
-class TransformerLM(nn.Module):
+class _TokenModel(nn.Module):
+    """What the token models share: token plus position embeddings, and their initialisation
+    (embeddings ``U(-0.1, 0.1)``, LeCun-normal weight layers, then the scheme's rules)."""
+
+    label: str = "a token model"
+    scheme: Scheme
+    context: int
+    init_gain: float
+
+    def reset_parameters(self) -> None:
+        default_init(self, self.init_gain)
+        with torch.no_grad():
+            for emb in (self.token_embedding, self.pos_embedding):
+                emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
+        self.scheme.initialize(self)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
+        _check_tokens(tokens, self.context, self.label)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token_embedding(tokens.long()) + self.pos_embedding(pos)  # (B, T, C)
+        return self.dropout(x)
+
+
+class TransformerLM(_TokenModel):
     """Byte-level (or any small-vocabulary) causal Transformer language model:
 
     ``tokens (B, T) -> embed = E[tokens] + P[:T] -> depth × TransformerBlock -> final norm
@@ -161,6 +185,8 @@ class TransformerLM(nn.Module):
     weight layers, then the scheme's model-level rules. Fixup zeroes the untied head; with
     ``tied=True`` there is no separate head to zero (zeroing it would zero the embedding).
     """
+
+    label = "transformer-lm"
 
     def __init__(
         self,
@@ -218,21 +244,6 @@ class TransformerLM(nn.Module):
         materialize(self)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        default_init(self, self.init_gain)
-        with torch.no_grad():
-            for emb in (self.token_embedding, self.pos_embedding):
-                emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
-        self.scheme.initialize(self)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
-        _check_tokens(tokens, self.context, "transformer-lm")
-        T = tokens.shape[1]
-        pos = torch.arange(T, device=tokens.device)
-        x = self.token_embedding(tokens.long()) + self.pos_embedding(pos)  # (B, T, C)
-        return self.dropout(x)
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head on the residual stream: final norm, then ``(B, T, C) -> (B, T, V)``."""
         h = self.final_norm(h)
@@ -244,7 +255,7 @@ class TransformerLM(nn.Module):
         return self.logits(self.blocks(self.embed(tokens)))  # (B, T, V)
 
 
-class TransformerSeq2Seq(nn.Module):
+class TransformerSeq2Seq(_TokenModel):
     """Encoder–decoder Transformer (Vaswani et al. 2017, arXiv 1706.03762) under every scheme:
 
     ``src (B, S), tgt (B, T) -> logits (B, T, V)``, with ``N = encoder_layers`` layers of
@@ -261,6 +272,8 @@ class TransformerSeq2Seq(nn.Module):
     ``1/sqrt(d)``) see all ``2N + 3M`` of them. ``model.encoder`` and ``model.decoder`` are the
     flat stacks of residual sublayers.
     """
+
+    label = "transformer-seq2seq"
 
     def __init__(
         self,
@@ -332,19 +345,6 @@ class TransformerSeq2Seq(nn.Module):
             self.classifier = nn.Linear(d_model, vocab_size, bias=False)
         materialize(self)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        default_init(self, self.init_gain)
-        with torch.no_grad():
-            for emb in (self.token_embedding, self.pos_embedding):
-                emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
-        self.scheme.initialize(self)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
-        _check_tokens(tokens, self.context, "transformer-seq2seq")
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.dropout(self.token_embedding(tokens.long()) + self.pos_embedding(pos))
 
     def encode(self, src: torch.Tensor) -> torch.Tensor:
         """The encoder's output, ``(B, S)`` tokens -> ``(B, S, C)``."""
