@@ -473,9 +473,55 @@ def test_fixup_ablation_arms_are_the_options_they_name():
         assert ARMS[f"no-{r}"][1] == {x: x != r for x in RULES}
 
 
+# -- bn-smoothness --
+def _smooth(spec: dict[tuple[str, str, float], tuple[float, float, float, bool]]) -> list[dict]:
+    """(net, norm, lr) -> (loss range, β, test accuracy, diverged) on every seed, two probes."""
+    rows = []
+    for (net, norm, lr), (rng, beta, acc, div) in spec.items():
+        for seed in SEEDS:
+            for step in (0, 25):
+                rows.append({
+                    "net": net, "norm": norm, "lr": lr, "seed": seed, "step": step,
+                    "train_loss": 1.0, "loss_range": rng * (1 + 0.01 * seed), "grad_change": 1.0,
+                    "beta": beta * (1 + 0.01 * seed), "test_accuracy": acc, "diverged": div,
+                })  # fmt: skip
+    return rows
+
+
+GOOD_SMOOTH = {
+    ("vgg", "batchnorm", 0.02): (0.01, 15.0, 0.98, False),
+    ("vgg", "noisy", 0.02): (0.02, 16.0, 0.97, False),
+    ("vgg", "none", 0.02): (0.3, 40.0, 0.8, False),
+    ("vgg", "batchnorm", 0.2): (0.05, 20.0, 0.97, False),
+    ("vgg", "noisy", 0.2): (0.05, 20.0, 0.9, False),
+    ("vgg", "none", 0.2): (9.0, 99.0, 0.1, True),
+}
+
+
+def test_bn_smoothness_rules_pass_with_the_effect():
+    assert _verdicts(_claims("bn-smoothness", _smooth(GOOD_SMOOTH))) == ["reproduced"] * 3
+
+
+@pytest.mark.parametrize(
+    ("change", "row"),
+    [
+        ({("vgg", "none", 0.02): (0.01, 15.0, 0.8, False)}, 0),  # a tie in smoothness
+        ({("vgg", "none", 0.02): (0.005, 10.0, 0.8, False)}, 0),  # reversed
+        ({("vgg", "none", 0.02): (0.3, 40.0, 0.1, True)}, 0),  # no-BN did not train: no contrast
+        ({("vgg", "none", 0.2): (0.05, 20.0, 0.96, False)}, 1),  # both train at the large lr
+        ({("vgg", "batchnorm", 0.2): (9.0, 99.0, 0.1, True)}, 1),  # both fail
+        ({("vgg", "noisy", 0.02): (0.02, 16.0, 0.5, False)}, 2),  # noisy far below BN
+        ({("vgg", "noisy", 0.02): (0.02, 16.0, 0.8, False)}, 2),  # noisy ties no-BN
+    ],
+)
+def test_bn_smoothness_rules_fail_without_the_effect(change, row):
+    claims = _claims("bn-smoothness", _smooth({**GOOD_SMOOTH, **change}))
+    assert claims[row].verdict != "reproduced" and claims[row].rule
+
+
 # -- what the quick presets run --
 TRAINING = ("depth-sweep", "deep-fc", "batch-size", "fc-convergence", "transformer-convergence",
-            "transformer-jacobian", "degeneracy", "fixup-ablation")  # fmt: skip
+            "transformer-jacobian", "degeneracy", "fixup-ablation", "bn-smoothness")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TRAINING)

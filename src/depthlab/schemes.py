@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from depthlab.nn.init import fan
-from depthlab.nn.norm import create_norm
+from depthlab.nn.norm import NoisyBatchNorm, create_norm
 from depthlab.nn.residual import Residual, residual_blocks, weight_layers
 from depthlab.nn.scalars import Bias, Gate
 from depthlab.registry import DepthlabError, Registry
@@ -201,12 +201,31 @@ class BatchNorm(Scheme):
     #: path (Goyal et al. 2017, arXiv 1706.02677; torchvision's ``zero_init_residual``; the BN
     #: ResNet of Fixup's reference code)
     zero_init_residual: bool = False
+    #: "noisy BatchNorm" (Santurkar et al. 2018, arXiv 1805.11604): after every BN, per unit and
+    #: step, a random shift ``U(−noise_mean, noise_mean)`` and scale ``U(1, noise_std)``
+    #: (:class:`~depthlab.nn.norm.NoisyBatchNorm`); 0 and 1: plain BN
+    noise_mean: float = 0.0
+    noise_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key, low in (("noise_mean", 0.0), ("noise_std", 1.0)):
+            value = getattr(self, key)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= low)
+            ):
+                raise DepthlabError(
+                    f"{key} in scheme 'batchnorm' must be a finite number ≥ {low:g}, got {value!r}"
+                )
 
     def norm(self, num_features: int, layout: str) -> nn.Module | None:
+        if self.noise_mean > 0 or self.noise_std > 1:
+            return NoisyBatchNorm(num_features, layout, self.noise_mean, self.noise_std)
         return create_norm("batchnorm", num_features, layout)
 
     def final_norm(self, num_features: int, layout: str) -> nn.Module | None:
-        return create_norm("batchnorm", num_features, layout)
+        return self.norm(num_features, layout)
 
     def identity_at_init(self) -> bool:
         return self.zero_init_residual

@@ -9,6 +9,8 @@
   (Bachlechner et al. 2020, arXiv 2003.04887);
 * :func:`gradient_norms` — per-parameter and per-block activation gradient norms
   (Zhang et al. 2019, arXiv 1901.09321);
+* :func:`loss_landscape` — loss and gradient change along the gradient, effective β-smoothness
+  (Santurkar et al. 2018, arXiv 1805.11604);
 * :func:`degeneracy` — effective/stable rank of weight products, participation ratio, dead ReLUs
   (Orhan & Pitkow 2018, arXiv 1701.09175).
 
@@ -30,6 +32,7 @@ from depthlab.diagnostics.jacobian import (
     jacobian_spectrum,
     spectrum_summary,
 )
+from depthlab.diagnostics.landscape import loss_landscape
 from depthlab.diagnostics.path_decomposition import path_decomposition
 from depthlab.diagnostics.paths import (
     path_summary,
@@ -48,6 +51,7 @@ __all__ = [
     "gradient_norms",
     "jacobian_spectrum",
     "layer_maps",
+    "loss_landscape",
     "participation_ratio",
     "path_decomposition",
     "path_summary",

@@ -8,6 +8,7 @@
 from depthlab.experiments import (  # noqa: F401 - importing registers the experiments
     batch_size,
     bn_signal,
+    bn_smoothness,
     deep_fc,
     degeneracy,
     depth_sweep,

@@ -7,6 +7,8 @@ against torch's modules.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -277,3 +279,38 @@ def convert_distributed_batchnorm(module: nn.Module, group=None, cpu: bool = Tru
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+class NoisyBatchNorm(nn.Module):
+    """BatchNorm followed by noise whose mean and scale change every step: Santurkar et al.'s
+    test of the internal-covariate-shift account ("How Does Batch Normalization Help
+    Optimization?", arXiv 1805.11604, Section 2.1, "noisy BatchNorm").
+
+    In training mode ``y = BN(x)·s + m`` with, per unit (channel or feature) and resampled at
+    every call, ``m ~ U(−mean, mean)`` and ``s ~ U(1, std)``: the distribution each unit feeds the
+    next layer shifts from step to step, by design, far more than without BN. In eval mode it is
+    the plain BN (``self.norm``). ``mean = 0`` and ``std = 1`` give BN itself.
+    """
+
+    def __init__(self, num_features: int, layout: str, mean: float = 1.0, std: float = 2.0):
+        super().__init__()
+        if not (math.isfinite(mean) and mean >= 0 and math.isfinite(std) and std >= 1):
+            raise DepthlabError(
+                f"noisy BatchNorm needs a noise mean ≥ 0 and a noise std ≥ 1, got {mean}, {std}"
+            )
+        self.norm = create_norm("batchnorm", num_features, layout)
+        self.num_features, self.layout, self.mean, self.std = num_features, layout, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if not self.training:
+            return y
+        shape = [1] * y.dim()
+        shape[-1 if self.layout == "tokens" else 1] = self.num_features  # the unit dim
+        kw = {"dtype": y.dtype, "device": y.device}
+        m = (torch.rand(shape, **kw) * 2 - 1) * self.mean
+        s = 1 + torch.rand(shape, **kw) * (self.std - 1)
+        return y * s + m
+
+    def extra_repr(self) -> str:
+        return f"noise mean U(±{self.mean:g}), scale U(1, {self.std:g})"
