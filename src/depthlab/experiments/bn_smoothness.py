@@ -109,6 +109,7 @@ class BNSmoothness(Experiment):
         "beta", "test_accuracy", "diverged",
     )  # fmt: skip
     choices = {"nets": NETS, "norms": NORMS}
+    version = 2  # noisy BN evaluates with the noise's expectation
     zero_ok = ("seeds",)
     Config = Config
     presets = {

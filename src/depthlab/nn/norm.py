@@ -288,8 +288,10 @@ class NoisyBatchNorm(nn.Module):
 
     In training mode ``y = BN(x)·s + m`` with, per unit (channel or feature) and resampled at
     every call, ``m ~ U(−mean, mean)`` and ``s ~ U(1, std)``: the distribution each unit feeds the
-    next layer shifts from step to step, by design, far more than without BN. In eval mode it is
-    the plain BN (``self.norm``). ``mean = 0`` and ``std = 1`` give BN itself.
+    next layer shifts from step to step, by design, far more than without BN. In eval mode the
+    noise is replaced by its expectation, ``y = BN(x)·(1 + std)/2`` (as dropout is at inference),
+    so that the layers after it see the scale they were trained on. ``mean = 0`` and
+    ``std = 1`` give BN itself.
     """
 
     def __init__(self, num_features: int, layout: str, mean: float = 1.0, std: float = 2.0):
@@ -304,7 +306,7 @@ class NoisyBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
         if not self.training:
-            return y
+            return y * ((1 + self.std) / 2) if self.std != 1 else y
         shape = [1] * y.dim()
         shape[-1 if self.layout == "tokens" else 1] = self.num_features  # the unit dim
         kw = {"dtype": y.dtype, "device": y.device}
