@@ -130,8 +130,8 @@ def test_report_html_renders_in_headless_chromium_with_every_figure(combined, tm
     m = re.search(r'<pre id="imgcheck">decoded=(\d+) total=(\d+) rows=(\d+)</pre>', proc.stdout)
     assert m, f"no probe output; chromium stderr: {proc.stderr[-2000:]}"
     decoded, total, rows = map(int, m.groups())
-    assert total == 3 and decoded == total
-    assert rows == sum(len(r.claims) for r in results) == 3
+    assert total == 4 and decoded == total  # path-variance's two figures and the test's two
+    assert rows == sum(len(r.claims) for r in results) == 5  # path-variance 3, the test's 2
 
 
 def test_run_experiments_leaves_the_callers_figures_and_backend(tmp_path):
