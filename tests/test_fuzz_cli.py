@@ -95,6 +95,25 @@ CASES = [
     ("model-width-float", [*T, "--set", "model.width=8.5"], "width in model 'mlp' must be"),
     ("model-activation", [*T, "--set", "model.activation=gelu2"], "unknown activation"),
     (
+        "run-noise-std",
+        ["run", "bn-smoothness", "--preset", "smoke", "--set", "noise_std=0.5", "--out", "{tmp}/o"],
+        "noise_std in experiment 'bn-smoothness' must be ≥ 1",
+    ),
+    (
+        "run-landscape-every-0",
+        [
+            "run",
+            "bn-smoothness",
+            "--preset",
+            "smoke",
+            "--set",
+            "landscape_every=0",
+            "--out",
+            "{tmp}/o",
+        ],
+        "landscape_every in experiment 'bn-smoothness' must be ≥ 1",
+    ),
+    (
         "resnet-variant",
         [*T, "--model", "resnet", "--depth", "8", "--set", "model.variant=v3"],
         "variant must be one of",

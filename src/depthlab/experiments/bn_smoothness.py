@@ -120,6 +120,20 @@ class BNSmoothness(Experiment):
         "full": Config(depth=16, width=128, steps=3000, landscape_every=100),
     }
 
+    def check(self, cfg: Config) -> None:
+        from depthlab.registry import DepthlabError
+
+        if cfg.noise_std < 1:
+            raise DepthlabError(
+                f"noise_std in experiment 'bn-smoothness' must be ≥ 1 (a scale U(1, noise_std)), "
+                f"got {cfg.noise_std:g}"
+            )
+        if cfg.landscape_every < 1:
+            raise DepthlabError(
+                "landscape_every in experiment 'bn-smoothness' must be ≥ 1 (probe the landscape "
+                f"every that many steps), got {cfg.landscape_every}"
+            )
+
     def cells(self, cfg: Config) -> list[dict]:
         keys = (
             "depth", "width", "steps", "batch_size", "landscape_every", "noise_mean", "noise_std",
