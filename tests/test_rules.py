@@ -195,6 +195,57 @@ def test_batch_size_rule_fails_without_the_effect(change):
     assert claim.verdict != "reproduced" and claim.rule
 
 
+def _tiny(acc: dict[tuple[str, int], list[float]]) -> list[dict]:
+    """Tiny-batch part: ``acc[(scheme, batch)]`` = best accuracy per seed (other lrs: 0.5)."""
+    return [
+        {
+            "part": "tiny",
+            "scheme": s,
+            "batch_size": b,
+            "lr": lr * b / 32,
+            "base_lr": lr,
+            "seed": seed,
+            "diverged": False,
+            "test_accuracy": a if lr == 0.1 else 0.5,
+        }  # fmt: skip
+        for (s, b), per in acc.items()
+        for seed, a in zip(SEEDS, per, strict=True)
+        for lr in (0.03, 0.1, 0.3)
+    ]
+
+
+GOOD_TINY = {
+    ("batchnorm", 32): [0.95, 0.94, 0.95], ("batchnorm", 2): [0.85, 0.83, 0.86],
+    ("layernorm", 32): [0.93, 0.93, 0.92], ("layernorm", 2): [0.93, 0.92, 0.93],
+    ("skipinit", 32): [0.92, 0.92, 0.91], ("skipinit", 2): [0.93, 0.91, 0.92],
+}  # fmt: skip
+
+
+def test_tiny_batch_rule_passes_with_the_effect():
+    claims = _claims("batch-size", _bs(GOOD_BS) + _tiny(GOOD_TINY))
+    assert len(claims) == 2 and claims[1].verdict == "reproduced", claims[1].rule
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # BN flat while LN and SkipInit improve: BN's drop "exceeds" theirs, yet BN is not hurt
+        {("batchnorm", 2): [0.95, 0.94, 0.95], ("layernorm", 2): [0.96, 0.96, 0.95],
+         ("skipinit", 2): [0.97, 0.95, 0.96]},
+        {("layernorm", 2): [0.83, 0.82, 0.83]},  # LN degrades as much: a tie with BN
+        {("batchnorm", 2): [0.85, 0.83, 0.96]},  # one seed against
+        {("batchnorm", 2): [0.96, 0.95, 0.96]},  # reversed: BN better at tiny batch
+    ],
+)  # fmt: skip
+def test_tiny_batch_rule_fails_without_the_effect(change):
+    claims = _claims("batch-size", _bs(GOOD_BS) + _tiny({**GOOD_TINY, **change}))
+    assert claims[1].verdict != "reproduced" and claims[1].rule
+
+
+def test_tiny_batch_claim_needs_its_records():
+    assert len(_claims("batch-size", _bs(GOOD_BS))) == 1  # no tiny records, no tiny row
+
+
 # -- fc-convergence --
 def _conv(reach: dict[str, int | None], steps: int = 250) -> list[dict]:
     """Each scheme's smoothed loss drops below the 0.2 target at step ``reach`` (None: never)."""
@@ -519,9 +570,98 @@ def test_bn_smoothness_rules_fail_without_the_effect(change, row):
     assert claims[row].verdict != "reproduced" and claims[row].rule
 
 
+# -- nonlinear-degeneracy --
+def _nd(fold=None, kept=None, spec=None) -> list[dict]:
+    """``fold[scheme]`` = median s2/s1 at the deepest layer per seed; ``kept[(act, scheme)]`` =
+    PR(last)/PR(0) per seed; ``spec[(act, init, depth)]`` = (mean, var/mean²) per seed."""
+    fold = {**GOOD_ND["fold"], **(fold or {})}
+    kept = {**GOOD_ND["kept"], **(kept or {})}
+    spec = {**GOOD_ND["spec"], **(spec or {})}
+    rows = []
+    for s, per in fold.items():
+        for seed, r in zip(SEEDS, per, strict=True):
+            rows += [
+                {"part": "fold", "scheme": s, "seed": seed, "depth": 1, "sv_ratio": 0.9},
+                {"part": "fold", "scheme": s, "seed": seed, "depth": 64, "sv_ratio": r},
+            ]
+    for (a, s), per in kept.items():
+        for seed, k in zip(SEEDS, per, strict=True):
+            rows += [
+                {
+                    "part": "rank",
+                    "activation": a,
+                    "scheme": s,
+                    "seed": seed,
+                    "layer": 0,
+                    "participation_ratio": 40.0,
+                },
+                {
+                    "part": "rank",
+                    "activation": a,
+                    "scheme": s,
+                    "seed": seed,
+                    "layer": 64,
+                    "participation_ratio": 40.0 * k,
+                },
+            ]
+    for (a, init, d), per in spec.items():
+        for seed, (m, nv) in zip(SEEDS, per, strict=True):
+            rows.append(
+                {
+                    "part": "spectrum",
+                    "activation": a,
+                    "init": init,
+                    "seed": seed,
+                    "depth": d,
+                    "jjt_mean": m,
+                    "jjt_var": nv * m * m,
+                    "jjt_nvar": nv,
+                }
+            )
+    return rows  # fmt: skip
+
+
+GOOD_ND = {
+    "fold": {"noskip": [1e-6, 1e-5, 1e-7], "skip": [0.4, 0.5, 0.3]},
+    "kept": {("relu", "noskip"): [0.02, 0.03, 0.02], ("tanh", "noskip"): [0.2, 0.2, 0.2],
+             ("linear", "noskip"): [0.1, 0.1, 0.1], ("relu", "skipinit"): [0.8, 0.7, 0.8],
+             ("tanh", "skipinit"): [0.8] * 3, ("linear", "skipinit"): [0.8] * 3},
+    "spec": {("hardtanh", "orthogonal", 10): [(1.0, 0.0)] * 3,
+             ("hardtanh", "orthogonal", 100): [(1.0, 0.0)] * 3,
+             ("relu", "orthogonal", 10): [(1.0, 10.0)] * 3,
+             ("relu", "orthogonal", 100): [(1.0, 90.0), (0.9, 120.0), (1.1, 80.0)],
+             ("hardtanh", "gaussian", 10): [(1.0, 9.0)] * 3,
+             ("hardtanh", "gaussian", 100): [(1.0, 95.0)] * 3},
+}  # fmt: skip
+
+
+def test_nonlinear_degeneracy_rules_pass_with_the_effects():
+    assert _verdicts(_claims("nonlinear-degeneracy", _nd())) == ["reproduced"] * 3
+
+
+@pytest.mark.parametrize(
+    "kw,row",
+    [
+        ({"fold": {"skip": [0.05, 0.04, 0.06]}}, 0),  # both fold
+        ({"fold": {"noskip": [0.5, 0.4, 0.6]}}, 0),  # neither folds
+        ({"fold": {"skip": [0.4, 0.5, 0.09]}}, 0),  # one seed against
+        ({"kept": {("tanh", "noskip"): [0.2, 0.2, 0.01]}}, 1),  # tanh loses more on one seed
+        ({"kept": {("relu", "skipinit"): [0.3, 0.3, 0.3]}}, 1),  # skips do not stop it
+        ({"kept": {("relu", "noskip"): [0.2, 0.2, 0.2]}}, 1),  # a tie with tanh
+        ({"spec": {("hardtanh", "orthogonal", 100): [(1.0, 2.0)] * 3}}, 2),  # not isometric
+        ({"spec": {("relu", "orthogonal", 100): [(1.0, 10.0)] * 3}}, 2),  # no growth (tie)
+        ({"spec": {("hardtanh", "gaussian", 100): [(1.0, 0.1)] * 3}}, 2),  # init does not matter
+    ],
+)
+def test_nonlinear_degeneracy_rules_fail_without_the_effect(kw, row):
+    claims = _claims("nonlinear-degeneracy", _nd(**kw))
+    assert claims[row].verdict != "reproduced" and claims[row].rule
+
+
 # -- what the quick presets run --
 TRAINING = ("depth-sweep", "deep-fc", "batch-size", "fc-convergence", "transformer-convergence",
-            "transformer-jacobian", "degeneracy", "fixup-ablation", "bn-smoothness")  # fmt: skip
+            "transformer-jacobian", "degeneracy", "fixup-ablation", "bn-smoothness",
+            "nonlinear-degeneracy")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TRAINING)

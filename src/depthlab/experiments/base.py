@@ -74,6 +74,8 @@ class Experiment:
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: numeric fields that may be 0 (every other size, budget and rate must be > 0)
     zero_ok: ClassVar[tuple[str, ...]] = ()
+    #: list fields that may be empty (an optional part of the experiment left out)
+    empty_ok: ClassVar[tuple[str, ...]] = ()
     #: the largest value of each kind of size field (see :data:`SIZE_LIMITS`), per experiment
     limits: ClassVar[dict[str, int]] = {}
 
@@ -196,7 +198,7 @@ def check_config(exp: Experiment, cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         key, value = f.name, getattr(cfg, f.name)
         items = value if isinstance(value, tuple) else (value,)
-        if isinstance(value, tuple) and not value:
+        if isinstance(value, tuple) and not value and key not in exp.empty_ok:
             raise DepthlabError(f"{key} in {where} must list at least one value, got []")
         for item in items:
             if isinstance(item, bool):

@@ -14,8 +14,15 @@ from depthlab.nn.init import fan
 from depthlab.nn.residual import Branch
 from depthlab.registry import DepthlabError, unknown_choice
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "linear": nn.Identity}
-GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "linear": 1.0}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "linear": nn.Identity,
+    "hardtanh": nn.Hardtanh,
+    "sigmoid": nn.Sigmoid,
+}
+#: He-style init gains (``torch.nn.init.calculate_gain``; hard-tanh is the identity near 0, gain 1)
+GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "linear": 1.0, "hardtanh": 1.0, "sigmoid": 1.0}
 
 
 def activation(name: str) -> nn.Module:
