@@ -8,9 +8,11 @@
 from depthlab.convert import convert
 from depthlab.data import DATASETS, create_dataset, list_datasets
 from depthlab.diagnostics import (
+    critical_point,
     degeneracy,
     gradient_norms,
     jacobian_spectrum,
+    jjt_moments,
     loss_landscape,
     path_decomposition,
     path_variance,
@@ -21,6 +23,7 @@ from depthlab.diagnostics import (
 )
 from depthlab.experiments import EXPERIMENTS, list_experiments, run_experiments
 from depthlab.models import MODELS, TransformerSeq2Seq, create_model, list_models
+from depthlab.models.grow import grow
 from depthlab.nn import Bias, Gate, Residual, residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.schemes import SCHEMES, Scheme, get_scheme, list_schemes
@@ -29,9 +32,11 @@ from depthlab.train import History, TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "critical_point",
     "degeneracy",
     "gradient_norms",
     "jacobian_spectrum",
+    "jjt_moments",
     "loss_landscape",
     "path_decomposition",
     "path_variance",
@@ -58,6 +63,7 @@ __all__ = [
     "TransformerSeq2Seq",
     "convert",
     "create_model",
+    "grow",
     "get_scheme",
     "list_models",
     "list_schemes",

@@ -4,6 +4,8 @@
     depthlab train --config f.yaml --set lr=0.05 --set model.width=512
     depthlab train --scheme skipinit --set scheme_options.alpha_init=0.1 --out runs/y
     depthlab train --out runs/x --resume            # continue from runs/x/checkpoint.pt
+    depthlab train --out runs/x --resume --grow 24 --grow-where even --set steps=2000
+                                                    # add 24 identity blocks, keep training
 
 The resolved configuration has four sections, the same in ``--config`` files, in the written
 ``config.yaml`` and in ``--set section.key=value``: ``model`` (name and constructor options),
@@ -96,6 +98,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="run folder (default runs/<model>-<scheme>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--grow",
+        type=int,
+        metavar="N",
+        help="with --resume: insert N new identity blocks (Transformer: layers) into the trained "
+        "model before continuing (depthlab.grow; rezero/skipinit/plain/BN/LN/Fixup models)",
+    )
+    p.add_argument(
+        "--grow-where",
+        default="end",
+        help="where --grow puts the new blocks: end (default), even, or a block index",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
     add_memory_option(p)
     p.set_defaults(func=run)
@@ -292,7 +306,25 @@ def _default_out(cfg: dict[str, dict[str, Any]]) -> str:
     return f"runs/{model}-{scheme}-{cfg['data'].get('name', 'digits')}"
 
 
+def _grow_args(args: argparse.Namespace) -> tuple[int, str | int] | None:
+    """``(n, where)`` from ``--grow``/``--grow-where``, checked before anything is touched."""
+    n = getattr(args, "grow", None)
+    if n is None:
+        return None
+    if not args.resume:
+        raise DepthlabError("--grow continues a trained run: pass --resume --out RUN")
+    if n < 1:
+        raise DepthlabError(f"--grow must be a positive number of blocks, got {n}")
+    where: str | int = args.grow_where
+    if isinstance(where, str) and where.lstrip("-").isdigit():
+        where = int(where)
+    if where not in ("end", "even") and not (isinstance(where, int) and where >= 0):
+        raise DepthlabError(f"--grow-where must be end, even or a block index ≥ 0, got {where!r}")
+    return n, where
+
+
 def run(args: argparse.Namespace) -> int:
+    growth = _grow_args(args)
     cfg = resolve(args)
     out = check_out_dir(args.out if args.out is not None else _default_out(cfg))
     dataset, model_name, model, tcfg = build(cfg)
@@ -304,6 +336,10 @@ def run(args: argparse.Namespace) -> int:
         ckpt.validate(payload, model, path)
         ckpt.validate_optimizer(payload["optimizer"], make_optimizer(model, tcfg), path)
         del payload
+    elif resume and growth is not None:
+        raise DepthlabError(
+            f"--grow: {out} has no checkpoint yet, so there is no trained model to grow"
+        )
     elif resume:  # killed before its first checkpoint: start it again from step 0
         print(
             f"{out} has no checkpoint yet (the run stopped before its first one); starting it "
@@ -316,11 +352,17 @@ def run(args: argparse.Namespace) -> int:
         raise DepthlabError(
             f"{out} already holds a run; pass --resume to {how}, or choose another --out"
         )
+    if growth is not None:  # refuse a model that cannot grow before anything is written
+        from depthlab.models.grow import check as check_growth
+
+        check_growth(model, *growth)
     if not is_main:
-        train(model, dataset, tcfg, out_dir=out, quiet=True, resume=resume)
+        train(model, dataset, tcfg, out_dir=out, quiet=True, resume=resume, grow=growth)
         return 0
     created = not out.exists()
     resolved = resolved_config(cfg, model_name, model, dataset, tcfg)
+    if growth is not None:
+        resolved["model"]["grow"] = [*model.config.get("grow", []), [growth[0], growth[1]]]
     how = f"depthlab train --out {shlex.quote(str(out))} --resume"
     lock = FolderLock(out, "train").acquire()
     had_checkpoint = path.is_file()
@@ -330,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
         write_yaml(out / "config.yaml", resolved)
         hist = train(
             model, dataset, tcfg, out_dir=out, quiet=args.quiet, resume=resume,
-            should_stop=signals.stop,
+            should_stop=signals.stop, grow=growth,
         )  # fmt: skip
     except KeyboardInterrupt as e:
         step = _checkpoint_step(path)

@@ -11,12 +11,15 @@
   (Zhang et al. 2019, arXiv 1901.09321);
 * :func:`loss_landscape` — loss and gradient change along the gradient, effective β-smoothness
   (Santurkar et al. 2018, arXiv 1805.11604);
+* :func:`critical_point` / :func:`jjt_moments` — the mean-field critical point (σ_w, σ_b) of a
+  unit and the spread of a Jacobian spectrum (Pennington et al. 2017, arXiv 1711.04735);
 * :func:`degeneracy` — effective/stable rank of weight products, participation ratio, dead ReLUs
   (Orhan & Pitkow 2018, arXiv 1701.09175).
 
 Nothing here plots; :mod:`depthlab.report.plots` draws these frames.
 """
 
+from depthlab.diagnostics.criticality import critical_point, jjt_moments
 from depthlab.diagnostics.degeneracy import (
     degeneracy,
     effective_rank,
@@ -46,10 +49,12 @@ __all__ = [
     "block_gradient_summary",
     "calibrate_batchnorm",
     "channel_stats",
+    "critical_point",
     "degeneracy",
     "effective_rank",
     "gradient_norms",
     "jacobian_spectrum",
+    "jjt_moments",
     "layer_maps",
     "loss_landscape",
     "participation_ratio",

@@ -14,6 +14,7 @@ from depthlab.experiments import (  # noqa: F401 - importing registers the exper
     depth_sweep,
     fc_convergence,
     fixup_ablation,
+    grow,
     nonlinear_degeneracy,
     path_variance,
     transformer_convergence,

@@ -38,8 +38,11 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 
     Every model takes ``depth`` and ``scheme`` (a name or a :class:`~depthlab.Scheme`), plus
     ``scheme_options`` (a dict, e.g. ``{"alpha_init": "1/sqrt(d)"}``) and its own options.
+    ``grow=[[n, where], …]`` (a grown model's ``config["grow"]``) rebuilds a model grown by
+    :func:`depthlab.grow`, ready for its state dict.
     """
     cls = MODELS.get(name)
+    growths = kwargs.pop("grow", None)
     valid = model_options(name)
     bad = [k for k in kwargs if k not in valid]
     if bad:
@@ -48,12 +51,17 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     kwargs = check_kwargs(cls.__init__, kwargs, f"model '{name}'")
     need = check_fits(name, kwargs, copies=1)  # before building: huge sizes are refused
     try:
-        return cls(**kwargs)
+        model = cls(**kwargs)
     except (RuntimeError, MemoryError) as e:
         err = allocation_error(e, f"building model '{name}'", need)
         if err is None:
             raise
         raise err from None
+    if growths:
+        from depthlab.models.grow import replay
+
+        replay(model, growths)
+    return model
 
 
 __all__ = [

@@ -49,28 +49,42 @@ class MLP(nn.Module):
         s = self.scheme
         with torch.device("meta"):
             self.stem = nn.Linear(in_dim, width)
-            self.blocks = BlockStack(
-                *[
-                    s.residual(
-                        seq(
-                            s.norm(width, "features"),
-                            make_act(act),
-                            s.bias(),
-                            nn.Linear(width, width, bias=s.layer_bias),
-                            s.scale(),
-                            s.bias(),
-                        ),
-                        width,
-                        "features",
-                        depth,
-                    )
-                    for _ in range(depth)
-                ]
-            )
+            self.blocks = BlockStack(*[self.block(depth) for _ in range(depth)])
             self.head = seq(s.final_norm(width, "features"), make_act(act), s.bias())
             self.classifier = nn.Linear(width, num_classes)
         materialize(self)
         self.reset_parameters()
+
+    def block(self, num_blocks: int) -> nn.Module:
+        """One residual block of this model's scheme in a stack of ``num_blocks``:
+        ``W σ(norm(x))`` wrapped by the scheme."""
+        s, act, width = self.scheme, self.activation, self.width
+        return s.residual(
+            seq(
+                s.norm(width, "features"),
+                make_act(act),
+                s.bias(),
+                nn.Linear(width, width, bias=s.layer_bias),
+                s.scale(),
+                s.bias(),
+            ),
+            width,
+            "features",
+            num_blocks,
+        )
+
+    # -- growing (depthlab.models.grow) ---------------------------------------------------
+    def grow_units(self) -> list[list[nn.Module]]:
+        return [[b] for b in self.blocks]
+
+    def grow_features(self, index: int, units: list[list[nn.Module]]) -> int:
+        return self.width
+
+    def grow_block(self, features: int, num_blocks: int) -> list[nn.Module]:
+        return [self.block(num_blocks)]
+
+    def grow_commit(self, n: int) -> None:
+        self.depth += n
 
     def reset_parameters(self) -> None:
         default_init(self, self.init_gain)

@@ -223,6 +223,26 @@ class _ResNetBase(nn.Module):
 
     variant: str
 
+    activation: str
+    depth: int
+    #: layers one block adds to ``depth`` (2 basic, 3 bottleneck)
+    layers_per_block: int = 2
+
+    # -- growing (depthlab.models.grow) ---------------------------------------------------
+    def grow_units(self) -> list[list[nn.Module]]:
+        return [[b] for b in self.blocks]
+
+    def grow_features(self, index: int, units: list[list[nn.Module]]) -> int:
+        """Channels entering position ``index``: the stem's output, or the block before's."""
+        from depthlab.nn.residual import weight_layers
+
+        if index == 0:
+            return int(weight_layers(self.stem)[0].weight.shape[0])
+        return int(weight_layers(units[index - 1][0].branch)[-1].weight.shape[0])
+
+    def grow_commit(self, n: int) -> None:
+        self.depth += self.layers_per_block * n
+
     def reset_parameters(self) -> None:
         mode = "fan_out" if self.variant == "postact" else "fan_in"
         default_init(self, self.init_gain, mode)
@@ -292,6 +312,11 @@ class ResNet(_ResNetBase):
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)
         self.reset_parameters()
+
+    def grow_block(self, features: int, num_blocks: int) -> list[nn.Module]:
+        """A basic block ``features → features`` (stride 1, identity shortcut)."""
+        s, act, v = self.scheme, self.activation, self.variant
+        return [basic_block(s, features, features, 1, num_blocks, act, v)]
 
 
 BOTTLENECK_LAYERS = {
@@ -387,3 +412,14 @@ class BottleneckResNet(_ResNetBase):
             self.classifier = nn.Linear(c_in, num_classes)
         materialize(self)
         self.reset_parameters()
+
+    layers_per_block = 3
+
+    def grow_block(self, features: int, num_blocks: int) -> list[nn.Module]:
+        """A bottleneck block ``features → features`` (width features/4, stride 1)."""
+        if features % 4:
+            raise DepthlabError(
+                f"grow: a bottleneck block needs channels divisible by 4, got {features}"
+            )
+        s, act, v = self.scheme, self.activation, self.variant
+        return [bottleneck_block(s, features, features // 4, 1, num_blocks, act, variant=v)]

@@ -244,6 +244,25 @@ class TransformerLM(_TokenModel):
         materialize(self)
         self.reset_parameters()
 
+    # -- growing (depthlab.models.grow): one unit is a layer (attention + feed-forward) -----
+    def grow_units(self) -> list[list[nn.Module]]:
+        blocks = list(self.blocks)
+        return [blocks[i : i + 2] for i in range(0, len(blocks), 2)]
+
+    def grow_features(self, index: int, units: list[list[nn.Module]]) -> int:
+        return self.d_model
+
+    def grow_block(self, features: int, num_blocks: int) -> list[nn.Module]:
+        c = self.config
+        layer = TransformerBlock(
+            c["d_model"], c["nhead"], c["dim_feedforward"], c["dropout"], self.scheme,
+            causal=True, activation=c["activation"], num_blocks=num_blocks,
+        )  # fmt: skip
+        return list(layer)
+
+    def grow_commit(self, n: int) -> None:
+        self.depth += n
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head on the residual stream: final norm, then ``(B, T, C) -> (B, T, V)``."""
         h = self.final_norm(h)

@@ -200,6 +200,7 @@ def train(
     quiet: bool = True,
     resume: bool = False,
     should_stop: Callable[[], BaseException | None] | None = None,
+    grow: tuple[int, str | int] | None = None,
 ) -> History:
     """Train ``model`` on ``data`` (a data set name or :class:`~depthlab.data.Dataset`).
 
@@ -211,8 +212,14 @@ def train(
     every step; an exception it returns is raised there, at a step boundary (the CLI turns
     SIGINT/SIGTERM into one, so that an interruption never lands inside a file write or the
     TensorBoard writer's shutdown).
+
+    ``grow=(n, where)`` with ``resume=True``: after loading the checkpoint, insert ``n`` new
+    identity blocks (:func:`depthlab.grow`), keep the optimizer state of the old parameters, save
+    the grown checkpoint at once, and continue training the grown model.
     """
     cfg = config or TrainConfig()
+    if grow is not None and not resume:
+        raise DepthlabError("grow continues a run: it needs resume=True and a checkpoint")
     dataset = create_dataset(data) if isinstance(data, str) else data
     if resume and out_dir is None:
         raise DepthlabError("resume=True needs the out_dir that holds the checkpoint")
@@ -228,8 +235,9 @@ def train(
     try:
         hooks = add_dropout(model, cfg.dropout)
         hist = _run(
-            model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume, should_stop
-        )
+            model, dataset, cfg, device, info, out_dir, list(callbacks), quiet, resume,
+            should_stop, grow,
+        )  # fmt: skip
         ok = True
         return hist
     finally:
@@ -249,6 +257,7 @@ def _run(
     quiet: bool,
     resume: bool,
     should_stop: Callable[[], BaseException | None] | None = None,
+    grow: tuple[int, str | int] | None = None,
 ) -> History:
     seed_everything(cfg.seed)
     total = cfg.total_steps(dataset.steps_per_epoch(cfg.batch_size))
@@ -268,6 +277,15 @@ def _run(
         hist.records = [r for r in meta["records"] if r["step"] < start]
         hist.diverged, hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
     model.to(device)
+    before_growth = None
+    if grow is not None and payload is not None:
+        from depthlab.models.grow import grow as grow_model
+
+        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
+        before_growth = make_optimizer(model, cfg)
+        ckpt.validate_optimizer(payload["optimizer"], before_growth, path)
+        before_growth.load_state_dict(payload["optimizer"])
+        grow_model(model, grow[0], grow[1])
     if cfg.channels_last:  # conv kernels (4-d parameters) in NHWC; batches converted per step
         model.to(memory_format=torch.channels_last)
     if cfg.checkpointing:
@@ -293,7 +311,12 @@ def _run(
         sgd_step: SGDInBackward | None = SGDInBackward(optimizer)
     else:
         blocks, sgd_step = None, None
-    if payload is not None:
+    if before_growth is not None:  # the old parameters keep their state; the new start afresh
+        from depthlab.models.grow import carry_state
+
+        carry_state(before_growth, optimizer)
+        ckpt.set_rng_state(payload["rng"])
+    elif payload is not None:
         path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
         ckpt.validate_optimizer(payload["optimizer"], optimizer, path)
         try:
@@ -325,6 +348,9 @@ def _run(
     def log(rec: dict[str, Any]) -> None:
         hist.records.append(rec)
         logger.log(rec)
+
+    if before_growth is not None:
+        save(start, wall0)  # the checkpoint now holds the grown model, as config.yaml says
 
     def run_eval(step: int, rec: dict[str, Any]) -> None:
         rec.update(evaluate(model, dataset, cfg.eval_batch_size, device, info))
