@@ -658,10 +658,96 @@ def test_nonlinear_degeneracy_rules_fail_without_the_effect(kw, row):
     assert claims[row].verdict != "reproduced" and claims[row].rule
 
 
+# -- grow --
+def _grow(change=0.0, after_end=None, scratch_final=0.3) -> list[dict]:
+    """Grown arm: stage 0 ends at loss 0.2; each growth moves it by ``change`` (relative);
+    each later stage ends at ``after_end`` (default: lower). Scratch ends at ``scratch_final``
+    (one value, or one per seed)."""
+    rows = []
+    for seed in SEEDS:
+        loss = 0.2
+        rows.append(
+            {
+                "arm": "grown",
+                "seed": seed,
+                "stage": 0,
+                "depth": 8,
+                "step": 200,
+                "compute": 1600,
+                "test_loss": loss,
+                "test_accuracy": 0.9,
+                "kind": "before",
+            }
+        )
+        for k, (d, c) in enumerate(((32, 4800), (128, 17600)), 1):
+            grown = loss * (1 + change)
+            rows.append(
+                {
+                    "arm": "grown",
+                    "seed": seed,
+                    "stage": k,
+                    "depth": d,
+                    "step": 100 * k + 100,
+                    "compute": c - d * 100,
+                    "test_loss": grown,
+                    "test_accuracy": 0.9,
+                    "kind": "grown",
+                }
+            )
+            end = after_end if after_end is not None else grown * 0.8
+            rows.append(
+                {
+                    "arm": "grown",
+                    "seed": seed,
+                    "stage": k,
+                    "depth": d,
+                    "step": 100 * k + 200,
+                    "compute": c,
+                    "test_loss": end,
+                    "test_accuracy": 0.95,
+                    "kind": "before" if k == 1 else None,
+                }
+            )
+            loss = end
+        s = scratch_final[seed] if isinstance(scratch_final, list) else scratch_final
+        rows.append(
+            {
+                "arm": "scratch",
+                "seed": seed,
+                "stage": 0,
+                "depth": 128,
+                "step": 138,
+                "compute": 17664,
+                "test_loss": s,
+                "test_accuracy": 0.9,
+            }
+        )
+    return rows  # fmt: skip
+
+
+def test_grow_rules_pass_with_the_effects():
+    assert _verdicts(_claims("grow", _grow())) == ["reproduced"] * 2
+
+
+@pytest.mark.parametrize(
+    "kw,row",
+    [
+        ({"change": 1e-3}, 0),  # the function moved at a growth
+        ({"after_end": 0.5}, 0),  # training after the growth did not lower the loss
+        ({"scratch_final": 0.05}, 1),  # scratch better
+        ({"scratch_final": [0.2, 0.2, 0.1]}, 1),  # one seed against
+        ({"scratch_final": 0.2 * 0.8 * 0.8}, 1),  # a tie with the grown net's final loss
+    ],
+)
+def test_grow_rules_fail_without_the_effect(kw, row):
+    claims = _claims("grow", _grow(**kw))
+    assert claims[row].verdict != "reproduced" and claims[row].rule
+
+
 # -- what the quick presets run --
 TRAINING = ("depth-sweep", "deep-fc", "batch-size", "fc-convergence", "transformer-convergence",
             "transformer-jacobian", "degeneracy", "fixup-ablation", "bn-smoothness",
-            "nonlinear-degeneracy")  # fmt: skip
+            "nonlinear-degeneracy", "grow")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TRAINING)
