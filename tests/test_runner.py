@@ -62,6 +62,16 @@ class CountCells(Experiment):
         ]
 
 
+@EXPERIMENTS.register()
+class FailCell(CountCells):
+    name = "test-fail-cell"
+
+    def run_cell(self, cell):
+        if cell["i"] == 1:
+            raise ValueError("cell 1 breaks")
+        return super().run_cell(cell)
+
+
 def markers(log: Path, phase: str) -> list[int]:
     return sorted(int(p.name.split(".")[0]) for p in log.glob(f"*.{phase}"))
 
@@ -149,3 +159,32 @@ def test_bad_overrides_and_presets_are_refused_before_writing(tmp_path):
     with pytest.raises(DepthlabError, match="unknown preset.*choose one of: smoke"):
         run("test-count-cells", "quick", out)
     assert not out.exists()
+
+
+def test_a_sweep_of_several_experiments_shares_the_workers(tmp_path, monkeypatch):
+    """``run all``-style sweeps with jobs > 1 queue every experiment's cells at once: each cell
+    runs once, a failing experiment becomes an error row while the others finish, results keep
+    the plan's order, and the per-experiment wall times add up to at most the sweep's."""
+    import time
+
+    log, out = tmp_path / "log", tmp_path / "out"
+    log.mkdir()
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "ovl")
+    monkeypatch.syspath_prepend(str(HERE))
+    t0 = time.perf_counter()
+    results = run(["test-fail-cell", "test-count-cells"], "smoke", out,
+                  {"log": str(log), "n": 4}, jobs=2, log=lambda s: None)  # fmt: skip
+    wall = time.perf_counter() - t0
+    assert [r.name for r in results] == ["test-fail-cell", "test-count-cells"]
+    failed, ok = results
+    assert failed.error and "cell 1 breaks" in failed.error and not failed.claims
+    assert ok.error is None and ok.claims[0].verdict == "reproduced"
+    assert list(ok.records["value"][::2]) == [0.0, 1.0, 2.0, 3.0]
+    summary = json.loads((out / "test-count-cells" / "summary.json").read_text())
+    assert summary["cell_time_s"] >= 0 and summary["cells"] == 4
+    assert sum(r.wall_time_s for r in results if r.error is None) <= wall
+    assert (out / "report.md").is_file()
+    monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "again")
+    (again,) = run(["test-count-cells"], "smoke", out, {"log": str(log), "n": 4}, jobs=2,
+                   log=lambda s: None)  # fmt: skip
+    assert again.cached_cells == 4 and markers(log, "again") == []

@@ -304,6 +304,7 @@ def summary_dict(r: ExperimentResult) -> dict[str, Any]:
         "cells": r.cells,
         "cached_cells": r.cached_cells,
         "wall_time_s": round(r.wall_time_s, 2),
+        **({"cell_time_s": r.extra["cell_time_s"]} if "cell_time_s" in r.extra else {}),
         "error": r.error,
     }
 
@@ -365,7 +366,10 @@ def run(
         sweep_temp_files(out)
         pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
         try:
-            _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
+            if pool is not None:
+                _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results)
+            else:
+                _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -407,6 +411,126 @@ def _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
                     paper=exp.paper,
                 )
             )
+
+
+@dataclass
+class _Job:
+    """One experiment of an overlapped sweep: its cells, what is done, what is left."""
+
+    exp: Experiment
+    cfg: Any
+    out_dir: Path
+    cells: list[dict[str, Any]]
+    done: dict[int, list[dict]]
+    todo: set[int]
+    n_cached: int
+    cell_time: float = 0.0
+    finished: bool = False
+
+
+def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> None:
+    """Every experiment's cells go to the one pool at once (in plan order, so experiments finish
+    roughly in turn); each experiment is finalized (figures, claims, reports) as soon as its last
+    cell is in, while the workers go on with the next ones — no worker waits for a slow last
+    cell or for the figures. ``wall_time_s`` of an experiment is the sweep's wall time between
+    the previous experiment's finish and its own (they add up to the sweep's); ``cell_time_s``
+    the sum of its cells' run times."""
+    t_prev = time.perf_counter()
+    jobs: list[_Job] = []
+    futures: dict[Any, tuple[_Job, int]] = {}
+    slots: dict[str, ExperimentResult] = {}
+    for exp, cfg in plan:
+        out_dir = out / exp.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(out_dir)
+        sweep_temp_files(out_dir / "cells")
+        write_yaml(
+            out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
+        )
+        cells = exp.grid(cfg)
+        done = {}
+        for i, cell in enumerate(cells):
+            cached = _load_cell(_cell_path(out_dir, exp, cell), cell)
+            if cached is not None:
+                done[i] = cached
+        job = _Job(exp, cfg, out_dir, cells, done, set(range(len(cells))) - set(done), len(done))
+        jobs.append(job)
+        log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+        if job.n_cached:
+            log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
+        module = type(exp).__module__
+        for i in sorted(job.todo):
+            futures[pool.submit(_run_cell, module, exp.name, cells[i])] = (job, i)
+
+    def fail(job: _Job, e: BaseException) -> None:
+        job.finished = True
+        for fut, (j, _) in list(futures.items()):
+            if j is job:
+                fut.cancel()
+                futures.pop(fut)
+        log(f"[{job.exp.name}] FAILED: {type(e).__name__}: {e}")
+        print(traceback.format_exc(limit=3), file=sys.stderr)
+        slots[job.exp.name] = ExperimentResult(
+            name=job.exp.name, preset=preset, config=config_dict(job.cfg),
+            records=pd.DataFrame(), claims=[], figures=[], out_dir=job.out_dir,
+            error=f"{type(e).__name__}: {e}", title=job.exp.title, paper=job.exp.paper,
+        )  # fmt: skip
+
+    def finish(job: _Job) -> None:
+        nonlocal t_prev
+        if job.finished or job.todo:
+            return
+        job.finished = True
+        df = pd.DataFrame.from_records(_merge(job.cells, job.done))
+        try:
+            result = finalize(
+                job.exp, job.cfg, preset, df, job.out_dir, cells=len(job.cells),
+                cached_cells=job.n_cached, wall_time_s=round(time.perf_counter() - t_prev, 2),
+                extra={"cell_time_s": round(job.cell_time, 2)},
+            )  # fmt: skip
+        except (KeyboardInterrupt, DepthlabError):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
+            if not keep_going:
+                raise
+            fail(job, e)
+            return
+        t_prev = time.perf_counter()
+        log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures")
+        slots[job.exp.name] = result
+
+    try:
+        for job in jobs:
+            finish(job)  # nothing left to run: every cell was cached
+        while futures:
+            ready, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            for fut in ready:
+                if fut not in futures:
+                    continue  # cancelled with its failed experiment
+                job, i = futures.pop(fut)
+                try:
+                    records, wall = fut.result()
+                except (KeyboardInterrupt, DepthlabError):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    if not keep_going:
+                        raise
+                    fail(job, e)
+                    continue
+                _save_cell(_cell_path(job.out_dir, job.exp, job.cells[i]), job.exp,
+                           job.cells[i], records, wall)  # fmt: skip
+                job.done[i] = records
+                job.todo.discard(i)
+                job.cell_time += wall
+                n = len(job.done)
+                label = " ".join(f"{k}={v}" for k, v in job.cells[i].items() if k != "seed")
+                log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
+                finish(job)
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    results.extend(slots[exp.name] for exp, _ in plan if exp.name in slots)
 
 
 def load_result(folder: Path) -> ExperimentResult:
