@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/quick
 JOBS ?= 2
 
-.PHONY: setup quick test test-slow check lint format bench clean
+.PHONY: setup quick test test-slow test-ray check lint format bench clean
 
 $(BIN)/depthlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# the Ray executor against a real local Ray cluster (installs the ray extra into .venv)
+test-ray: setup
+	$(BIN)/pip install -q -e ".[ray]"
+	$(BIN)/python -m pytest -m ray
 
 lint: setup
 	$(BIN)/ruff format --check src tests benchmarks

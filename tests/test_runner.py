@@ -188,3 +188,26 @@ def test_a_sweep_of_several_experiments_shares_the_workers(tmp_path, monkeypatch
     (again,) = run(["test-count-cells"], "smoke", out, {"log": str(log), "n": 4}, jobs=2,
                    log=lambda s: None)  # fmt: skip
     assert again.cached_cells == 4 and markers(log, "again") == []
+
+
+def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from depthlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    out = tmp_path / "out"
+    code = main(["run", "bn-signal", "--preset", "smoke", "--out", str(out), "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'depthlab[ray]'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [(["--executor", "spark"], "executor"), (["--address", "127.0.0.1:6379"], "--executor ray")],
+)
+def test_bad_executor_options_exit_2_before_writing(tmp_path, capsys, argv, match):
+    from depthlab.cli import main
+
+    out = tmp_path / "out"
+    code = main(["run", "bn-signal", "--preset", "smoke", "--out", str(out), *argv])
+    assert code == 2 and match in capsys.readouterr().err and not out.exists()

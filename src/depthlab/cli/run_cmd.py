@@ -24,6 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/PRESET)")
     add_set_option(p, "override a config field, e.g. --set steps=200 --set 'depths=[10,100]'")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
+    p.add_argument(
+        "--executor",
+        default="local",
+        help="local (worker processes, --jobs) or ray (every cell a Ray task; needs the ray "
+        "extra: pip install 'depthlab[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: the cluster's address (e.g. 127.0.0.1:6379 or auto); "
+        "default: start a local Ray for this sweep",
+    )
     add_memory_option(p)
     p.set_defaults(func=run_command)
 
@@ -42,6 +54,8 @@ def run_command(args: argparse.Namespace) -> int:
         overrides=overrides,
         jobs=args.jobs,
         log=lambda s: print(s, flush=True),
+        executor=args.executor,
+        address=args.address,
     )
     wall = time.perf_counter() - t0
     print()
@@ -57,8 +71,10 @@ def run_command(args: argparse.Namespace) -> int:
         else (f"{out}/{results[0].name}/report.md")
     )
     print(f"report: {where}")
-    failed = [r.name for r in results if r.error]
+    failed = [r for r in results if r.error]
     if failed:
-        print(f"failed experiments: {', '.join(failed)}", file=sys.stderr)
+        for r in failed:
+            print(f"{r.name} failed: {r.error}", file=sys.stderr)
+        print(f"failed experiments: {', '.join(r.name for r in failed)}", file=sys.stderr)
         return 1
     return 0

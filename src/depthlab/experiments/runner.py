@@ -45,6 +45,8 @@ from depthlab.validate import check_out_dir
 
 #: the most worker processes ``--jobs`` may ask for
 MAX_JOBS = 256
+#: where cells run: ``local`` processes (``--jobs``) or ``ray`` tasks (``--address``)
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -112,7 +114,15 @@ def _run_cell(module: str, name: str, cell: dict[str, Any]) -> tuple[list[dict],
     exp = EXPERIMENTS.get(name)()
     t0 = time.perf_counter()
     records = exp.run_cell(dict(cell))
-    return records, time.perf_counter() - t0
+    return stamp_node(records), time.perf_counter() - t0
+
+
+def stamp_node(records: list[dict]) -> list[dict]:
+    """Each record with ``node``: the host name of the machine that ran its cell."""
+    import socket
+
+    host = socket.gethostname()
+    return [{**r, "node": host} for r in records]
 
 
 def _save_cell(path: Path, exp: Experiment, cell: dict, records: list[dict], wall: float) -> None:
@@ -182,7 +192,7 @@ def run_cells(
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             t0 = time.perf_counter()
-            records = exp.run_cell(dict(cells[i]))
+            records = stamp_node(exp.run_cell(dict(cells[i])))
             finish(i, records, time.perf_counter() - t0)
         return _merge(cells, results), n_cached
     own_pool = pool is None
@@ -347,13 +357,21 @@ def run(
     jobs: int = 1,
     log: Callable[[str], None] = print,
     keep_going: bool = True,
+    executor: str = "local",
+    address: str | None = None,
 ) -> list[ExperimentResult]:
     """Run experiments into ``out/NAME/``; with several, also write ``out/report.md|html``.
 
     Every name, the preset, the overrides and the output folder are checked before anything is
     written. With ``keep_going``, an experiment that raises is recorded as an error row and the
-    others still run.
+    others still run. ``executor="ray"`` runs every cell as a Ray task
+    (:mod:`depthlab.experiments.ray_executor`) on the cluster at ``address`` (None: a local Ray
+    started and stopped here); ``jobs`` is then ignored (the cluster's CPUs decide).
     """
+    if executor not in EXECUTORS:
+        raise unknown_choice("executor", executor, list(EXECUTORS))
+    if address is not None and executor != "ray":
+        raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
     if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
         raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
     if overrides is not None and not isinstance(overrides, dict):
@@ -362,12 +380,26 @@ def run(
     out = check_out_dir(out)
     combined = len(plan) > 1
     results = []
+    if executor == "ray":
+        from depthlab.experiments.ray_executor import RayBackend
+
+        backend = RayBackend(address)  # refuses before anything is written when Ray is missing
+        with FolderLock(out, "run"):
+            sweep_temp_files(out)
+            with backend:
+                _run_plan_overlapped(plan, preset, out, log, True, backend, results)
+            if combined:
+                from depthlab.report.render import write_combined
+
+                write_combined(results, out)
+        return results
     with FolderLock(out, "run"):
         sweep_temp_files(out)
         pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
         try:
             if pool is not None:
-                _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results)
+                backend = PoolBackend(pool)
+                _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results)
             else:
                 _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
         finally:
@@ -426,18 +458,47 @@ class _Job:
     n_cached: int
     cell_time: float = 0.0
     finished: bool = False
+    failed: list[str] = field(default_factory=list)
 
 
-def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> None:
-    """Every experiment's cells go to the one pool at once (in plan order, so experiments finish
+class PoolBackend:
+    """Cells as futures of a local :class:`ProcessPoolExecutor`."""
+
+    name = "local"
+
+    def __init__(self, pool: ProcessPoolExecutor) -> None:
+        self.pool = pool
+
+    def submit(self, exp: Experiment, cell: dict[str, Any]) -> Any:
+        return self.pool.submit(_run_cell, type(exp).__module__, exp.name, cell)
+
+    def ready(self, handles: list[Any]) -> list[Any]:
+        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, handle: Any) -> tuple[list[dict], float]:
+        return handle.result()
+
+    def cancel(self, handle: Any) -> None:
+        handle.cancel()
+
+
+def _cell_label(cell: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k != "device")
+
+
+def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -> None:
+    """Every experiment's cells go to the backend at once (in plan order, so experiments finish
     roughly in turn); each experiment is finalized (figures, claims, reports) as soon as its last
     cell is in, while the workers go on with the next ones — no worker waits for a slow last
-    cell or for the figures. ``wall_time_s`` of an experiment is the sweep's wall time between
-    the previous experiment's finish and its own (they add up to the sweep's); ``cell_time_s``
-    the sum of its cells' run times."""
+    cell or for the figures. A cell that raises is reported with its config; the other cells
+    still run (and are cached), and its experiment becomes an error row naming the failed cells.
+    ``wall_time_s`` of an experiment is the sweep's wall time between the previous experiment's
+    finish and its own (they add up to the sweep's); ``cell_time_s`` the sum of its cells' run
+    times."""
     t_prev = time.perf_counter()
     jobs: list[_Job] = []
-    futures: dict[Any, tuple[_Job, int]] = {}
+    handles: dict[Any, tuple[_Job, int]] = {}
     slots: dict[str, ExperimentResult] = {}
     for exp, cfg in plan:
         out_dir = out / exp.name
@@ -458,22 +519,16 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> N
         log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
         if job.n_cached:
             log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
-        module = type(exp).__module__
         for i in sorted(job.todo):
-            futures[pool.submit(_run_cell, module, exp.name, cells[i])] = (job, i)
+            handles[backend.submit(exp, cells[i])] = (job, i)
 
-    def fail(job: _Job, e: BaseException) -> None:
-        job.finished = True
-        for fut, (j, _) in list(futures.items()):
-            if j is job:
-                fut.cancel()
-                futures.pop(fut)
-        log(f"[{job.exp.name}] FAILED: {type(e).__name__}: {e}")
-        print(traceback.format_exc(limit=3), file=sys.stderr)
+    def error_row(job: _Job, error: str) -> None:
+        log(f"[{job.exp.name}] FAILED: {error}")
         slots[job.exp.name] = ExperimentResult(
             name=job.exp.name, preset=preset, config=config_dict(job.cfg),
-            records=pd.DataFrame(), claims=[], figures=[], out_dir=job.out_dir,
-            error=f"{type(e).__name__}: {e}", title=job.exp.title, paper=job.exp.paper,
+            records=pd.DataFrame(), claims=[], figures=[], out_dir=job.out_dir, error=error,
+            title=job.exp.title, paper=job.exp.paper, cells=len(job.cells),
+            cached_cells=job.n_cached,
         )  # fmt: skip
 
     def finish(job: _Job) -> None:
@@ -481,6 +536,10 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> N
         if job.finished or job.todo:
             return
         job.finished = True
+        if job.failed:
+            n = len(job.failed)
+            error_row(job, f"{n} of {len(job.cells)} cells failed: " + "; ".join(job.failed))
+            return
         df = pd.DataFrame.from_records(_merge(job.cells, job.done))
         try:
             result = finalize(
@@ -493,7 +552,8 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> N
         except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
             if not keep_going:
                 raise
-            fail(job, e)
+            print(traceback.format_exc(limit=3), file=sys.stderr)
+            error_row(job, f"{type(e).__name__}: {e}")
             return
         t_prev = time.perf_counter()
         log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures")
@@ -502,33 +562,34 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, pool, results) -> N
     try:
         for job in jobs:
             finish(job)  # nothing left to run: every cell was cached
-        while futures:
-            ready, _ = wait(list(futures), return_when=FIRST_COMPLETED)
-            for fut in ready:
-                if fut not in futures:
-                    continue  # cancelled with its failed experiment
-                job, i = futures.pop(fut)
+        while handles:
+            for h in backend.ready(list(handles)):
+                job, i = handles.pop(h)
+                cell = job.cells[i]
                 try:
-                    records, wall = fut.result()
+                    records, wall = backend.result(h)
                 except (KeyboardInterrupt, DepthlabError):
                     raise
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - the other cells go on
                     if not keep_going:
                         raise
-                    fail(job, e)
+                    first = str(e).strip().splitlines()[-1:] or [""]
+                    job.failed.append(f"[{_cell_label(cell)}] {type(e).__name__}: {first[0][:200]}")
+                    log(f"  [{job.exp.name}] cell FAILED ({_cell_label(cell)}): {first[0][:200]}")
+                    job.todo.discard(i)
+                    finish(job)
                     continue
-                _save_cell(_cell_path(job.out_dir, job.exp, job.cells[i]), job.exp,
-                           job.cells[i], records, wall)  # fmt: skip
+                _save_cell(_cell_path(job.out_dir, job.exp, cell), job.exp, cell, records, wall)
                 job.done[i] = records
                 job.todo.discard(i)
                 job.cell_time += wall
-                n = len(job.done)
-                label = " ".join(f"{k}={v}" for k, v in job.cells[i].items() if k != "seed")
+                n = len(job.done) + len(job.failed)
+                label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
                 log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
                 finish(job)
     except BaseException:
-        for fut in futures:
-            fut.cancel()
+        for h in handles:
+            backend.cancel(h)
         raise
     results.extend(slots[exp.name] for exp, _ in plan if exp.name in slots)
 

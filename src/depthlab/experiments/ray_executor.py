@@ -1,0 +1,135 @@
+"""Run a sweep's cells as Ray tasks (``depthlab run ... --executor ray [--address ADDR]``).
+
+Every cell becomes one Ray task (Moritz et al. 2018, "Ray: A Distributed Framework for Emerging
+AI Applications", arXiv 1712.05889) declaring its resources — ``num_cpus`` (``cpus_per_cell``,
+default 1; the cell's torch threads) and ``num_gpus=1`` for a cell whose device is ``cuda`` (or
+``auto`` on a cluster with GPUs) — so cells run wherever the cluster has room. A task whose
+worker process dies is retried (``max_retries``); a cell that raises is reported with its config
+and the other cells go on. Each result travels back through Ray and the driver writes it into
+the same cell cache as the local executor (``OUT/NAME/cells/<hash>.json``), so the workers need
+not see the output folder, and an interrupted driver re-run recomputes only the missing cells.
+
+Without ``address`` a local Ray instance is started and stopped with the sweep. With one
+(``127.0.0.1:6379``, ``auto``, ``ray://head:10001``) the driver joins that cluster. The driver's
+``sys.path`` is passed to the workers (``PYTHONPATH`` in the job's runtime environment), which is
+what a laptop or a cluster with a shared filesystem needs to import depthlab and any module that
+registers an experiment; elsewhere install depthlab on every node.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from depthlab.experiments.base import Experiment
+from depthlab.registry import DepthlabError
+
+INSTALL = "pip install 'depthlab[ray]'"
+#: retries of a task whose worker process died (a raising cell is not retried)
+MAX_RETRIES = 3
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or a :class:`DepthlabError` saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise DepthlabError(
+            f"--executor ray needs Ray, an optional extra: {INSTALL} (or pip install ray)"
+        ) from None
+    return ray
+
+
+def _ray_cell(module: str, name: str, cell: dict[str, Any], threads: int):
+    """The task: import the experiment's module (registers it), run one cell on this node."""
+    import importlib
+    import time
+
+    import torch
+
+    from depthlab.experiments.base import EXPERIMENTS
+    from depthlab.experiments.runner import stamp_node
+
+    torch.set_num_threads(max(1, threads))
+    importlib.import_module(module)
+    exp = EXPERIMENTS.get(name)()
+    t0 = time.perf_counter()
+    records = exp.run_cell(dict(cell))
+    return stamp_node(records), time.perf_counter() - t0
+
+
+class RayBackend:
+    """Cells as Ray tasks (see the module docstring); a context manager that connects to (or
+    starts) Ray on entry and disconnects on exit."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus_per_cell: int = 1) -> None:
+        self.ray = require_ray()
+        if isinstance(cpus_per_cell, bool) or not isinstance(cpus_per_cell, int):
+            raise DepthlabError(f"cpus_per_cell must be a positive integer, got {cpus_per_cell!r}")
+        if cpus_per_cell < 1:
+            raise DepthlabError(f"cpus_per_cell must be a positive integer, got {cpus_per_cell}")
+        self.address = address
+        self.cpus = cpus_per_cell
+        self.gpus = 0.0
+        self._task = None
+
+    def __enter__(self) -> RayBackend:
+        ray = self.ray
+        paths = [p for p in sys.path if p and Path(p).is_dir()]
+        env = {"PYTHONPATH": os.pathsep.join(paths)}
+        try:
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DepthlabError(
+                f"could not connect to {where}: {first}; start one with `ray start --head` "
+                "and pass its address with --address, or omit --address to start a local one"
+            ) from None
+        self.gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        self._task = ray.remote(max_retries=MAX_RETRIES)(_ray_cell)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ray.shutdown()
+
+    def submit(self, exp: Experiment, cell: dict[str, Any]) -> Any:
+        device = str(cell.get("device", "cpu"))
+        gpu = device.startswith("cuda") or (device == "auto" and self.gpus > 0)
+        if gpu and self.gpus == 0:
+            raise DepthlabError(
+                f"experiment '{exp.name}' asks for device {device}, but the Ray cluster has no "
+                "GPU; use --set device=cpu or a cluster with GPUs"
+            )
+        opts = {"num_cpus": self.cpus, "num_gpus": 1 if gpu else 0}
+        return self._task.options(**opts).remote(type(exp).__module__, exp.name, cell, self.cpus)
+
+    def ready(self, handles: list[Any]) -> list[Any]:
+        ready, rest = self.ray.wait(handles, num_returns=1)
+        if rest:  # everything else already finished, without waiting
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
+
+    def result(self, handle: Any) -> tuple[list[dict], float]:
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+            raise (cause if isinstance(cause, Exception) else RuntimeError(str(e))) from None
+
+    def cancel(self, handle: Any) -> None:
+        try:
+            self.ray.cancel(handle, force=True)
+        except Exception:  # noqa: BLE001 - finished or already gone
+            pass
