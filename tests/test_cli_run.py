@@ -109,3 +109,33 @@ def test_list_shows_models_schemes_and_every_experiment(capsys):
     for name in [*REAL, "mlp", "resnet", "rezero", "fixup"]:
         assert f"  {name} " in out
     assert len(REAL) == 13
+
+
+def test_version_and_list_json(capsys):
+    import json
+
+    import depthlab
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert (
+        exc.value.code == 0
+        and capsys.readouterr().out.strip() == f"depthlab {depthlab.__version__}"
+    )
+    code, out, _ = run_cli(capsys, "list", "--json")
+    listed = json.loads(out)
+    assert code == 0 and set(listed) == {"models", "schemes", "datasets", "experiments"}
+    assert {e["name"] for e in listed["experiments"]} >= set(REAL)
+    assert all(e["summary"] and "``" not in e["summary"] for k in listed for e in listed[k])
+    code, out, _ = run_cli(capsys, "list", "schemes", "--json")
+    assert list(json.loads(out)) == ["schemes"]
+
+
+def test_list_summaries_are_whole_sentences_without_markup():
+    from depthlab.cli.list_cmd import summary
+
+    class Doc:
+        """A block of :class:`~depthlab.nn.Residual` with ``alpha`` (e.g. ReZero) that
+        spans two lines. Second sentence."""
+
+    assert summary(Doc) == "A block of Residual with alpha (e.g. ReZero) that spans two lines."

@@ -23,9 +23,11 @@ from depthlab.data.cifar10 import MEAN, STD
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_lists_the_four_datasets_and_refuses_unknown_names():
-    assert list_datasets() == ["bytes", "cifar10", "digits", "synthetic"]
-    with pytest.raises(DepthlabError, match="choose one of: bytes, cifar10, digits, synthetic"):
+def test_registry_lists_the_five_datasets_and_refuses_unknown_names():
+    assert list_datasets() == ["bytes", "cifar10", "digits", "file", "synthetic"]
+    with pytest.raises(
+        DepthlabError, match="choose one of: bytes, cifar10, digits, file, synthetic"
+    ):
         create_dataset("mnist")
     with pytest.raises(DepthlabError, match="valid: flat, test_fraction"):
         create_dataset("digits", flatten=True)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train very deep networks with and without normalization; diagnose them; "
         "reproduce the published claims.",
     )
+    from depthlab import __version__
+
+    parser.add_argument("--version", action="version", version=f"depthlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     except DepthlabError as e:
         print(f"depthlab {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`depthlab list | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:  # the filesystem said no (full disk, permissions): not a bug
         from depthlab.validate import disk_error
 

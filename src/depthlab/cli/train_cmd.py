@@ -79,7 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--width", type=int, help="model width (mlp/linear: units; resnet: multiplier k)"
     )
     p.add_argument("--scheme", help="residual scheme (depthlab list schemes)")
-    p.add_argument("--data", help="data set: digits (default), cifar10, synthetic, bytes")
+    p.add_argument(
+        "--data",
+        help="data set: digits (default), cifar10, synthetic, bytes, or your own .npz/.pt file "
+        "(arrays x_train, y_train, x_test, y_test, or x, y split 80/20)",
+    )
     p.add_argument("--data-dir", help="data folder (cifar10: holds cifar-10-batches-py)")
     p.add_argument("--steps", type=int)
     p.add_argument("--epochs", type=float)
@@ -185,6 +189,9 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             cfg[section][name] = value
     cfg["model"].setdefault("name", "mlp")
     cfg["data"].setdefault("name", "digits")
+    name = cfg["data"]["name"]
+    if isinstance(name, str) and name.endswith((".npz", ".pt")):  # --data my.npz: your own file
+        cfg["data"]["name"], cfg["data"]["path"] = "file", name
     valid = _valid_keys(cfg)
     for key, value in overrides:
         if key not in valid:

@@ -5,7 +5,10 @@ digits       scikit-learn 8×8 digits (default), 1×8×8 images or flat 64-vecto
 cifar10      the ``cifar-10-batches-py`` folder (``data_dir=`` or ``$DEPTHLAB_CIFAR10``)
 synthetic    ``kind="random-labels"`` (memorization) or ``"teacher"`` (linear regression)
 bytes        byte-level LM on a file (enwik8) or, by default, the Python stdlib sources
+file         your own ``.npz``/``.pt`` file (``path=``; see :mod:`depthlab.data.own`)
 ===========  ================================================================================
+
+``depthlab.train`` also takes tensors, torch Datasets and DataLoaders (:func:`as_dataset`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from depthlab.data.base import Dataset, TensorDataset
 from depthlab.data.bytes import Bytes, split_sizes, stdlib_corpus, stdlib_files
 from depthlab.data.cifar10 import CIFAR10, random_crop_flip
 from depthlab.data.digits import Digits
+from depthlab.data.own import File as FileDataset
+from depthlab.data.own import InMemory, as_dataset, load_file
 from depthlab.data.synthetic import Synthetic
 from depthlab.registry import DepthlabError, Registry
 from depthlab.validate import check_kwargs
@@ -25,6 +30,7 @@ DATASETS.register("digits")(Digits)
 DATASETS.register("cifar10")(CIFAR10)
 DATASETS.register("synthetic")(Synthetic)
 DATASETS.register("bytes")(Bytes)
+DATASETS.register("file")(FileDataset)
 
 
 def list_datasets() -> list[str]:
@@ -56,11 +62,15 @@ __all__ = [
     "Bytes",
     "Dataset",
     "Digits",
+    "FileDataset",
+    "InMemory",
     "Synthetic",
     "TensorDataset",
+    "as_dataset",
     "create_dataset",
     "dataset_options",
     "list_datasets",
+    "load_file",
     "random_crop_flip",
     "split_sizes",
     "stdlib_corpus",

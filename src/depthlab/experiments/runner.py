@@ -521,6 +521,16 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
             log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
         for i in sorted(job.todo):
             handles[backend.submit(exp, cells[i])] = (job, i)
+    bar = None
+    if handles and sys.stderr.isatty():  # one bar over every cell still to run
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(handles), unit="cell", dynamic_ncols=True, desc=backend.name)
+        emit = log
+
+        def log(msg: str) -> None:  # the caller's lines print above the bar
+            with tqdm.external_write_mode(file=sys.stderr):
+                emit(msg)
 
     def error_row(job: _Job, error: str) -> None:
         log(f"[{job.exp.name}] FAILED: {error}")
@@ -576,6 +586,8 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
                     first = str(e).strip().splitlines()[-1:] or [""]
                     job.failed.append(f"[{_cell_label(cell)}] {type(e).__name__}: {first[0][:200]}")
                     log(f"  [{job.exp.name}] cell FAILED ({_cell_label(cell)}): {first[0][:200]}")
+                    if bar is not None:
+                        bar.update(1)
                     job.todo.discard(i)
                     finish(job)
                     continue
@@ -586,11 +598,16 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
                 n = len(job.done) + len(job.failed)
                 label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
                 log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
+                if bar is not None:
+                    bar.update(1)
                 finish(job)
     except BaseException:
         for h in handles:
             backend.cancel(h)
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     results.extend(slots[exp.name] for exp, _ in plan if exp.name in slots)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthlab.data import Dataset, create_dataset
+from depthlab.data import Dataset, as_dataset
 from depthlab.data.base import generator
 from depthlab.io import write_json
 from depthlab.models.common import BlockStack
@@ -193,7 +193,7 @@ def _mixup(
 
 def train(
     model: nn.Module,
-    data: str | Dataset = "digits",
+    data: Any = "digits",
     config: TrainConfig | None = None,
     out_dir: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
@@ -202,7 +202,10 @@ def train(
     should_stop: Callable[[], BaseException | None] | None = None,
     grow: tuple[int, str | int] | None = None,
 ) -> History:
-    """Train ``model`` on ``data`` (a data set name or :class:`~depthlab.data.Dataset`).
+    """Train ``model`` on ``data``: a data set name, a :class:`~depthlab.data.Dataset`, a
+    ``.npz``/``.pt`` file, a torch ``Dataset`` or ``DataLoader`` of ``(x, y)`` pairs, or a
+    ``(train, test)`` pair of those (:func:`depthlab.data.as_dataset`: without a test set, the
+    last 20% of a seeded shuffle is held out).
 
     With ``out_dir``, rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``),
     ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and ``summary.json``;
@@ -220,7 +223,7 @@ def train(
     cfg = config or TrainConfig()
     if grow is not None and not resume:
         raise DepthlabError("grow continues a run: it needs resume=True and a checkpoint")
-    dataset = create_dataset(data) if isinstance(data, str) else data
+    dataset = as_dataset(data)
     if resume and out_dir is None:
         raise DepthlabError("resume=True needs the out_dir that holds the checkpoint")
     if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
