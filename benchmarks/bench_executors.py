@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench_executors: skipped, needs the ray extra (pip install 'depthlab[ray]')")
         return 0
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway node on the loopback (test_ray.py)
     ray_bin = Path(sys.executable).with_name("ray")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -38,9 +38,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A real head node bound to 127.0.0.1 with 2 CPUs; stopped afterwards, also on failure."""
+    """A real head node bound to 127.0.0.1 with 2 CPUs; stopped afterwards, also on failure.
+    Ray ≥ 2.59 turns token authentication on for a node started where ``~/.ray/auth_token``
+    exists; this throwaway node on the loopback runs without it (``RAY_AUTH_MODE=disabled`` for
+    the node and for the drivers of these tests), so that the tests do not depend on what
+    ``~/.ray`` holds."""
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     cmd = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
            f"--temp-dir={temp}"]  # fmt: skip
@@ -50,6 +56,11 @@ def cluster(tmp_path_factory):
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _markers(log: Path) -> dict[int, int]:

@@ -94,7 +94,8 @@ class RayBackend:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise DepthlabError(
                 f"could not connect to {where}: {first}; start one with `ray start --head` "
-                "and pass its address with --address, or omit --address to start a local one"
+                "and pass its address with --address (a cluster with token authentication also "
+                "needs its token in RAY_AUTH_TOKEN), or omit --address to start a local one"
             ) from None
         self.gpus = float(ray.cluster_resources().get("GPU", 0.0))
         self._task = ray.remote(max_retries=MAX_RETRIES)(_ray_cell)

@@ -163,7 +163,7 @@ class MultiHeadAttention(nn.Module):
             pad = _additive(key_padding_mask, q.dtype).view(B, 1, 1, S)
             mask = pad if mask is None else mask + pad  # (B, h|1, T, S)
         dropout_p = self.dropout if self.training else 0.0
-        if torch._C._functorch.is_functorch_wrapped_tensor(q):
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
             # inside torch.func transforms (Jacobian diagnostics): the fused CPU kernels have
             # neither a vmap rule nor a double backward, the composite "math" kernel has both
             with sdpa_kernel(SDPBackend.MATH):

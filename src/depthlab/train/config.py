@@ -68,6 +68,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the test set every k steps (0: only at the end)
     eval_batch_size: int = 512  # batch size for evaluation
     log_every: int = 1  # record train loss every k steps (divergence is checked every step)
+    diagnose_every: int = 0  # TensorBoard: per-block signal and gradient norms every k steps
     checkpoint_every: int = (
         0  # write a checkpoint every k steps when out_dir is set (0: only at the end)
     )
@@ -102,6 +103,7 @@ class TrainConfig:
             "eval_every": (0, None),
             "eval_batch_size": (1, None),
             "log_every": (1, None),
+            "diagnose_every": (0, None),
             "checkpoint_every": (0, None),
             "checkpointing": (0, None),
         }

@@ -1,5 +1,17 @@
 """Run logging: ``metrics.jsonl`` (always, when there is an output folder), TensorBoard event
-files (when ``tensorboard`` is importable) and a tqdm progress bar (on a TTY, unless quiet)."""
+files (when ``tensorboard`` is importable) and a tqdm progress bar (on a TTY, unless quiet).
+
+TensorBoard tags are nested: ``train/loss``, ``train/accuracy``, ``train/lr``,
+``train/grad_norm``, ``train/examples_per_s``, ``test/loss``, ``test/accuracy``, ``test/bpb``;
+at each evaluation :meth:`RunLogger.log_model` adds the model's scalar parameters — every gate α
+(``gates/alpha``: a histogram over blocks, its mean |α|, and one scalar per block for up to
+:data:`MAX_SCALAR_TAGS` blocks) and Fixup's scalar biases and multipliers
+(``scalars/bias``, ``scalars/multiplier``) — and, with ``diagnose_every``, per-block
+diagnostics on a fixed probe batch: the output variance of each residual block
+(``diagnostics/block_out_var``, a histogram over blocks, with its first and last values as
+scalars) and the gradient norm with respect to each block's output
+(``diagnostics/block_grad_norm``, likewise).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +24,17 @@ from typing import Any
 from depthlab.io import atomic_write_text
 
 METRICS = "metrics.jsonl"
+#: models with at most this many gates get one TensorBoard scalar per gate
+MAX_SCALAR_TAGS = 64
+
+
+def tag(key: str) -> str:
+    """The nested TensorBoard tag of a record key: ``train_loss`` → ``train/loss``,
+    ``test_bpb`` → ``test/bpb``, ``lr`` → ``train/lr``."""
+    for prefix in ("train", "test"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1 :]}"
+    return f"train/{key}"
 
 
 def _clean(v: Any) -> Any:
@@ -67,7 +90,63 @@ class RunLogger:
             step = int(record["step"])
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(tag(k), v, step)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """One TensorBoard scalar that is not part of the records (e.g. wall-clock throughput)."""
+        if self._tb is not None:
+            self._tb.add_scalar(name, value, step)
+
+    @property
+    def tensorboard(self) -> bool:
+        """True when TensorBoard events are written."""
+        return self._tb is not None
+
+    def log_model(self, step: int, model: Any) -> None:
+        """The model's scalar parameters: gates, scalar biases, multipliers (module docstring)."""
+        if self._tb is None:
+            return
+        import torch
+
+        from depthlab.nn.residual import residual_blocks
+        from depthlab.nn.scalars import Bias, Gate
+
+        block_gates = {id(b.gate) for b in residual_blocks(model) if b.gate is not None}
+        groups: dict[str, list[float]] = {"gates/alpha": [], "scalars/bias": [],
+                                          "scalars/multiplier": []}  # fmt: skip
+        seen: set[int] = set()
+        for m in model.modules():
+            if isinstance(m, Gate):
+                p, name = m.alpha, "gates/alpha" if id(m) in block_gates else "scalars/multiplier"
+            elif isinstance(m, Bias):
+                p, name = next(iter(m.parameters()), None), "scalars/bias"
+            else:
+                continue
+            if not isinstance(p, torch.Tensor) or p.dim() != 0 or id(p) in seen:
+                continue  # a gate shared by a layer's sublayers counts once
+            seen.add(id(p))
+            groups[name].append(float(p.detach()))
+        for name, values in groups.items():
+            if not values:
+                continue
+            t = torch.tensor(values)
+            self._tb.add_histogram(name, t, step)
+            self._tb.add_scalar(f"{name}_mean_abs", float(t.abs().mean()), step)
+            if len(values) <= MAX_SCALAR_TAGS:
+                for i, x in enumerate(values):
+                    self._tb.add_scalar(f"{name}/{i:03d}", x, step)
+
+    def log_diagnostics(self, step: int, out_var: list[float], grad_norm: list[float]) -> None:
+        """Per-block diagnostics (module docstring)."""
+        if self._tb is None:
+            return
+        import torch
+
+        for name, values in (("block_out_var", out_var), ("block_grad_norm", grad_norm)):
+            if values:
+                self._tb.add_histogram(f"diagnostics/{name}", torch.tensor(values), step)
+                self._tb.add_scalar(f"diagnostics/{name}_first", values[0], step)
+                self._tb.add_scalar(f"diagnostics/{name}_last", values[-1], step)
 
     def progress(self, n: int, loss: float, examples_per_s: float) -> None:
         if self._bar is not None:

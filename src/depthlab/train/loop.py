@@ -358,6 +358,25 @@ def _run(
     def run_eval(step: int, rec: dict[str, Any]) -> None:
         rec.update(evaluate(model, dataset, cfg.eval_batch_size, device, info))
         rec["eval"] = True
+        logger.log_model(step, model)
+
+    probe = None  # the fixed batch of the periodic diagnostics
+
+    def diagnose(step: int) -> None:
+        nonlocal probe
+        from depthlab.diagnostics import gradient_norms, signal_propagation
+
+        if probe is None:
+            x, y = next(iter(dataset.test_batches(min(256, cfg.eval_batch_size))))
+            probe = (x.to(device), y.to(device))
+        x, y = probe
+        sig = signal_propagation(model, x)
+        grads = gradient_norms(
+            model, x, y, loss_fn=lambda o, t: compute_loss(o, t, dataset.task, 0.0)
+        )
+        act = grads[grads["kind"] == "activation"].sort_values("block")
+        logger.log_diagnostics(step, [float(v) for v in sig["out_var"]],
+                               [float(v) for v in act["norm"]])  # fmt: skip
 
     absurd = absurd_loss(dataset)
     t_start = time.perf_counter()
@@ -371,6 +390,8 @@ def _run(
             evaluated = cfg.eval_every > 0 and step % cfg.eval_every == 0
             if evaluated:
                 run_eval(step, rec)
+            if cfg.diagnose_every and step % cfg.diagnose_every == 0 and logger.tensorboard:
+                diagnose(step)
             t0 = time.perf_counter()
             lr = set_lr(optimizer, lr_factor(step, total, cfg))
             x, y = dataset.train_batch(step, cfg.batch_size, cfg.seed)
@@ -433,7 +454,8 @@ def _run(
             steps_run += 1
             step += 1
             if evaluated or (step - 1) % cfg.log_every == 0:
-                log(rec)
+                log(rec)  # records stay deterministic: the throughput goes to TensorBoard only
+                logger.scalar("train/examples_per_s", cfg.batch_size / max(dt, 1e-9), step - 1)
             logger.progress(1, g_loss, cfg.batch_size / max(dt, 1e-9))
             if evaluated:
                 for cb in callbacks:
