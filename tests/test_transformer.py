@@ -295,3 +295,24 @@ def test_deep_rezero_lm_trains_where_postnorm_does_not(one_thread):
         bpb[scheme] = dl.train(model, data, cfg).summary["test_bpb"]
     assert bpb["rezero"] < unigram_bpb - 0.25, (bpb, unigram_bpb)
     assert bpb["rezero"] < bpb["postnorm"] - 0.25, (bpb, unigram_bpb)
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_rezero_layer_from_torch_carries_every_weight(decoder):
+    """``ReZeroEncoderLayer.from_torch`` (and the decoder's): torch's packed in_proj split into
+    q/k/v, out_proj and FF copied, so each sublayer computes what torch's does; the norms are
+    named as dropped."""
+    from depthlab.nn import ReZeroDecoderLayer, ReZeroEncoderLayer
+
+    torch.manual_seed(0)
+    kind = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+    theirs = kind(16, 4, 32, dropout=0.0, batch_first=True)
+    ours = (ReZeroDecoderLayer if decoder else ReZeroEncoderLayer).from_torch(theirs, 1.0)
+    x, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    torch.testing.assert_close(ours.self_attn(x), theirs.self_attn(x, x, x, need_weights=False)[0])
+    torch.testing.assert_close(ours._ff(x), theirs.linear2(torch.relu(theirs.linear1(x))))
+    if decoder:
+        got = ours.multihead_attn(x, mem)
+        torch.testing.assert_close(got, theirs.multihead_attn(x, mem, mem, need_weights=False)[0])
+    assert ours.dropped and all(n.startswith("norm") for n in ours.dropped)
+    assert float(ours.resweight.alpha.detach()) == 1.0 and ours.batch_first

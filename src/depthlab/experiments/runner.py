@@ -319,6 +319,19 @@ def summary_dict(r: ExperimentResult) -> dict[str, Any]:
     }
 
 
+def _prepare(exp: Experiment, cfg: Any, preset: str, out_dir: Path, log) -> list[dict[str, Any]]:
+    """Create ``out_dir``, sweep half-written files, write ``config.yaml``; return the grid."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(out_dir)
+    sweep_temp_files(out_dir / "cells")
+    write_yaml(
+        out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
+    )
+    cells = exp.grid(cfg)
+    log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+    return cells
+
+
 def run_experiment(
     exp: Experiment,
     cfg: Any,
@@ -331,14 +344,7 @@ def run_experiment(
     """Run one experiment into ``out_dir`` (resuming from its cached cells)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sweep_temp_files(out_dir)
-    sweep_temp_files(out_dir / "cells")
-    write_yaml(
-        out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
-    )
-    cells = exp.grid(cfg)
-    log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+    cells = _prepare(exp, cfg, preset, out_dir, log)
     records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log, pool=pool)
     df = pd.DataFrame.from_records(records)
     wall = round(time.perf_counter() - t0, 2)  # as summary.json stores it: re-renders agree
@@ -496,119 +502,134 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
     ``wall_time_s`` of an experiment is the sweep's wall time between the previous experiment's
     finish and its own (they add up to the sweep's); ``cell_time_s`` the sum of its cells' run
     times."""
-    t_prev = time.perf_counter()
-    jobs: list[_Job] = []
-    handles: dict[Any, tuple[_Job, int]] = {}
-    slots: dict[str, ExperimentResult] = {}
+    sweep = _Sweep(preset, log, keep_going, backend)
     for exp, cfg in plan:
-        out_dir = out / exp.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sweep_temp_files(out_dir)
-        sweep_temp_files(out_dir / "cells")
-        write_yaml(
-            out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
-        )
-        cells = exp.grid(cfg)
+        sweep.add(exp, cfg, out / exp.name)
+    sweep.run()
+    results.extend(sweep.slots[exp.name] for exp, _ in plan if exp.name in sweep.slots)
+
+
+class _Sweep:
+    """The state of an overlapped sweep (see :func:`_run_plan_overlapped`)."""
+
+    def __init__(self, preset: str, log: Callable[[str], None], keep_going: bool, backend) -> None:
+        self.preset, self.log, self.keep_going, self.backend = preset, log, keep_going, backend
+        self.jobs: list[_Job] = []
+        self.handles: dict[Any, tuple[_Job, int]] = {}
+        self.slots: dict[str, ExperimentResult] = {}
+        self.t_prev = time.perf_counter()
+        self.bar = None
+
+    def add(self, exp: Experiment, cfg: Any, out_dir: Path) -> None:
+        """Prepare one experiment's folder and submit its cells that are not cached."""
+        cells = _prepare(exp, cfg, self.preset, out_dir, self.log)
         done = {}
         for i, cell in enumerate(cells):
             cached = _load_cell(_cell_path(out_dir, exp, cell), cell)
             if cached is not None:
                 done[i] = cached
         job = _Job(exp, cfg, out_dir, cells, done, set(range(len(cells))) - set(done), len(done))
-        jobs.append(job)
-        log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+        self.jobs.append(job)
         if job.n_cached:
-            log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
+            self.log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
         for i in sorted(job.todo):
-            handles[backend.submit(exp, cells[i])] = (job, i)
-    bar = None
-    if handles and sys.stderr.isatty():  # one bar over every cell still to run
+            self.handles[self.backend.submit(exp, cells[i])] = (job, i)
+
+    def run(self) -> None:
+        self._start_bar()
+        try:
+            for job in self.jobs:
+                self._finish(job)  # nothing left to run: every cell was cached
+            while self.handles:
+                for h in self.backend.ready(list(self.handles)):
+                    self._collect(h)
+        except BaseException:
+            for h in self.handles:
+                self.backend.cancel(h)
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _start_bar(self) -> None:
+        """One progress bar over every cell still to run, on a TTY; log lines print above it."""
+        if not self.handles or not sys.stderr.isatty():
+            return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(handles), unit="cell", dynamic_ncols=True, desc=backend.name)
-        emit = log
+        self.bar = tqdm(total=len(self.handles), unit="cell", dynamic_ncols=True,
+                        desc=self.backend.name)  # fmt: skip
+        emit = self.log
 
-        def log(msg: str) -> None:  # the caller's lines print above the bar
+        def log(msg: str) -> None:
             with tqdm.external_write_mode(file=sys.stderr):
                 emit(msg)
 
-    def error_row(job: _Job, error: str) -> None:
-        log(f"[{job.exp.name}] FAILED: {error}")
-        slots[job.exp.name] = ExperimentResult(
-            name=job.exp.name, preset=preset, config=config_dict(job.cfg),
+        self.log = log
+
+    def _collect(self, handle: Any) -> None:
+        """A finished cell: cache it (or record its failure), log it, finalize when done."""
+        job, i = self.handles.pop(handle)
+        cell = job.cells[i]
+        try:
+            records, wall = self.backend.result(handle)
+        except (KeyboardInterrupt, DepthlabError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the other cells go on
+            if not self.keep_going:
+                raise
+            first = (str(e).strip().splitlines()[-1:] or [""])[0][:200]
+            job.failed.append(f"[{_cell_label(cell)}] {type(e).__name__}: {first}")
+            self.log(f"  [{job.exp.name}] cell FAILED ({_cell_label(cell)}): {first}")
+        else:
+            _save_cell(_cell_path(job.out_dir, job.exp, cell), job.exp, cell, records, wall)
+            job.done[i] = records
+            job.cell_time += wall
+            n = len(job.done) + len(job.failed)
+            label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
+            self.log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
+        job.todo.discard(i)
+        if self.bar is not None:
+            self.bar.update(1)
+        self._finish(job)
+
+    def _error_row(self, job: _Job, error: str) -> None:
+        self.log(f"[{job.exp.name}] FAILED: {error}")
+        self.slots[job.exp.name] = ExperimentResult(
+            name=job.exp.name, preset=self.preset, config=config_dict(job.cfg),
             records=pd.DataFrame(), claims=[], figures=[], out_dir=job.out_dir, error=error,
             title=job.exp.title, paper=job.exp.paper, cells=len(job.cells),
             cached_cells=job.n_cached,
         )  # fmt: skip
 
-    def finish(job: _Job) -> None:
-        nonlocal t_prev
+    def _finish(self, job: _Job) -> None:
+        """Figures, claims and reports of an experiment whose cells are all in (once)."""
         if job.finished or job.todo:
             return
         job.finished = True
         if job.failed:
             n = len(job.failed)
-            error_row(job, f"{n} of {len(job.cells)} cells failed: " + "; ".join(job.failed))
+            self._error_row(job, f"{n} of {len(job.cells)} cells failed: " + "; ".join(job.failed))
             return
         df = pd.DataFrame.from_records(_merge(job.cells, job.done))
         try:
             result = finalize(
-                job.exp, job.cfg, preset, df, job.out_dir, cells=len(job.cells),
-                cached_cells=job.n_cached, wall_time_s=round(time.perf_counter() - t_prev, 2),
+                job.exp, job.cfg, self.preset, df, job.out_dir, cells=len(job.cells),
+                cached_cells=job.n_cached,
+                wall_time_s=round(time.perf_counter() - self.t_prev, 2),
                 extra={"cell_time_s": round(job.cell_time, 2)},
             )  # fmt: skip
         except (KeyboardInterrupt, DepthlabError):
             raise
         except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
-            if not keep_going:
+            if not self.keep_going:
                 raise
             print(traceback.format_exc(limit=3), file=sys.stderr)
-            error_row(job, f"{type(e).__name__}: {e}")
+            self._error_row(job, f"{type(e).__name__}: {e}")
             return
-        t_prev = time.perf_counter()
-        log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures")
-        slots[job.exp.name] = result
-
-    try:
-        for job in jobs:
-            finish(job)  # nothing left to run: every cell was cached
-        while handles:
-            for h in backend.ready(list(handles)):
-                job, i = handles.pop(h)
-                cell = job.cells[i]
-                try:
-                    records, wall = backend.result(h)
-                except (KeyboardInterrupt, DepthlabError):
-                    raise
-                except Exception as e:  # noqa: BLE001 - the other cells go on
-                    if not keep_going:
-                        raise
-                    first = str(e).strip().splitlines()[-1:] or [""]
-                    job.failed.append(f"[{_cell_label(cell)}] {type(e).__name__}: {first[0][:200]}")
-                    log(f"  [{job.exp.name}] cell FAILED ({_cell_label(cell)}): {first[0][:200]}")
-                    if bar is not None:
-                        bar.update(1)
-                    job.todo.discard(i)
-                    finish(job)
-                    continue
-                _save_cell(_cell_path(job.out_dir, job.exp, cell), job.exp, cell, records, wall)
-                job.done[i] = records
-                job.todo.discard(i)
-                job.cell_time += wall
-                n = len(job.done) + len(job.failed)
-                label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
-                log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
-                if bar is not None:
-                    bar.update(1)
-                finish(job)
-    except BaseException:
-        for h in handles:
-            backend.cancel(h)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    results.extend(slots[exp.name] for exp, _ in plan if exp.name in slots)
+        self.t_prev = time.perf_counter()
+        self.log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures")
+        self.slots[job.exp.name] = result
 
 
 def load_result(folder: Path) -> ExperimentResult:

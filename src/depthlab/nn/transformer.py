@@ -248,6 +248,57 @@ class _ReZeroLayer(nn.Module):
     def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
+    @classmethod
+    def from_torch(cls, layer: nn.Module, alpha_init: float = 0.0):
+        """A ReZero layer with the weights of a ``torch.nn.TransformerEncoderLayer`` (for
+        :class:`ReZeroEncoderLayer`) or ``TransformerDecoderLayer`` (for
+        :class:`ReZeroDecoderLayer`): attention (torch's packed ``in_proj_weight`` split into
+        q/k/v), feed-forward and biases copied; ``activation``, ``dropout`` and ``batch_first``
+        as the torch layer's. Its LayerNorms are not carried (ReZero has none): their names are
+        in the returned layer's ``dropped`` list."""
+        mha = layer.self_attn
+        ff = layer.linear1
+        new = cls(
+            mha.embed_dim, mha.num_heads, ff.out_features, float(layer.dropout.p),
+            layer.activation, batch_first=bool(mha.batch_first),
+            bias=ff.bias is not None, device=ff.weight.device, dtype=ff.weight.dtype,
+            alpha_init=alpha_init,
+        )  # fmt: skip
+        new.dropped = new.load_torch_weights(layer)
+        return new
+
+    def load_torch_weights(self, layer: nn.Module) -> list[str]:
+        """Copy a torch Transformer layer's weights into this one (see :meth:`from_torch`);
+        return the names of the parameters not carried (its norms). Shapes must match."""
+        from depthlab.registry import DepthlabError
+
+        pairs = [("self_attn", self.self_attn)]
+        if self.sublayers == 3:
+            pairs.append(("multihead_attn", self.multihead_attn))
+        with torch.no_grad():
+            for name, ours in pairs:
+                theirs = getattr(layer, name, None)
+                if theirs is None or getattr(theirs, "in_proj_weight", None) is None:
+                    raise DepthlabError(
+                        f"the torch layer has no packed {name}.in_proj_weight to copy (separate "
+                        "q/k/v dims are not supported)"
+                    )
+                if theirs.in_proj_weight.shape != (3 * ours.embed_dim, ours.embed_dim):
+                    raise DepthlabError(
+                        f"{name}: torch's in_proj_weight is {tuple(theirs.in_proj_weight.shape)}, "
+                        f"this layer needs {(3 * ours.embed_dim, ours.embed_dim)}"
+                    )
+                projs = (ours.q_proj, ours.k_proj, ours.v_proj)
+                for proj, w in zip(projs, theirs.in_proj_weight.chunk(3), strict=True):
+                    proj.weight.copy_(w)
+                if theirs.in_proj_bias is not None and ours.q_proj.bias is not None:
+                    for proj, b in zip(projs, theirs.in_proj_bias.chunk(3), strict=True):
+                        proj.bias.copy_(b)
+                ours.out_proj.load_state_dict(theirs.out_proj.state_dict())
+            self.linear1.load_state_dict(layer.linear1.state_dict())
+            self.linear2.load_state_dict(layer.linear2.state_dict())
+        return [n for n, _ in layer.named_parameters() if n.startswith("norm")]
+
 
 class ReZeroEncoderLayer(_ReZeroLayer):
     """Drop-in ReZero replacement for ``torch.nn.TransformerEncoderLayer`` (same constructor and

@@ -191,6 +191,34 @@ def _mixup(
     return lam * x + (1 - lam) * x[perm], y[perm], lam
 
 
+def _grow_resumed(model: nn.Module, cfg: TrainConfig, payload: dict, grow: tuple, out_dir: Path):
+    """Grow a model just loaded from a checkpoint; return an optimizer over the old parameters
+    holding the checkpoint's state, for :func:`~depthlab.models.grow.carry_state`."""
+    from depthlab.models.grow import grow as grow_model
+
+    path = out_dir / ckpt.FILENAME
+    before = make_optimizer(model, cfg)
+    ckpt.validate_optimizer(payload["optimizer"], before, path)
+    before.load_state_dict(payload["optimizer"])
+    grow_model(model, grow[0], grow[1])
+    return before
+
+
+def _diagnose(model, dataset, cfg, device, logger, step: int, probe: list) -> None:
+    """Per-block output variance and gradient norm on a fixed test batch, to TensorBoard."""
+    from depthlab.diagnostics import gradient_norms, signal_propagation
+
+    if not probe:
+        x, y = next(iter(dataset.test_batches(min(256, cfg.eval_batch_size))))
+        probe += [x.to(device), y.to(device)]
+    x, y = probe
+    sig = signal_propagation(model, x)
+    grads = gradient_norms(model, x, y, loss_fn=lambda o, t: compute_loss(o, t, dataset.task, 0.0))
+    act = grads[grads["kind"] == "activation"].sort_values("block")
+    logger.log_diagnostics(step, [float(v) for v in sig["out_var"]],
+                           [float(v) for v in act["norm"]])  # fmt: skip
+
+
 def train(
     model: nn.Module,
     data: Any = "digits",
@@ -282,13 +310,7 @@ def _run(
     model.to(device)
     before_growth = None
     if grow is not None and payload is not None:
-        from depthlab.models.grow import grow as grow_model
-
-        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
-        before_growth = make_optimizer(model, cfg)
-        ckpt.validate_optimizer(payload["optimizer"], before_growth, path)
-        before_growth.load_state_dict(payload["optimizer"])
-        grow_model(model, grow[0], grow[1])
+        before_growth = _grow_resumed(model, cfg, payload, grow, Path(out_dir))  # type: ignore[arg-type]
     if cfg.channels_last:  # conv kernels (4-d parameters) in NHWC; batches converted per step
         model.to(memory_format=torch.channels_last)
     if cfg.checkpointing:
@@ -360,23 +382,7 @@ def _run(
         rec["eval"] = True
         logger.log_model(step, model)
 
-    probe = None  # the fixed batch of the periodic diagnostics
-
-    def diagnose(step: int) -> None:
-        nonlocal probe
-        from depthlab.diagnostics import gradient_norms, signal_propagation
-
-        if probe is None:
-            x, y = next(iter(dataset.test_batches(min(256, cfg.eval_batch_size))))
-            probe = (x.to(device), y.to(device))
-        x, y = probe
-        sig = signal_propagation(model, x)
-        grads = gradient_norms(
-            model, x, y, loss_fn=lambda o, t: compute_loss(o, t, dataset.task, 0.0)
-        )
-        act = grads[grads["kind"] == "activation"].sort_values("block")
-        logger.log_diagnostics(step, [float(v) for v in sig["out_var"]],
-                               [float(v) for v in act["norm"]])  # fmt: skip
+    probe: list = []  # the fixed batch of the periodic diagnostics, drawn once
 
     absurd = absurd_loss(dataset)
     t_start = time.perf_counter()
@@ -391,7 +397,7 @@ def _run(
             if evaluated:
                 run_eval(step, rec)
             if cfg.diagnose_every and step % cfg.diagnose_every == 0 and logger.tensorboard:
-                diagnose(step)
+                _diagnose(model, dataset, cfg, device, logger, step, probe)
             t0 = time.perf_counter()
             lr = set_lr(optimizer, lr_factor(step, total, cfg))
             x, y = dataset.train_batch(step, cfg.batch_size, cfg.seed)
