@@ -470,7 +470,7 @@ class Fixup(Scheme):
         plan = []
         for blk in blocks:
             gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
-            layers = getattr(blk, "fixup_layers", None) or weight_layers(blk.branch)
+            layers = weight_layers(blk.branch)
             plan.append((blk, gain, layers))
         with torch.no_grad():
             for _, gain, layers in plan:

@@ -266,10 +266,3 @@ def _short(ident: dict[str, Any]) -> str:
     cfg = ident.get("config", {})
     inner = ", ".join(f"{k}={v}" for k, v in cfg.items()) if isinstance(cfg, dict) else str(cfg)
     return f"{ident.get('class')}({inner}) scheme={ident.get('scheme')}"
-
-
-def restore(payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model, optimizer and RNG states from a loaded (and :func:`validate`-d) payload."""
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload["rng"])
