@@ -26,7 +26,7 @@ def run_cli(capsys, *argv):
         (["run", "nope", "--preset", "smoke"], "unknown experiment 'nope'; choose one of: "),
         (["run", "path-varience", "--preset", "smoke"], "did you mean 'path-variance'"),
         (["run", "path-variance", "--preset", "huge"], "unknown preset of experiment"),
-        (["run", "all", "--preset", "huge"], "choose one of: smoke, quick, full"),
+        (["run", "all", "--preset", "huge"], "choose one of: smoke, quick, deep, full"),
         (["run", "path-variance", "--preset", "smoke", "--set", "depthz=3"], "valid keys: depths"),
         (["run", "all", "--preset", "smoke", "--set", "bogus=1"], "no experiment has them"),
         (["run", "path-variance", "--preset", "smoke", "--set", "short=x"], "must be an integer"),

@@ -54,8 +54,14 @@ def test_smoke_preset_runs_with_documented_columns(smoke, name):
 @pytest.mark.parametrize("name", REAL)
 def test_presets_are_complete_and_smoke_is_smallest(name):
     exp = get_experiment(name)
-    assert set(exp.presets) == {"smoke", "quick", "full"}
+    from depthlab.experiments.runner import experiments_with
+
+    # deep: only the experiments with a depth claim (tests/test_deep_presets.py names them)
+    extra = {"deep"} if name in experiments_with("deep") else set()
+    assert set(exp.presets) == {"smoke", "quick", "full"} | extra
     assert len(exp.cells(exp.presets["smoke"])) <= len(exp.cells(exp.presets["full"]))
+    if extra:
+        assert len(exp.cells(exp.presets["smoke"])) <= len(exp.cells(exp.presets["deep"]))
 
 
 def test_path_variance_shares_match_the_binomial_and_the_bn_claim(smoke):

@@ -352,3 +352,44 @@ def test_wide_resnet_depth_counting():
     same = dl.create_model("resnet", depth=26, width=2, in_channels=1)
     assert len(wrn.blocks) == len(same.blocks) == 12
     assert wrn.blocks[-1].branch[-1].out_channels == 64 * 2
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet"])
+def test_frozen_zero_gate_blocks_are_skipped_with_the_same_function(model):
+    """A block with a gate fixed at 0 is exactly the identity: the stack skips its branch (the
+    frozen-gate controls cost no more than their stem and head) and the output and gradients
+    equal those of the full computation (forced by a global hook, which turns the skip off)."""
+    import torch.nn.modules.module as module_mod
+
+    torch.manual_seed(0)
+    kw = (
+        {"depth": 8, "width": 6, "in_dim": 5} if model == "mlp" else {"depth": 14, "in_channels": 1}
+    )
+    m = dl.create_model(model, scheme="skipinit", scheme_options={"learnable": False}, **kw)
+    x = torch.randn(4, 5) if model == "mlp" else torch.randn(4, 1, 8, 8)
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        out = m(x)
+        out.square().sum().backward()
+        return out.detach(), {
+            n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None
+        }
+
+    fast_out, fast_grads = run()
+    handle = module_mod.register_module_forward_hook(lambda *a: None)
+    try:
+        full_out, full_grads = run()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast_out, full_out, rtol=1e-6, atol=1e-6)
+    for name, g in fast_grads.items():
+        torch.testing.assert_close(g, full_grads[name], rtol=1e-5, atol=1e-6)
+    # the skipped branches are not computed: NaN weights there leave the output finite
+    with torch.no_grad():
+        for b in dl.residual_blocks(m):
+            if b.is_identity():
+                for p in b.branch.parameters():
+                    p.fill_(float("nan"))
+    assert torch.isfinite(m(x)).all()
+    assert any(b.is_identity() for b in dl.residual_blocks(m))

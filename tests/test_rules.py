@@ -131,7 +131,11 @@ def _fc(curves: dict[str, tuple[float, float, float]], diverged=()) -> list[dict
     rows = []
     for s, (first, last, acc) in curves.items():
         for seed in SEEDS:
-            for step, loss in ((0, first), (50, (first + last) / 2), (98, last), (99, last)):
+            for step, loss in (
+                (0, first),
+                (50, (first + last) / 2),
+                *((k, last) for k in (96, 98, 99)),
+            ):
                 rows.append({
                     "scheme": s, "depth": 1000, "seed": seed, "step": step, "train_loss": loss,
                     "test_accuracy": acc if step == 99 else math.nan,
@@ -768,3 +772,72 @@ def test_depth_sweep_quick_runs_conv_resnets_with_the_control():
     from depthlab.experiments.depth_sweep import BUILD
 
     assert BUILD["skipinit"] != BUILD["rezero"]  # not the same block counted twice
+
+
+# -- the deep presets' rules --
+def test_deep_fc_fit_needs_the_stated_target():
+    # the loss halves (2.3 -> 0.5) and beats the control, but stays above ln(10)/10: not "fits"
+    high = {**GOOD_FC, "rezero": (2.3, 0.5, 0.9), "frozen": (2.3, 0.8, 0.8)}
+    claims = _claims("deep-fc", _fc(high, diverged={"plain"}))
+    assert claims[0].verdict != "reproduced" and "target" in claims[0].rule
+
+
+ALL_FC = ["rezero", "frozen", "noskip", "plain", "layernorm"]
+
+
+def test_deep_fc_layernorm_claim_fails_on_a_tie_and_passes_when_rezero_is_first():
+    # the same curve for ReZero and LayerNorm: no seed where ReZero is first
+    tie = _claims(
+        "deep-fc",
+        _fc({**GOOD_FC, "layernorm": GOOD_FC["rezero"]}, diverged={"plain"}),
+        schemes=ALL_FC,
+    )
+    assert [c.verdict for c in tie][2] == "not reproduced"
+    slow = _claims(
+        "deep-fc",
+        _fc({**GOOD_FC, "layernorm": (2.3, 0.5, 0.9)}, diverged={"plain"}),  # never at 0.23
+        schemes=ALL_FC,
+    )
+    assert slow[2].verdict == "reproduced" and "never" in slow[2].measured
+    reversed_ = _claims(
+        "deep-fc",
+        _fc({**GOOD_FC, "rezero": (2.3, 0.2, 0.9), "layernorm": (2.3, 0.05, 0.97)},
+            diverged={"plain"}),
+        schemes=ALL_FC,
+    )  # fmt: skip
+    assert reversed_[2].verdict == "not reproduced"
+
+
+def test_depth_sweep_judges_every_judge_depth_and_only_the_arms_run_there():
+    deep = _sweep({"batchnorm": [0.9] * 3, "fixup": [0.6] * 3, "frozen": [0.3] * 3}, depth=10004)
+    shallow = _sweep(GOOD_SWEEP, depth=1004)
+    claims = _claims(
+        "depth-sweep", shallow + deep, depths=[1004, 10004], judge_depths=[1004, 10004]
+    )
+    at = {c.measured.split(",")[0]: c for c in claims}
+    # 1004: the three claims; 10004 (BN, Fixup and the control only): the keep-up claim alone
+    assert [c.measured.startswith("depth 1004") for c in claims] == [True] * 3 + [False]
+    assert claims[3].measured.startswith("depth 10004") and "plain" not in claims[3].measured
+    assert claims[3].verdict != "reproduced" and "fixup" in claims[3].rule  # 0.3 below BN
+    assert len(at) == 2
+
+
+def test_transformer_deep_contrast_is_judged_per_depth_and_needs_rezero_to_train():
+    def curve(v, depth, last):
+        return [
+            {"part": "deep", "variant": v, "depth": depth, "lr": 0.001, "seed": seed,
+             "step": step, "train_bpb": b, "smoothed_bpb": b, "diverged": False}
+            for seed in SEEDS for step, b in ((0, 8.0), (100, last))
+        ]  # fmt: skip
+
+    rows = []
+    for depth, rz in ((64, 2.0), (128, 5.0)):  # ReZero below the bigram entropy at 64 only
+        rows += curve("rezero", depth, rz) + curve("postnorm", depth, 5.5)
+        rows += curve("postnorm+warmup", depth, 5.5) + curve("rezero-alpha1", depth, 7.0)
+    claims = _claims(
+        "transformer-convergence", rows, variants=[], deep_depths=[64, 128],
+        deep_variants=["rezero", "postnorm", "postnorm+warmup", "rezero-alpha1"],
+    )  # fmt: skip
+    assert [c.claim.split("-")[0] for c in claims] == ["64", "128"]
+    assert claims[0].verdict == "reproduced" and "rezero-alpha1" in claims[0].measured
+    assert claims[1].verdict == "not reproduced" and "both arms fail" in claims[1].rule

@@ -76,7 +76,7 @@ def list_command(args: argparse.Namespace) -> int:
         for name in DATASETS.names():
             print(f"  {name:20s} {summary(DATASETS.get(name))}")
     if what in ("all", "experiments"):
-        print("experiments (depthlab run NAME --preset smoke|quick|full):")
+        print("experiments (depthlab run NAME --preset smoke|quick|deep|full):")
         for name in EXPERIMENTS.names():
             exp = EXPERIMENTS.get(name)
             print(f"  {name:24s} {exp.title}")

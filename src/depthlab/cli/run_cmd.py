@@ -20,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "an interrupted run resumes. `depthlab list` shows the experiments.",
     )
     p.add_argument("name", help="experiment name, or 'all'")
-    p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
+    p.add_argument(
+        "--preset",
+        default="quick",
+        help="smoke | quick | deep | full (default: quick); deep: the papers' depths on a CPU, "
+        "only for the experiments with a depth claim ('all' runs those)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/PRESET)")
     add_set_option(p, "override a config field, e.g. --set steps=200 --set 'depths=[10,100]'")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")

@@ -1,7 +1,7 @@
 """The experiment abstraction: a reproduction of one published claim.
 
-An experiment turns a *config* (a frozen dataclass; presets ``smoke``/``quick``/``full`` are
-instances of it, ``--set key=value`` replaces fields) into a grid of *cells* (small dicts of
+An experiment turns a *config* (a frozen dataclass; presets ``smoke``/``quick``/``deep``/``full``
+are instances of it, ``--set key=value`` replaces fields) into a grid of *cells* (small dicts of
 scalars), runs each cell into *records* (flat dicts, one per measured point), and turns the
 records into figures and :class:`Claim` rows (paper's claim, paper's figure, our measured figure,
 verdict). Cells are independent, so :mod:`depthlab.experiments.runner` runs them in parallel
@@ -23,7 +23,11 @@ import pandas as pd
 
 from depthlab.registry import DepthlabError, Registry, unknown_choice
 
-PRESETS = ("smoke", "quick", "full")
+#: the scales an experiment may offer: ``smoke`` (seconds, for tests), ``quick`` (minutes on a
+#: laptop CPU), ``deep`` (the papers' depths on the data that ships, ≈ an hour for all of them on
+#: 2 CPU cores; only experiments with a depth claim have it), ``full`` (the papers' setups and
+#: data, for a GPU)
+PRESETS = ("smoke", "quick", "deep", "full")
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
 
@@ -109,9 +113,9 @@ class Experiment:
         for cell in cells:
             spec = self.cell_model(cell)
             if spec is not None:
-                model, kw, batch = spec
+                model, kw, batch, *shape = spec
                 try:
-                    check_fits(model, kw, batch_size=batch)
+                    check_fits(model, kw, batch_size=batch, input_shape=shape[0] if shape else None)
                 except DepthlabError as e:
                     label = ", ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
                     raise DepthlabError(f"experiment '{self.name}', cell {label}: {e}") from None
@@ -125,9 +129,10 @@ class Experiment:
             return cells
         return [{**c, "device": c.get("device", device)} for c in cells]
 
-    def cell_model(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any], int] | None:
-        """``(model name, constructor sizes, batch size)`` of the network a cell trains, for the
-        memory check of :meth:`validate` (None: nothing to check). The default reads the cell's
+    def cell_model(self, cell: dict[str, Any]) -> tuple | None:
+        """``(model name, constructor sizes, batch size[, input shape of one example])`` of the
+        network a cell trains, for the memory check of :meth:`validate` (None: nothing to check;
+        no input shape: 3×32×32 for an image model). The default reads the cell's
         ``depth`` with ``d_model``/``nhead``/``context`` (a Transformer LM), ``width`` and
         ``data_dir`` (a CIFAR ResNet) or ``width`` (an MLP), and its ``batch_size``."""
         if "depth" not in cell:

@@ -7,8 +7,14 @@ fail: without skips (``noskip``) the signal vanishes or explodes through thousan
 ``plain`` (α = 1) doubles the variance per block and overflows.
 
 The control (``frozen``) is the same ReZero network with its gates fixed at 0: the stem and the
-classifier only. ReZero "uses its depth" only where it fits the training set better than this
-control on every seed; the contrast (FC and FC+Res fail) counts only where ReZero trains.
+classifier only. ReZero "fits its training set" where its final training loss is at most a tenth
+of the chance-level loss (ln 10 / 10 ≈ 0.23, fixed in advance) and "uses its depth" only where it
+is also below this control on every seed; the contrast (FC and FC+Res fail) counts only where
+ReZero trains. ``layernorm`` (FC + LayerNorm: the pre-LN residual block ``x + W σ(LN(x))``) is
+the normalized net of the same depth; ReZero should reach the target in fewer steps (Fig. 3 of
+the paper: 7–15× faster at 32 layers).
+
+Presets: ``deep`` is the paper's depth, 10,000 layers, on digits, every arm on 2 seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, train, verdict
+from depthlab.experiments.base import (
+    EXPERIMENTS,
+    Claim,
+    Experiment,
+    finite,
+    steps_to_target,
+    train,
+    verdict,
+)
 from depthlab.experiments.rules import contrast, every, spread
 
 #: label -> (scheme, options)
@@ -28,7 +42,11 @@ BUILD = {
     "frozen": ("rezero", {"learnable": False}),
     "noskip": ("noskip", {}),
     "plain": ("plain", {}),
+    "layernorm": ("layernorm", {}),
 }
+#: "fits its training set": the final training loss at most a tenth of the chance-level loss
+#: ln 10 of the 10 digit classes, fixed before any run
+TARGET_LOSS = round(0.1 * math.log(10), 3)
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,7 @@ class Config:
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 0.001
+    target_loss: float = TARGET_LOSS  # "fits": final training loss at most this, every seed
     checkpointing: int = 0  # activation checkpointing segments (0: off), for very deep nets
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
@@ -50,7 +69,7 @@ class DeepFC(Experiment):
     name = "deep-fc"
     zero_ok = ("checkpointing", "seeds")
     choices = {"schemes": tuple(BUILD), "optimizer": ("adam", "adamw", "sgd", "adagrad")}
-    version = 2
+    version = 3
     title = "a very deep ReZero FC net fits its training set better than its frozen-gate control"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Section 4 (10,000 layers)"
     columns = ("scheme", "depth", "seed", "step", "train_loss", "test_accuracy", "diverged")
@@ -58,6 +77,13 @@ class DeepFC(Experiment):
     presets = {
         "smoke": Config(depth=100, width=32, steps=40, seeds=(0, 1)),
         "quick": Config(),
+        # the paper's depth on digits: ReZero against FC, FC+Res (α = 1), FC+LayerNorm (pre-LN
+        # residual) and the frozen-gate control, all 10,000 layers deep
+        "deep": Config(
+            schemes=("rezero", "frozen", "noskip", "plain", "layernorm"),
+            depth=10_000,
+            seeds=(0, 1),
+        ),  # fmt: skip
         "full": Config(depth=10000, width=256, steps=2000, checkpointing=100),
     }
 
@@ -118,7 +144,7 @@ class DeepFC(Experiment):
         from depthlab.report.render import save_fig
 
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        styles = {"rezero": "-", "frozen": "--", "noskip": "-.", "plain": ":"}
+        styles = {"rezero": "-", "frozen": "--", "noskip": "-.", "plain": ":", "layernorm": "-"}
         for s, g in df.groupby("scheme", sort=False):
             loss = g.pivot_table(index="step", columns="seed", values="train_loss")
             if not loss.notna().any().any():
@@ -170,7 +196,7 @@ class DeepFC(Experiment):
             return f"{s} loss {spread(fin)}, test acc {spread(acc)}{tail}"
 
         rz = stats["rezero"]
-        falls = all(not v[3] and v[1] < 0.5 * v[0] for v in rz.values())
+        falls = all(not v[3] and v[1] <= cfg.target_loss for v in rz.values())
         neg = {k: -v for k, v in final["rezero"].items()}
         beats = "frozen" in final and every(neg, {k: -v for k, v in final["frozen"].items()})
         setup = (
@@ -181,7 +207,7 @@ class DeepFC(Experiment):
         )
         why = []
         if not falls:
-            why.append("ReZero's loss did not halve on every seed")
+            why.append(f"ReZero's final loss is above the target {cfg.target_loss:g} on some seed")
         if not beats:
             why.append("ReZero does not beat the frozen-gate control on every seed")
         rows = [
@@ -191,10 +217,12 @@ class DeepFC(Experiment):
                 paper="10,000-layer ReZero FC net fits its training set",
                 paper_setup="FC, 10,000 layers, CIFAR-10 (Section 4)",
                 setup=setup,
-                measured=f"final training loss: {show('rezero')}; "
+                measured=f"final training loss (target ≤ {cfg.target_loss:g}): {show('rezero')}; "
                 + (show("frozen") if "frozen" in stats else "no control"),
                 verdict=verdict(falls and beats, partly=falls),
-                rule="; ".join(why) or "loss halves and beats the control on every seed",
+                rule="; ".join(why)
+                or f"final loss ≤ {cfg.target_loss:g} (a tenth of chance, ln 10) and below the "
+                "control's on every seed",
             )
         ]
         others = [s for s in ("noskip", "plain") if s in stats]
@@ -203,7 +231,7 @@ class DeepFC(Experiment):
 
             def failed(s: str) -> bool:
                 return all(
-                    v[3] or not v[1] < 0.5 * v[0] or v[2] < racc.get(k, math.nan) - 0.2
+                    v[3] or v[1] > cfg.target_loss or v[2] < racc.get(k, math.nan) - 0.2
                     for k, v in stats[s].items()
                 )
 
@@ -219,8 +247,43 @@ class DeepFC(Experiment):
                     measured="; ".join(show(s) for s in ("rezero", *others)),
                     verdict=v,
                     rule=reason
-                    or "each comparison net diverged, or its loss did not halve, or it is 0.2 "
-                    "below ReZero's accuracy, on every seed",
+                    or "each comparison net diverged, or its loss stayed above "
+                    f"{cfg.target_loss:g}, or it is 0.2 below ReZero's accuracy, on every seed",
                 )
             )
+        if "layernorm" in stats:
+            rows.append(self._layernorm_claim(df, cfg, setup, show))
         return rows
+
+    @staticmethod
+    def _layernorm_claim(df: pd.DataFrame, cfg: Config, setup: str, show) -> Claim:
+        """ReZero reaches the target in fewer steps than FC+LayerNorm (pre-LN residual) of the
+        same depth, on every seed (the smoothed loss: a moving mean of 3 logged values)."""
+
+        def its(s: str) -> dict[int, float]:
+            out = {}
+            for seed, g in df[df["scheme"] == s].groupby("seed"):
+                loss = g["train_loss"].astype(float).rolling(3, min_periods=1).mean()
+                out[int(seed)] = steps_to_target(list(g["step"]), list(loss), cfg.target_loss)
+            return out
+
+        rz, ln = its("rezero"), its("layernorm")
+        faster = bool(rz) and all(
+            math.isfinite(r) and r < ln.get(k, math.nan) for k, r in rz.items()
+        )
+
+        def fmt(d: dict[int, float]) -> str:
+            return "/".join("never" if math.isinf(d[k]) else f"{d[k]:.0f}" for k in sorted(d))
+
+        return Claim(
+            claim="ReZero fits faster than the same FC net with LayerNorm (pre-LN residual)",
+            paper="ReZero converges 7–15× faster than the other variants (32 layers, Fig. 3)",
+            paper_setup="FC, 32 layers, width 256, ReLU, CIFAR-10 (Fig. 3)",
+            setup=setup,
+            measured=f"steps to loss ≤ {cfg.target_loss:g} per seed: ReZero {fmt(rz)}, "
+            f"LayerNorm {fmt(ln)} (of {cfg.steps}); {show('layernorm')}",
+            verdict=verdict(faster),
+            rule=""
+            if faster
+            else "ReZero does not reach the target before LayerNorm on every seed",
+        )

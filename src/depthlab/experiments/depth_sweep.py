@@ -43,7 +43,7 @@ import pandas as pd
 
 from depthlab.experiments.base import EXPERIMENTS, Claim, Experiment, finite, train, verdict
 from depthlab.experiments.rules import accuracy_or_zero, contrast, every, spread
-from depthlab.registry import DepthlabError  # noqa: F401
+from depthlab.registry import DepthlabError
 
 SCHEMES = ("batchnorm", "skipinit", "fixup", "rezero", "frozen", "plain", "scaled")
 #: the normalization-free schemes of the "keep up with BN" claim
@@ -81,6 +81,8 @@ def variants_of(scheme: str, variant: str) -> tuple[str, ...]:
     return PAPER_VARIANTS.get(scheme, ("preact",))
 
 
+#: the digits training split (examples), for the setup's epoch count
+DIGITS_TRAIN = 1438
 #: "as well as BN": within this many accuracy points of BN on every seed
 KEEP_UP = 0.05
 #: "fails": diverged, or this far below BN on every seed
@@ -101,6 +103,14 @@ class Config:
     weight_decay: float = 5e-4
     grad_clip: float = 0.0  # 0: off (neither paper clipped)
     data_dir: str = ""  # a CIFAR-10 python folder: CIFAR-10 (3×32×32) instead of digits
+    #: the arms run at the deepest depth ("scheme" or "scheme:variant"; empty: every arm), so
+    #: that a 10,000-layer row can hold only the arms of the claim made there
+    top_schemes: tuple[str, ...] = ()
+    #: the depths the claims are judged at (empty: the deepest)
+    judge_depths: tuple[int, ...] = ()
+    channels_last: bool = (
+        True  # NHWC convolutions (faster on a CPU; same function, rounding may differ)
+    )
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
@@ -119,6 +129,7 @@ class DepthSweep(Experiment):
     version = 4
     choices = {"schemes": tuple(BUILD), "variant": ("paper", "postact", "preact")}
     zero_ok = ("grad_clip", "seeds", "weight_decay")
+    empty_ok = ("top_schemes", "judge_depths")
     Config = Config
     presets = {
         "smoke": Config(
@@ -128,6 +139,16 @@ class DepthSweep(Experiment):
             seeds=(0, 1),
         ),
         "quick": Config(),
+        # Fixup's Fig. 3 protocol at its depths (≈ 10, 100, 1,000, 10,000 layers), one epoch of
+        # digits (22 steps of 64) at the default lr 0.1; every arm to 1,004 layers (SkipInit's
+        # depth), BN, Fixup and the control (all post-activation, Fig. 3's net) at 10,004
+        "deep": Config(
+            depths=(14, 110, 1004, 10_004),
+            steps=22,
+            top_schemes=("batchnorm:postact", "fixup", "frozen:postact"),
+            judge_depths=(1004, 10_004),
+            seeds=(0, 1),
+        ),  # fmt: skip
         "full": Config(depths=(20, 110, 1202, 10_004), steps=2000),
     }
 
@@ -140,8 +161,27 @@ class DepthSweep(Experiment):
             from depthlab.data.cifar10 import find_folder
 
             find_folder(cfg.data_dir)
+        arms = {f"{s}:{v}" for s in BUILD for v in NETS} | set(BUILD)
+        bad = [x for x in cfg.top_schemes if x not in arms]
+        if bad:
+            raise DepthlabError(
+                f"top_schemes: unknown arm(s) {', '.join(bad)}; use a scheme name "
+                f"({', '.join(BUILD)}) or scheme:variant (variant: {', '.join(NETS)})"
+            )
+        if not self.cells(cfg):
+            raise DepthlabError("no cell left: top_schemes keeps none of the schemes run")
+        missing = [x for x in cfg.judge_depths if x not in cfg.depths]
+        if missing:
+            raise DepthlabError(
+                f"judge_depths {missing} are not among depths {list(cfg.depths)}; judge at "
+                "depths that are run"
+            )
 
     def cells(self, cfg: Config) -> list[dict]:
+        top = max(cfg.depths)
+        return [c for c in self._all_cells(cfg) if c["depth"] < top or _on_top(c, cfg.top_schemes)]
+
+    def _all_cells(self, cfg: Config) -> list[dict]:
         return [
             {
                 "scheme": s,
@@ -154,6 +194,7 @@ class DepthSweep(Experiment):
                 "weight_decay": cfg.weight_decay,
                 "grad_clip": cfg.grad_clip,
                 "data_dir": cfg.data_dir,
+                "channels_last": cfg.channels_last,
                 "seed": seed,
             }  # fmt: skip
             for d in cfg.depths
@@ -162,9 +203,10 @@ class DepthSweep(Experiment):
             for v in variants_of(s, cfg.variant)
         ]
 
-    def cell_model(self, cell: dict) -> tuple[str, dict, int]:
+    def cell_model(self, cell: dict) -> tuple[str, dict, int, tuple[int, ...]]:
         kwargs = {"depth": cell["depth"], "width": cell["width"], "variant": cell["variant"]}
-        return "resnet", kwargs, cell["batch_size"]
+        shape = (3, 32, 32) if cell["data_dir"] else (1, 8, 8)
+        return "resnet", {**kwargs, "in_channels": shape[0]}, cell["batch_size"], shape
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -192,6 +234,7 @@ class DepthSweep(Experiment):
             weight_decay=cell["weight_decay"],
             grad_clip=cell["grad_clip"] or None,
             scalar_lr_mult=0.1 if scheme == "fixup" else 1.0,
+            channels_last=bool(cell.get("channels_last", False)),
         )
         s = hist.summary
         return [
@@ -244,6 +287,10 @@ class DepthSweep(Experiment):
 
     def setup(self, cfg: Config, depth: int) -> str:
         data = "CIFAR-10" if cfg.data_dir else "digits 1×8×8"
+        epochs = cfg.steps * cfg.batch_size / (50_000 if cfg.data_dir else DIGITS_TRAIN)
+        top = max(cfg.depths)
+        arms = f"; at depth {top} only {', '.join(cfg.top_schemes)}" if cfg.top_schemes else ""
+        than = "smaller data and budget than" if top >= 10_000 else "smaller than"
         if cfg.variant == "paper":
             net = (
                 "conv ResNets with basic blocks: Fixup on the post-activation net of its "
@@ -258,16 +305,22 @@ class DepthSweep(Experiment):
             f"(judged at {depth}), {16 * cfg.width}/{32 * cfg.width}/{64 * cfg.width} channels, "
             f"{data}, SGD lr {cfg.lr:g} momentum 0.9 wd {cfg.weight_decay:g} batch "
             f"{cfg.batch_size}, {'no clipping' if not cfg.grad_clip else f'clip {cfg.grad_clip:g}'}"
-            f", {cfg.steps} steps, seeds {', '.join(map(str, cfg.seeds))}; smaller than the "
-            f"papers' (1,000 / 10,000 layers, CIFAR-10, 200 epochs / 1 epoch)"
+            f", {cfg.steps} steps ({epochs:.2g} epochs), seeds {', '.join(map(str, cfg.seeds))}"
+            f"{arms}; {than} the papers' (1,000 / 10,000 layers, CIFAR-10, 200 epochs / 1 epoch)"
         )
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list[Claim]:
+        """The claims at each of ``judge_depths`` (default: the deepest depth run)."""
         d = accuracy_or_zero(df)
         if "variant" not in d.columns:
             d["variant"] = "preact"
-        depth = int(d["depth"].max())
-        at = d[d["depth"] == depth]
+        depths = [x for x in cfg.judge_depths if (d["depth"] == x).any()]
+        out = []
+        for depth in depths or [int(d["depth"].max())]:
+            out += self._claims_at(d[d["depth"] == depth], cfg, int(depth))
+        return out
+
+    def _claims_at(self, at: pd.DataFrame, cfg: Config, depth: int) -> list[Claim]:
 
         def net(s: str) -> str:
             """The network ``s`` ran on (its first, where it ran on both)."""
@@ -296,33 +349,61 @@ class DepthSweep(Experiment):
             return f"{label} {spread(a.values())}" + (f" ({n}/{len(a)} diverged)" if n else "")
 
         setup = self.setup(cfg, depth)
+        out = []
         bad = [s for s in BAD if acc(s)]
-        ref = net(bad[0]) if bad else "preact"  # the network the plain/scaled claim is judged on
+        if bad:
+            out.append(self._fail_claim(cfg, depth, setup, bad, acc, net, show))
+        free = [s for s in FREE if acc(s)]
+        if free:
+            out.append(self._keep_up_claim(cfg, depth, setup, free, acc, net, show))
+        rz_net = net("rezero")
+        rz = {k: float(v) for k, v in _loss(rows("rezero", rz_net)).items()}
+        if rz:
+            bnl = _loss(rows("batchnorm", rz_net))
+            faster = every({k: -v for k, v in rz.items()}, {k: -v for k, v in bnl.items()})
+            out.append(
+                Claim(
+                    claim="ReZero's gates (α = 0 on a BN ResNet) converge faster than the BN "
+                    "ResNet",
+                    paper="ResNet-56 converges 32% faster with ReZero",
+                    paper_setup="ResNet-56, CIFAR-10",
+                    setup=setup,
+                    measured=f"depth {depth}, final training loss: ReZero "
+                    f"{spread(rz.values())}, BN {spread(bnl.values())}",
+                    verdict=verdict(faster),
+                    rule="" if faster else "ReZero's training loss is not below BN's on every seed",
+                )
+            )
+        return out
+
+    @staticmethod
+    def _fail_claim(cfg, depth, setup, bad, acc, net, show) -> Claim:
+        """plain and scaled fail at ``depth`` where BN trains (SkipInit's Table 2)."""
+        ref = net(bad[0])  # the network the plain/scaled claim is judged on
         bn, ctrl = acc("batchnorm", ref), acc("frozen", ref)
         bn_trains = every(bn, ctrl) if ctrl else False
         fails = {s: all(x < bn.get(k, math.nan) - FAIL for k, x in acc(s).items()) for s in bad}
-        v1, why1 = contrast(
-            bn_trains, bool(bad) and all(fails.values()), "BN", " and ".join(bad) or "plain/scaled"
-        )
+        v1, why1 = contrast(bn_trains, all(fails.values()), "BN", " and ".join(bad))
         if bn_trains and any(fails.values()) and not all(fails.values()):
             v1 = verdict(False, partly=True)
             why1 = ", ".join(s for s, f in fails.items() if not f) + " did not fail on every seed"
-        out = [
-            Claim(
-                claim="Without normalization, α=1 (plain) and 1/√2 scaling (scaled) fail at depth "
-                "where BN trains",
-                paper="plain and scaled fail at 1,000 layers, BN trains (Table 2)",
-                paper_setup="Wide-ResNet (pre-activation), CIFAR-10, 1,000 layers, SGD, batch 64",
-                setup=setup,
-                measured=f"depth {depth}, test accuracy: "
-                + ", ".join(show(s, ref) for s in ("batchnorm", *bad, "frozen")),
-                verdict=v1,
-                rule=why1
-                or f"BN beats the control on every seed; each of {', '.join(bad)} is "
-                f"{FAIL:g} below BN (or diverged) on every seed (on the {ref} net)",
-            )
-        ]
-        free = [s for s in FREE if acc(s)]
+        return Claim(
+            claim="Without normalization, α=1 (plain) and 1/√2 scaling (scaled) fail at depth "
+            "where BN trains",
+            paper="plain and scaled fail at 1,000 layers, BN trains (Table 2)",
+            paper_setup="Wide-ResNet (pre-activation), CIFAR-10, 1,000 layers, SGD, batch 64",
+            setup=setup,
+            measured=f"depth {depth}, test accuracy: "
+            + ", ".join(show(s, ref) for s in ("batchnorm", *bad, "frozen")),
+            verdict=v1,
+            rule=why1
+            or f"BN beats the control on every seed; each of {', '.join(bad)} is "
+            f"{FAIL:g} below BN (or diverged) on every seed (on the {ref} net)",
+        )
+
+    @staticmethod
+    def _keep_up_claim(cfg, depth, setup, free, acc, net, show) -> Claim:
+        """SkipInit and Fixup keep up with BN at ``depth``, each on its own net."""
         reasons, ok = [], []
         for s in free:
             v = net(s)
@@ -344,39 +425,23 @@ class DepthSweep(Experiment):
                 item = show(x, net(s))
                 if item not in shown:
                     shown.append(item)
-        out.append(
-            Claim(
-                claim="SkipInit and Fixup (no normalization) train at depth as well as BatchNorm",
-                paper="SkipInit ≈ BN at 1,000 layers (Table 1); Fixup ≈ BN at 10,000 (Fig. 3)",
-                paper_setup="Wide-ResNet 1,000 layers, pre-activation (SkipInit); post-activation "
-                "ResNet to 10,000 layers, accuracy after 1 epoch at lr 0.1 (Fixup); CIFAR-10",
-                setup=setup,
-                measured=f"depth {depth}, test accuracy: " + ", ".join(shown),
-                verdict=verdict(len(ok) == len(free) > 0, partly=bool(ok)),
-                rule="; ".join(reasons)
-                or f"within {KEEP_UP:g} of BN on its own net on every seed and above that net's "
-                "control on every seed",
-            )
+        return Claim(
+            claim="SkipInit and Fixup (no normalization) train at depth as well as BatchNorm",
+            paper="SkipInit ≈ BN at 1,000 layers (Table 1); Fixup ≈ BN at 10,000 (Fig. 3)",
+            paper_setup="Wide-ResNet 1,000 layers, pre-activation (SkipInit); post-activation "
+            "ResNet to 10,000 layers, accuracy after 1 epoch at lr 0.1 (Fixup); CIFAR-10",
+            setup=setup,
+            measured=f"depth {depth}, test accuracy: " + ", ".join(shown),
+            verdict=verdict(len(ok) == len(free) > 0, partly=bool(ok)),
+            rule="; ".join(reasons)
+            or f"within {KEEP_UP:g} of BN on its own net on every seed and above that net's "
+            "control on every seed",
         )
-        rz_net = net("rezero")
-        rz = {k: float(v) for k, v in _loss(rows("rezero", rz_net)).items()}
-        if rz:
-            bnl = _loss(rows("batchnorm", rz_net))
-            faster = every({k: -v for k, v in rz.items()}, {k: -v for k, v in bnl.items()})
-            out.append(
-                Claim(
-                    claim="ReZero's gates (α = 0 on a BN ResNet) converge faster than the BN "
-                    "ResNet",
-                    paper="ResNet-56 converges 32% faster with ReZero",
-                    paper_setup="ResNet-56, CIFAR-10",
-                    setup=setup,
-                    measured=f"depth {depth}, final training loss: ReZero "
-                    f"{spread(rz.values())}, BN {spread(bnl.values())}",
-                    verdict=verdict(faster),
-                    rule="" if faster else "ReZero's training loss is not below BN's on every seed",
-                )
-            )
-        return out
+
+
+def _on_top(cell: dict, top: tuple[str, ...]) -> bool:
+    """Whether ``cell`` is one of the arms ``top`` keeps at the deepest depth (empty: all)."""
+    return not top or cell["scheme"] in top or f"{cell['scheme']}:{cell['variant']}" in top
 
 
 def _loss(g: pd.DataFrame) -> dict[int, float]:

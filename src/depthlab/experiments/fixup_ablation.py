@@ -61,6 +61,7 @@ class Config:
     steps: int = 60
     batch_size: int = 64
     weight_decay: float = 5e-4
+    channels_last: bool = True  # NHWC convolutions (faster on a CPU; same function)
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
@@ -89,6 +90,12 @@ class FixupAblation(Experiment):
         "quick": Config(
             arms=("fixup", "only-zero_init", "only-rescale", "no-rescale", "none", "frozen")
         ),
+        # at depth: 1,004 layers (L = 501 branches), the quick arms, the default lr and a large one
+        "deep": Config(
+            arms=("fixup", "only-zero_init", "only-rescale", "no-rescale", "none", "frozen"),
+            depth=1004,
+            seeds=(0, 1),
+        ),  # fmt: skip
         "full": Config(depth=1202, steps=2000, batch_size=128),
     }
 
@@ -107,6 +114,7 @@ class FixupAblation(Experiment):
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "weight_decay": cfg.weight_decay,
+                "channels_last": cfg.channels_last,
                 "seed": seed,
             }  # fmt: skip
             for lr in cfg.lrs
@@ -114,8 +122,9 @@ class FixupAblation(Experiment):
             for a in cfg.arms
         ]
 
-    def cell_model(self, cell: dict) -> tuple[str, dict, int]:
-        return "resnet", {"depth": cell["depth"], "variant": cell["variant"]}, cell["batch_size"]
+    def cell_model(self, cell: dict) -> tuple[str, dict, int, tuple[int, ...]]:
+        kwargs = {"depth": cell["depth"], "variant": cell["variant"], "in_channels": 1}
+        return "resnet", kwargs, cell["batch_size"], (1, 8, 8)
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -136,6 +145,7 @@ class FixupAblation(Experiment):
             cell,
             weight_decay=cell["weight_decay"],
             scalar_lr_mult=0.1 if scheme == "fixup" else 1.0,
+            channels_last=bool(cell.get("channels_last", False)),
         )
         s = hist.summary
         return [

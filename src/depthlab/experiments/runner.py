@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from depthlab.experiments.base import (
+    PRESETS,
     Claim,
     Experiment,
     apply_overrides,
@@ -178,6 +179,7 @@ def run_cells(
     n_cached = len(results)
     total = len(cells)
     done = n_cached
+    t0 = time.perf_counter()
     if n_cached:
         log(f"  [{exp.name}] {n_cached}/{total} cells cached")
 
@@ -187,7 +189,8 @@ def run_cells(
         results[i] = records
         done += 1
         label = " ".join(f"{k}={v}" for k, v in cells[i].items() if k != "seed")
-        log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}")
+        eta = eta_text(time.perf_counter() - t0, done - n_cached, total - done)
+        log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}{eta}")
 
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
@@ -218,6 +221,15 @@ def run_cells(
     return _merge(cells, results), n_cached
 
 
+def eta_text(elapsed: float, finished: int, left: int) -> str:
+    """``"; ETA 12 min"``: the cells ``left`` at the rate the ``finished`` ones took (wall time
+    ``elapsed`` since they started, so parallel workers count); empty when none is left."""
+    if left <= 0 or finished <= 0:
+        return ""
+    eta = elapsed / finished * left
+    return f"; ETA {eta:.0f} s" if eta < 120 else f"; ETA {eta / 60:.0f} min"
+
+
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
     """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
     machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
@@ -242,18 +254,27 @@ def check_writable(out: Path) -> None:
     check_out_dir(out)
 
 
+def experiments_with(preset: str) -> list[str]:
+    """The registered experiments that have ``preset`` (``all`` runs these: ``deep`` exists only
+    for the experiments with a depth claim)."""
+    return [n for n in list_experiments() if preset in get_experiment(n).presets]
+
+
 def resolve(names: list[str] | str, preset: str, overrides: dict[str, Any]) -> list[tuple]:
     """Validate names, preset and overrides for every experiment before anything runs.
 
-    With several experiments (``all``), a key is applied where the experiment has it and refused
-    only if no experiment has it. Returns ``[(experiment, config), ...]``.
+    ``all`` means every experiment that has ``preset``. With several experiments, a key is
+    applied where the experiment has it and refused only if no experiment has it. Returns
+    ``[(experiment, config), ...]``.
     """
+    if not isinstance(preset, str):
+        raise DepthlabError(f"preset must be a name ({', '.join(PRESETS)}), got {preset!r}")
     if names == "all" or names == ["all"]:
-        names = list_experiments()
+        names = experiments_with(preset)
+        if not names:
+            raise unknown_choice("preset", preset, list(PRESETS))
     elif isinstance(names, str):
         names = [names]
-    if not isinstance(preset, str):
-        raise DepthlabError(f"preset must be a name (smoke, quick, full), got {preset!r}")
     if not names or not all(isinstance(n, str) for n in names):
         raise DepthlabError(f"name the experiments to run (or 'all'), got {names!r}")
     exps = [get_experiment(n) for n in names]
@@ -385,6 +406,10 @@ def run(
     plan = resolve(names, preset, overrides or {})
     out = check_out_dir(out)
     combined = len(plan) > 1
+    if names == "all" or names == ["all"]:
+        left = sorted(set(list_experiments()) - {e.name for e, _ in plan})
+        if left:
+            log(f"(no '{preset}' preset, not run: {', '.join(left)})")
     results = []
     if executor == "ray":
         from depthlab.experiments.ray_executor import RayBackend
@@ -519,6 +544,7 @@ class _Sweep:
         self.slots: dict[str, ExperimentResult] = {}
         self.t_prev = time.perf_counter()
         self.bar = None
+        self.t0, self.n_run = time.perf_counter(), 0
 
     def add(self, exp: Experiment, cfg: Any, out_dir: Path) -> None:
         """Prepare one experiment's folder and submit its cells that are not cached."""
@@ -587,7 +613,9 @@ class _Sweep:
             job.cell_time += wall
             n = len(job.done) + len(job.failed)
             label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
-            self.log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}")
+            self.n_run += 1
+            eta = eta_text(time.perf_counter() - self.t0, self.n_run, len(self.handles))
+            self.log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}{eta}")
         job.todo.discard(i)
         if self.bar is not None:
             self.bar.update(1)
@@ -628,7 +656,9 @@ class _Sweep:
             self._error_row(job, f"{type(e).__name__}: {e}")
             return
         self.t_prev = time.perf_counter()
-        self.log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures")
+        ran = len(job.cells) - job.n_cached
+        cost = f"; {ran} cells run, {job.cell_time / ran:.1f}s per cell" if ran else ""
+        self.log(f"[{job.exp.name}] done: {len(df)} records, {len(result.figures)} figures{cost}")
         self.slots[job.exp.name] = result
 
 

@@ -69,7 +69,7 @@ class Config:
     warmup_steps: int = 50  # for the +warmup variants only
     target_bpb: float = 4.0  # smoothed training bits per byte that counts as reached
     smooth: int = 10  # moving-average window (steps)
-    deep_depth: int = 64  # the "deep stacks" contrast (0: skip)
+    deep_depths: tuple[int, ...] = (64,)  # the "deep stacks" contrast (empty: skip)
     deep_variants: tuple[str, ...] = ("rezero", "postnorm", "postnorm+warmup")
     deep_d_model: int = 32
     deep_steps: int = 150
@@ -106,7 +106,8 @@ def best_runs(main: pd.DataFrame, target: float) -> dict[str, tuple[float, float
 class TransformerConvergence(Experiment):
     name = "transformer-convergence"
     choices = {"variants": tuple(VARIANTS), "deep_variants": tuple(VARIANTS)}
-    zero_ok = ("warmup_steps", "deep_depth", "seeds", "deep_target")
+    zero_ok = ("warmup_steps", "seeds", "deep_target")
+    empty_ok = ("variants", "deep_depths")
 
     def check(self, cfg: Config) -> None:
         from depthlab.nn.transformer import check_heads
@@ -135,12 +136,22 @@ class TransformerConvergence(Experiment):
             warmup_steps=10,
             target_bpb=6.0,
             smooth=5,
-            deep_depth=8,
+            deep_depths=(8,),
             deep_d_model=16,
             deep_steps=5,
             seeds=(0, 1),
         ),  # fmt: skip
         "quick": Config(),
+        # the paper's depth contrast alone: 64- and 128-layer stacks, ReZero α = 0 without
+        # warm-up against Post-LN with and without it and ReZero α = 1, to the bigram entropy
+        "deep": Config(
+            variants=(),
+            deep_depths=(64, 128),
+            deep_variants=("rezero", "postnorm", "postnorm+warmup", "rezero-alpha1"),
+            deep_steps=600,
+            warmup_steps=100,
+            seeds=(0, 1),
+        ),  # fmt: skip
         "full": Config(
             d_model=512,
             nhead=8,
@@ -150,7 +161,7 @@ class TransformerConvergence(Experiment):
             lrs=(0.0001, 0.0003, 0.001),
             warmup_steps=2000,
             target_bpb=1.2,
-            deep_depth=128,
+            deep_depths=(64, 128),
             deep_d_model=512,
             deep_steps=2000,
             deep_lr=0.0003,
@@ -179,21 +190,21 @@ class TransformerConvergence(Experiment):
                 for v in cfg.variants
                 for lr in cfg.lrs
             ]
-            if cfg.deep_depth > 0:
-                out += [
-                    {
-                        "part": "deep",
-                        "variant": v,
-                        "depth": cfg.deep_depth,
-                        "d_model": cfg.deep_d_model,
-                        "lr": float(cfg.deep_lr),
-                        "steps": cfg.deep_steps,
-                        "warmup_steps": cfg.warmup_steps if VARIANTS[v][2] else 0,
-                        **common,
-                        "seed": seed,
-                    }  # fmt: skip
-                    for v in cfg.deep_variants
-                ]
+            out += [
+                {
+                    "part": "deep",
+                    "variant": v,
+                    "depth": depth,
+                    "d_model": cfg.deep_d_model,
+                    "lr": float(cfg.deep_lr),
+                    "steps": cfg.deep_steps,
+                    "warmup_steps": cfg.warmup_steps if VARIANTS[v][2] else 0,
+                    **common,
+                    "seed": seed,
+                }  # fmt: skip
+                for depth in cfg.deep_depths
+                for v in cfg.deep_variants
+            ]
         return out
 
     def run_cell(self, cell: dict) -> list[dict]:
@@ -234,8 +245,28 @@ class TransformerConvergence(Experiment):
         from depthlab.report.render import save_fig
 
         main, deep = df[df["part"] == "main"], df[df["part"] == "deep"]
-        fig, axes = plt.subplots(1, 3 if len(deep) else 2, figsize=(15, 3.6), squeeze=False)
-        ax_best, ax_lr = axes[0][0], axes[0][1]
+        n_main = 2 if len(main) else 0
+        fig, axes = plt.subplots(1, n_main + (1 if len(deep) else 0), figsize=(15, 3.6),
+                                 squeeze=False)  # fmt: skip
+        ax_lr = None
+        if n_main:
+            ax_lr = axes[0][1]
+            self._main_panels(axes[0][0], ax_lr, main, cfg)
+        if len(deep):
+            self._deep_panel(axes[0][n_main], deep, cfg)
+        for ax in axes[0]:
+            if ax is not ax_lr:
+                # log2(256) = 8 bpb is uniform over bytes; ReZero α=1 starts far above it
+                lo = min((min(ln.get_ydata()) for ln in ax.get_lines()), default=0.0)
+                ax.set_ylim(max(0.0, math.floor(lo) - 0.5), 10.0)
+                ax.set_xlabel("iteration")
+                ax.set_ylabel("training bits per byte (smoothed)")
+            ax.legend(fontsize=7)
+        return [save_fig(fig, out_dir / "transformer_convergence.png")]
+
+    @staticmethod
+    def _main_panels(ax_best, ax_lr, main: pd.DataFrame, cfg: Config) -> None:
+        """Each variant's best-lr curve, and the final bpb over the lr grid."""
         best = best_runs(main, cfg.target_bpb)
         for v, (lr, _, _) in best.items():
             g = main[(main["variant"] == v) & (main["lr"] == lr)]
@@ -257,26 +288,19 @@ class TransformerConvergence(Experiment):
         ax_lr.set_xlabel("Adam learning rate")
         ax_lr.set_ylabel(f"smoothed bpb after {cfg.steps} iterations")
         ax_lr.set_title("learning-rate grid")
-        if len(deep):
-            ax = axes[0][2]
-            for v, g in deep.groupby("variant", sort=False):
-                curve = g.pivot_table(index="step", columns="seed", values="smoothed_bpb")
-                (line,) = ax.plot(curve.index, curve.mean(axis=1), label=v)
-                ax.fill_between(curve.index, curve.min(axis=1), curve.max(axis=1),
-                                color=line.get_color(), alpha=0.2)  # fmt: skip
-            target = self.deep_target(cfg)
-            ax.axhline(target, color="gray", ls=":", lw=1)
-            ax.set_title(f"{cfg.deep_depth}-layer byte LM (lr {cfg.deep_lr:g}); target = bigram "
-                         f"entropy {target:.2f}", fontsize=8)  # fmt: skip
-        for ax in axes[0]:
-            if ax is not ax_lr:
-                # log2(256) = 8 bpb is uniform over bytes; ReZero α=1 starts far above it
-                lo = min((min(ln.get_ydata()) for ln in ax.get_lines()), default=0.0)
-                ax.set_ylim(max(0.0, math.floor(lo) - 0.5), 10.0)
-                ax.set_xlabel("iteration")
-                ax.set_ylabel("training bits per byte (smoothed)")
-            ax.legend(fontsize=7)
-        return [save_fig(fig, out_dir / "transformer_convergence.png")]
+
+    def _deep_panel(self, ax, deep: pd.DataFrame, cfg: Config) -> None:
+        """The deep stacks' curves against the bigram-entropy target."""
+        for (d, v), g in deep.groupby(["depth", "variant"], sort=False):
+            curve = g.pivot_table(index="step", columns="seed", values="smoothed_bpb")
+            (line,) = ax.plot(curve.index, curve.mean(axis=1), label=f"{v}, {d} layers")
+            ax.fill_between(curve.index, curve.min(axis=1), curve.max(axis=1),
+                            color=line.get_color(), alpha=0.2)  # fmt: skip
+        target = self.deep_target(cfg)
+        ax.axhline(target, color="gray", ls=":", lw=1)
+        depths = "/".join(map(str, cfg.deep_depths))
+        ax.set_title(f"{depths}-layer byte LMs (lr {cfg.deep_lr:g}); target = bigram "
+                     f"entropy {target:.2f}", fontsize=8)  # fmt: skip
 
     @staticmethod
     def deep_target(cfg: Config) -> float:
@@ -289,14 +313,17 @@ class TransformerConvergence(Experiment):
         data = create_dataset("bytes", path=cfg.path or None, context=cfg.context)
         return entropy_bits(data.train_data, order=1)
 
-    def setup(self, cfg: Config, deep: bool = False) -> str:
+    def setup(self, cfg: Config, deep: int = 0) -> str:
+        """The setup column; ``deep``: the depth of a deep-part claim (0: the main part)."""
         corpus = "enwik8" if cfg.path else "stdlib byte corpus"
         if deep:
             return (
-                f"byte LM, {cfg.deep_depth} layers, d_model {cfg.deep_d_model}, {cfg.nhead} heads, "
+                f"byte LM, {deep} layers, d_model {cfg.deep_d_model}, {cfg.nhead} heads, "
                 f"context {cfg.context}, batch {cfg.batch_size}, Adam lr {cfg.deep_lr:g}, "
                 f"{cfg.deep_steps} steps (warm-up {cfg.warmup_steps} for +warmup), {corpus}, "
-                f"seeds {', '.join(map(str, cfg.seeds))}; far smaller than the paper's"
+                f"seeds {', '.join(map(str, cfg.seeds))}; "
+                + ("the paper's depth, " if deep in (64, 128) else "")
+                + "far smaller width, data and budget than the paper's"
             )
         return (
             f"byte LM, {cfg.depth} layers, d_model {cfg.d_model}, {cfg.nhead} heads, context "
@@ -354,48 +381,51 @@ class TransformerConvergence(Experiment):
                     rule=why or "fastest on every seed and ≥ 1.56× Post-LN + warm-up on every seed",
                 )
             )
-        deep = df[df["part"] == "deep"]
-        if len(deep) and "rezero" in set(deep["variant"]):
-            target = self.deep_target(cfg)
-
-            def reached(v: str) -> dict[int, bool]:
-                g = deep[deep["variant"] == v]
-                return {
-                    int(k): math.isfinite(
-                        steps_to_target(list(gs["step"]), list(gs["smoothed_bpb"]), target)
-                    )
-                    for k, gs in g.groupby("seed")
-                }
-
-            def final(v: str) -> list[float]:
-                g = deep[deep["variant"] == v]
-                return [float(gs["smoothed_bpb"].iloc[-1]) for _, gs in g.groupby("seed")]
-
-            others = [v for v in cfg.deep_variants if v != "rezero" and v in set(deep["variant"])]
-            works = all(reached("rezero").values())
-            fails = bool(others) and all(not any(reached(v).values()) for v in others)
-            v, why = contrast(works, fails, f"ReZero-{cfg.deep_depth}", " and ".join(others))
-            rows.append(
-                Claim(
-                    claim=f"{cfg.deep_depth}-layer ReZero Transformers train (below the corpus' "
-                    "bigram entropy) where Post-LN fails even with warm-up",
-                    paper="64 and 128-layer ReZero train; Post-LN at 64 layers fails to converge "
-                    "even with warm-up (Table 3)",
-                    paper_setup="64 / 128-layer Transformers, enwik8",
-                    setup=self.setup(cfg, deep=True),
-                    measured=f"final smoothed bpb after {cfg.deep_steps} steps (target: bigram "
-                    f"entropy {target:.2f}): "
-                    + ", ".join(f"{x} {spread(final(x), 3)}" for x in ("rezero", *others))
-                    + "; reached the target on "
-                    + ", ".join(
-                        f"{x} {sum(reached(x).values())}/{len(reached(x))}"
-                        for x in ("rezero", *others)
-                    )
-                    + " seeds",
-                    verdict=v,
-                    rule=why
-                    or "ReZero below the bigram entropy on every seed, every Post-LN "
-                    "variant on none",
-                )
-            )
+        target = self.deep_target(cfg) if (df["part"] == "deep").any() else math.nan
+        for depth in cfg.deep_depths:
+            deep = df[(df["part"] == "deep") & (df["depth"] == depth)]
+            if len(deep) and "rezero" in set(deep["variant"]):
+                rows.append(self._deep_claim(deep, depth, cfg, target))
         return rows
+
+    def _deep_claim(self, deep: pd.DataFrame, depth: int, cfg: Config, target: float) -> Claim:
+        """The depth contrast at one depth: ReZero below ``target`` on every seed, every Post-LN
+        variant (with or without warm-up) on none; other variants (ReZero α = 1) are reported
+        beside them."""
+
+        def reached(v: str) -> dict[int, bool]:
+            g = deep[deep["variant"] == v]
+            return {
+                int(k): math.isfinite(
+                    steps_to_target(list(gs["step"]), list(gs["smoothed_bpb"]), target)
+                )
+                for k, gs in g.groupby("seed")
+            }
+
+        def final(v: str) -> list[float]:
+            g = deep[deep["variant"] == v]
+            return [float(gs["smoothed_bpb"].iloc[-1]) for _, gs in g.groupby("seed")]
+
+        present = [v for v in cfg.deep_variants if v in set(deep["variant"])]
+        others = [v for v in present if v.startswith("postnorm")]
+        shown = ["rezero", *(v for v in present if v != "rezero")]
+        works = all(reached("rezero").values())
+        fails = bool(others) and all(not any(reached(v).values()) for v in others)
+        v, why = contrast(works, fails, f"ReZero-{depth}", " and ".join(others))
+        return Claim(
+            claim=f"{depth}-layer ReZero Transformers train (below the corpus' bigram entropy) "
+            "where Post-LN fails even with warm-up",
+            paper="64 and 128-layer ReZero train; Post-LN at 64 layers fails to converge even "
+            "with warm-up (Table 3)",
+            paper_setup="64 / 128-layer Transformers, enwik8",
+            setup=self.setup(cfg, deep=depth),
+            measured=f"final smoothed bpb after {cfg.deep_steps} steps (target: bigram entropy "
+            f"{target:.2f}): "
+            + ", ".join(f"{x} {spread(final(x), 3)}" for x in shown)
+            + "; reached the target on "
+            + ", ".join(f"{x} {sum(reached(x).values())}/{len(reached(x))}" for x in shown)
+            + " seeds",
+            verdict=v,
+            rule=why
+            or "ReZero below the bigram entropy on every seed, every Post-LN variant on none",
+        )

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from depthlab.nn.fused import SGDInBackward, plan_stack, run_stack
 from depthlab.nn.init import fan
-from depthlab.nn.residual import Branch
+from depthlab.nn.residual import Branch, Residual
 from depthlab.registry import DepthlabError, unknown_choice
 
 ACTIVATIONS = {
@@ -70,12 +70,17 @@ class BlockStack(nn.Sequential):
     sgd_in_backward: SGDInBackward | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # blocks that are exactly the identity (a gate fixed at 0: the frozen-gate controls)
+        # are skipped: the same function without the work
+        live = [b for b in self if not (isinstance(b, Residual) and b.is_identity())]
+        if not live:
+            return x
         if self.fuse:
-            plans = plan_stack(list(self), x)
+            plans = plan_stack(live, x)
             if plans is not None:
                 return run_stack(plans, x, self.checkpoint_segments, self.sgd_in_backward)
-        if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(self) > 1:
-            blocks = list(self)
+        if self.checkpoint_segments > 0 and torch.is_grad_enabled() and len(live) > 1:
+            blocks = live
             segments = min(self.checkpoint_segments, len(blocks))
             size = len(blocks) // segments
             end = 0
@@ -84,7 +89,7 @@ class BlockStack(nn.Sequential):
                 x = checkpoint(_Segment(blocks[start:end]), x, use_reentrant=False)
             blocks = blocks[end:]
         else:
-            blocks = self
+            blocks = live
         for block in blocks:
             x = block(x)
         return x

@@ -279,6 +279,26 @@ class Residual(nn.Module):
     def has_skip(self) -> bool:
         return self.skip_mult != 0.0
 
+    def is_identity(self) -> bool:
+        """True when the block is exactly ``y = x`` whatever its branch computes: an identity
+        skip, no post-sum norm and a *fixed* gate α = 0 (the frozen-gate controls), with no hook
+        on it or inside it. A :class:`~depthlab.models.common.BlockStack` then skips the branch:
+        the same output, none of the work (its BatchNorm running statistics, which cannot reach
+        the output, are left as they are). Only for a gate on the CPU: reading α from a GPU
+        would wait for it."""
+        gate = self.gate
+        if not (
+            type(gate) is Gate
+            and not gate.learnable
+            and self.skip_mult == 1.0
+            and self.shortcut is None
+            and self.post is None
+            and gate.alpha.device.type == "cpu"
+            and float(gate.alpha) == 0.0
+        ):
+            return False
+        return not (_global_hooks() or any(_hooked(m) for m in self.modules()))
+
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The skip path entering the sum (before ``skip_mult``)."""
         return x if self.shortcut is None else self.shortcut(x)

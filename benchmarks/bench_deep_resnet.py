@@ -1,0 +1,202 @@
+"""Seconds per SGD step of 1,000- and 10,000-layer ResNets on a CPU, with the FLOP rate they reach
+beside the convolution peak measured in the same run.
+
+    .venv/bin/python benchmarks/bench_deep_resnet.py                      # the full table
+    .venv/bin/python benchmarks/bench_deep_resnet.py --depths 1004 --inputs 1x8x8 --steps 2
+
+The networks are depthlab's CIFAR ResNets (basic blocks, 16/32/64 channels, depth 6n+2: 1,004 and
+10,004 layers) under ``batchnorm``, ``fixup`` (its post-activation network) and ``skipinit``, on
+random batches of 32 images of 1×8×8 (digits-sized) and 3×32×32 (CIFAR-sized). One step is the
+training step of the experiments: forward, cross-entropy, backward, SGD with momentum and weight
+decay. Each model is timed in NCHW and in channels-last (NHWC) memory; models take turns, one
+step each per round, so that drift in the machine's load is spread over all of them. Where a
+model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
+(``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
+counts only the model's own FLOPs).
+
+FLOPs per step are counted by ``torch.utils.flop_counter`` on one step (convolutions and the
+linear head, forward and backward). The peaks, measured in the same run, best of five:
+
+* ``conv fwd``: a 3×3 convolution 256→256 channels on 16×32×32 NHWC maps, forward only;
+* ``conv train``: forward and both backward convolutions of a 3×3, 64→64 convolution on a batch
+  of 32 NHWC 32×32 maps (what a ResNet step's convolutions can reach at best).
+
+The table gives, per model, the median seconds per step, the FLOP rate and its share of each
+peak; a CSV of every figure is written to ``benchmarks/results/deep_resnet.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import depthlab as dl
+from depthlab.resources import estimate
+
+SCHEMES = ("batchnorm", "fixup", "skipinit")
+RESULTS = Path(__file__).parent / "results" / "deep_resnet.csv"
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peaks() -> dict[str, float]:
+    """FLOP/s of the two reference convolutions (see the module docstring)."""
+    cl = torch.channels_last
+    x = torch.randn(16, 256, 32, 32).to(memory_format=cl)
+    w = torch.randn(256, 256, 3, 3).to(memory_format=cl)
+    fwd = 2.0 * 16 * 32 * 32 * 256 * 256 * 9 / _best(lambda: F.conv2d(x, w, padding=1))
+    x = torch.randn(32, 64, 32, 32).to(memory_format=cl).requires_grad_()
+    w = torch.randn(64, 64, 3, 3).to(memory_format=cl).requires_grad_()
+    g = torch.randn(32, 64, 32, 32).to(memory_format=cl)
+
+    def train() -> None:
+        torch.autograd.grad(F.conv2d(x, w, padding=1), (x, w), g)
+
+    flops = 3 * 2.0 * 32 * 32 * 32 * 64 * 64 * 9
+    return {"conv_fwd": fwd, "conv_train": flops / _best(train)}
+
+
+class Run:
+    """One model (scheme, depth, input, layout) with its optimizer and batch."""
+
+    def __init__(self, scheme, depth, shape, layout, batch, max_act_gb) -> None:
+        self.scheme, self.depth, self.shape, self.layout = scheme, depth, shape, layout
+        torch.manual_seed(0)
+        opts = {"zero_init_residual": True} if scheme == "batchnorm" else None
+        self.model = dl.create_model(
+            "resnet", depth=depth, in_channels=shape[0], num_classes=10, scheme=scheme,
+            scheme_options=opts, variant="postact" if scheme == "fixup" else "preact",
+        )  # fmt: skip
+        est = estimate("resnet", {"depth": depth, "in_channels": shape[0]}, shape)
+        act_gb = batch * est.activations_per_example * 4 / 2**30
+        self.segments = 0
+        if act_gb > max_act_gb:
+            blocks = self.model.blocks
+            self.segments = math.ceil(math.sqrt(len(blocks)))
+            blocks.checkpoint_segments = self.segments
+        self.x = torch.randn(batch, *shape)
+        self.y = torch.randint(0, 10, (batch,))
+        if layout == "nhwc":
+            self.model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.times: list[float] = []
+        self.flops = 0.0
+
+    @property
+    def label(self) -> str:
+        ck = f", ckpt {self.segments}" if self.segments else ""
+        return f"{self.scheme} {self.depth} {'x'.join(map(str, self.shape))} {self.layout}{ck}"
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+    def count(self) -> None:
+        blocks = self.model.blocks
+        segments, blocks.checkpoint_segments = blocks.checkpoint_segments, 0
+        with FlopCounterMode(display=False) as fc:  # the model's own FLOPs, no recomputation
+            F.cross_entropy(self.model(self.x), self.y).backward()
+        blocks.checkpoint_segments = segments
+        self.opt.zero_grad(set_to_none=True)
+        self.flops = float(fc.get_total_flops())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--depths", default="1004,10004")
+    ap.add_argument("--inputs", default="1x8x8,3x32x32")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--layouts", default="nchw,nhwc")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    ap.add_argument("--max-act-gb", type=float, default=6.0,
+                    help="checkpoint a model whose activations would exceed this")  # fmt: skip
+    ap.add_argument("--csv", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.inputs.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    peak = peaks()
+    print(
+        f"peaks: conv fwd {peak['conv_fwd'] / 1e9:.1f} GFLOP/s, conv train (fwd + bwd) "
+        f"{peak['conv_train'] / 1e9:.1f} GFLOP/s"
+    )
+    rows = []
+    for depth in depths:
+        for shape in shapes:
+            runs = [
+                Run(s, depth, shape, lay, args.batch, args.max_act_gb)
+                for s in args.schemes.split(",")
+                for lay in args.layouts.split(",")
+            ]
+            for r in runs:
+                r.count()
+                for _ in range(args.warmup):
+                    r.step()
+            for k in range(args.steps):
+                order = runs[k % len(runs) :] + runs[: k % len(runs)]
+                for r in order:
+                    r.times.append(r.step())
+            for r in runs:
+                t = statistics.median(r.times)
+                rate = r.flops / t
+                row = {
+                    "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
+                    "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
+                    "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
+                    "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
+                    "gflops": round(rate / 1e9, 2),
+                    "pct_conv_train_peak": round(100 * rate / peak["conv_train"], 1),
+                    "pct_conv_fwd_peak": round(100 * rate / peak["conv_fwd"], 1),
+                    "conv_train_peak_gflops": round(peak["conv_train"] / 1e9, 1),
+                    "conv_fwd_peak_gflops": round(peak["conv_fwd"] / 1e9, 1),
+                }  # fmt: skip
+                rows.append(row)
+                print(
+                    f"{r.label:38s} {t:8.3f} s/step ({min(r.times):.3f}–{max(r.times):.3f})  "
+                    f"{row['gflops']:6.1f} GFLOP/s  {row['pct_conv_train_peak']:5.1f}% of conv "
+                    f"train peak, {row['pct_conv_fwd_peak']:5.1f}% of conv fwd peak",
+                    flush=True,
+                )
+            for r in runs:  # NHWC vs NCHW, side by side
+                if r.layout == "nhwc":
+                    base = [q for q in runs if q.scheme == r.scheme and q.layout == "nchw"]
+                    if base:
+                        ratio = statistics.median(base[0].times) / statistics.median(r.times)
+                        print(f"  {r.scheme} {depth} {r.shape}: channels-last {ratio:.2f}× NCHW")
+            del runs
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
