@@ -74,3 +74,58 @@ def test_eta_from_the_rate_of_the_finished_cells():
     assert eta_text(60.0, 2, 1) == "; ETA 30 s"
     assert eta_text(600.0, 2, 4) == "; ETA 20 min"
     assert eta_text(10.0, 0, 3) == "" and eta_text(10.0, 3, 0) == ""
+
+
+# -- full: the papers' setups on the papers' data --
+def _cifar_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"")  # the layout is checked here; the batches are read later
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("depth-sweep", "data_dir"), ("fc-convergence", "data_dir"), ("deep-fc", "data_dir"),
+     ("transformer-convergence", "path")],
+)  # fmt: skip
+def test_full_needs_the_papers_data_and_says_how(name, key, monkeypatch):
+    monkeypatch.delenv("DEPTHLAB_CIFAR10", raising=False)
+    with pytest.raises(DepthlabError, match=f"--set {key}=PATH"):
+        get_experiment(name).config("full")
+
+
+def test_full_reads_cifar_from_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPTHLAB_CIFAR10", _cifar_folder(tmp_path))
+    cfg = get_experiment("fc-convergence").config("full")
+    assert cfg.data_dir == str(tmp_path)  # recorded in the config, so the cells carry it
+
+
+def test_full_presets_hold_the_papers_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPTHLAB_MAX_MEMORY", "1000")  # a GPU's memory, not this host's
+    data = {"data_dir": _cifar_folder(tmp_path)}
+    sweep = get_experiment("depth-sweep").config("full", data)
+    # Fixup Fig. 3: CIFAR-10, one epoch at batch 128, the default lr 0.1, to 10,000 layers
+    assert sweep.depths[-1] == 10_004 and sweep.batch_size == 128 and sweep.lr == 0.1
+    assert sweep.steps * 128 <= 50_000 < (sweep.steps + 1) * 128 and sweep.checkpointing > 0
+    fc = get_experiment("fc-convergence").config("full", data)
+    # ReZero Fig. 3: 32 layers × 256, Adagrad 0.01, 10 epochs of CIFAR-10 at batch 128
+    assert (fc.depth, fc.width, fc.optimizer, fc.lr) == (32, 256, "adagrad", 0.01)
+    assert fc.dataset == "cifar10" and abs(fc.steps * fc.batch_size / 50_000 - 10) < 0.02
+    assert 0.52 < fc.target_loss < 1.87  # between the notebook's ReZero and the others
+    deep = get_experiment("deep-fc").config("full", data)
+    assert deep.depth == 10_000 and deep.width == 256 and deep.checkpointing > 0
+    lm = tmp_path / "enwik8"
+    lm.write_bytes(b"x" * 1000)
+    tc = get_experiment("transformer-convergence").config("full", {"path": str(lm)})
+    assert tc.target_bpb == 1.2 and tc.deep_depths == (64, 128) and tc.d_model == 512
+
+
+def test_checkpointing_enters_the_memory_check_of_a_10000_layer_cifar_cell(tmp_path):
+    exp = get_experiment("depth-sweep")
+    cfg = exp.config("full", {"data_dir": _cifar_folder(tmp_path)})  # fits with checkpointing
+    (cell,) = [c for c in exp.grid(cfg) if c["depth"] == 10_004][:1]
+    assert exp.cell_model(cell)[2] < cell["batch_size"] // 10
+    with pytest.raises(DepthlabError, match="would need about"):
+        exp.config("full", {"data_dir": cfg.data_dir, "checkpointing": 0})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +83,9 @@ class Experiment:
     empty_ok: ClassVar[tuple[str, ...]] = ()
     #: the largest value of each kind of size field (see :data:`SIZE_LIMITS`), per experiment
     limits: ClassVar[dict[str, int]] = {}
+    #: per preset, the fields a user must set (the papers' data, read from local files: a CIFAR-10
+    #: folder ``data_dir``, an enwik8 file ``path``) — ``full`` is the papers' setup on their data
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     # -- configuration ------------------------------------------------------------------
     def config(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
@@ -90,6 +94,18 @@ class Experiment:
             raise unknown_choice(f"preset of experiment '{self.name}'", preset, list(self.presets))
         cfg = self.presets[preset]
         cfg = apply_overrides(cfg, overrides or {}, where=f"experiment '{self.name}'")
+        env = os.environ.get("DEPTHLAB_CIFAR10")  # where the CIFAR-10 loader looks by default
+        if "data_dir" in self.needs.get(preset, ()) and not cfg.data_dir and env:
+            cfg = dataclasses.replace(cfg, data_dir=env)
+        missing = [k for k in self.needs.get(preset, ()) if not getattr(cfg, k)]
+        if missing:
+            what = {"data_dir": "a CIFAR-10 folder (cifar-10-batches-py)", "path": "an enwik8 file"}
+            raise DepthlabError(
+                f"preset '{preset}' of experiment '{self.name}' runs on the paper's data: set "
+                + ", ".join(f"--set {k}=PATH ({what.get(k, 'a local file')})" for k in missing)
+                + "; the data is read from local files, never downloaded (CIFAR-10: or set "
+                "$DEPTHLAB_CIFAR10)"
+            )
         self.validate(cfg)
         return cfg
 
@@ -110,12 +126,16 @@ class Experiment:
                 f"experiment '{self.name}': the grid has {len(cells):,} cells, more than "
                 f"{MAX_CELLS:,}; use fewer values per list"
             )
+        device = resolve_device_name(getattr(cfg, "device", "cpu"))
         for cell in cells:
             spec = self.cell_model(cell)
             if spec is not None:
                 model, kw, batch, *shape = spec
                 try:
-                    check_fits(model, kw, batch_size=batch, input_shape=shape[0] if shape else None)
+                    check_fits(
+                        model, kw, batch_size=batch, input_shape=shape[0] if shape else None,
+                        device=device,
+                    )  # fmt: skip
                 except DepthlabError as e:
                     label = ", ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
                     raise DepthlabError(f"experiment '{self.name}', cell {label}: {e}") from None
@@ -295,6 +315,16 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
 
 #: the training settings every training cell carries, passed on by :func:`train`
 CELL_TRAIN_KEYS = ("steps", "batch_size", "lr", "seed")
+
+
+def resolve_device_name(device: str) -> str:
+    """``auto`` → ``cuda`` where torch sees a GPU, else ``cpu``; other names unchanged (the
+    memory check reads that device's memory)."""
+    if device != "auto":
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: Any, key: str = "device") -> str:

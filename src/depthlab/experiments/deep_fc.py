@@ -60,6 +60,7 @@ class Config:
     lr: float = 0.001
     target_loss: float = TARGET_LOSS  # "fits": final training loss at most this, every seed
     checkpointing: int = 0  # activation checkpointing segments (0: off), for very deep nets
+    data_dir: str = ""  # a CIFAR-10 python folder: CIFAR-10 (flattened 3072-vectors), not digits
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
@@ -74,6 +75,7 @@ class DeepFC(Experiment):
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Section 4 (10,000 layers)"
     columns = ("scheme", "depth", "seed", "step", "train_loss", "test_accuracy", "diverged")
     Config = Config
+    needs = {"full": ("data_dir",)}
     presets = {
         "smoke": Config(depth=100, width=32, steps=40, seeds=(0, 1)),
         "quick": Config(),
@@ -84,19 +86,29 @@ class DeepFC(Experiment):
             depth=10_000,
             seeds=(0, 1),
         ),  # fmt: skip
+        # the paper's net: 10,000 layers × 256 on CIFAR-10 (flattened), Adam, checkpointed
         "full": Config(depth=10000, width=256, steps=2000, checkpointing=100),
     }
 
     def cells(self, cfg: Config) -> list[dict]:
         keys = ("depth", "width", "steps", "batch_size", "optimizer", "lr", "checkpointing")
+        data = {"data_dir": cfg.data_dir} if cfg.data_dir else {}  # digits cells keep their hash
         return [
-            {"scheme": s, **{k: getattr(cfg, k) for k in keys}, "seed": seed}
+            {"scheme": s, **{k: getattr(cfg, k) for k in keys}, **data, "seed": seed}
             for seed in cfg.seeds
             for s in cfg.schemes
         ]
 
     def cell_model(self, cell: dict) -> tuple[str, dict, int]:
-        return "mlp", {"depth": cell["depth"], "width": cell["width"]}, cell["batch_size"]
+        kw = {"depth": cell["depth"], "width": cell["width"]}
+        kw["in_dim"] = 3072 if cell.get("data_dir") else 64
+        return "mlp", kw, cell["batch_size"]
+
+    def check(self, cfg: Config) -> None:
+        if cfg.data_dir:
+            from depthlab.data.cifar10 import find_folder
+
+            find_folder(cfg.data_dir)
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -105,11 +117,14 @@ class DeepFC(Experiment):
         from depthlab.data import create_dataset
 
         torch.manual_seed(cell["seed"])
-        data = create_dataset("digits", flat=True)
+        if cell.get("data_dir"):
+            data = create_dataset("cifar10", data_dir=cell["data_dir"])
+        else:
+            data = create_dataset("digits", flat=True)
         scheme, options = BUILD[cell["scheme"]]
         model = dl.create_model(
             "mlp", depth=cell["depth"], width=cell["width"], scheme=scheme,
-            scheme_options=options or None,
+            scheme_options=options or None, in_dim=math.prod(data.input_shape),
         )  # fmt: skip
         hist = train(
             model,
@@ -200,7 +215,8 @@ class DeepFC(Experiment):
         neg = {k: -v for k, v in final["rezero"].items()}
         beats = "frozen" in final and every(neg, {k: -v for k, v in final["frozen"].items()})
         setup = (
-            f"MLP (x + α W σ(x)), {cfg.depth} layers × width {cfg.width}, digits (flat), "
+            f"MLP (x + α W σ(x)), {cfg.depth} layers × width {cfg.width}, "
+            f"{'CIFAR-10 (flat)' if cfg.data_dir else 'digits (flat)'}, "
             f"{cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.steps} steps, seeds "
             f"{', '.join(map(str, cfg.seeds))}"
             + ("" if cfg.depth >= 10_000 else f"; {cfg.depth:,} layers, not the paper's 10,000")

@@ -123,6 +123,7 @@ class TransformerConvergence(Experiment):
     )  # fmt: skip
     version = 3
     Config = Config
+    needs = {"full": ("path",)}
     presets = {
         "smoke": Config(
             variants=("postnorm", "rezero"),
