@@ -1,0 +1,147 @@
+"""How long each experiment's ``full`` preset should take on one modern GPU — an **estimate**
+from FLOPs and kernel launches, not a measurement.
+
+    .venv/bin/python benchmarks/estimate_full.py             # table, results/full_estimates.csv
+    .venv/bin/python benchmarks/estimate_full.py --markdown  # the README table
+
+For every training cell of the ``full`` grid (``Experiment.cell_model``: the network, its sizes
+and batch; the cell's ``steps``, or ``epochs`` of its data set), the work is counted
+analytically:
+
+* FLOPs: 6 × the forward multiply-adds of one example × examples processed (forward 2, backward
+  4), ×4/3 where the cell recomputes activations (``checkpointing``). Multiply-adds: an MLP
+  ``depth·w² + in·w + w·classes``; a CIFAR ResNet ``Σ_stages n · 2 · 9 c² · HW/4^s``; a
+  Transformer LM per token ``depth·(4d² + 2·d·ff + 2·T·d) + d·vocab``.
+* Launches: 3 kernels per module per step (forward, two backward), ``resources.estimate``'s
+  module count: a narrow 10,000-layer network is launch-bound on a GPU, whatever its FLOPs.
+
+A cell takes ``max(FLOPs / RATE, launches × LAUNCH)``; the cells run one after the other on one
+GPU. ``RATE`` (``--tflops``, default 20: float32 with TF32 convolutions sustained on these small
+layers by an A100/H100-class GPU) and ``LAUNCH`` (``--launch-us``, default 10 µs of eager
+PyTorch per kernel) are assumptions, stated beside the table. Cells that only measure (spectra,
+analytic models) are not counted: they take seconds to minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from depthlab.experiments import get_experiment, list_experiments
+from depthlab.resources import estimate
+
+RESULTS = Path(__file__).parent / "results" / "full_estimates.csv"
+#: training examples of the data sets a full cell may read
+TRAIN_SIZE = {"cifar10": 50_000, "digits": 1_438}
+
+
+def macs_per_example(model: str, kw: dict, shape: tuple[int, ...] | None) -> float | None:
+    """Forward multiply-adds of one example (see the module docstring); None: unknown model."""
+    depth = int(kw.get("depth", 8))
+    if model in ("mlp", "linear"):
+        w, d_in = int(kw.get("width", 256)), int(kw.get("in_dim", kw.get("width", 64)))
+        return depth * w * w + d_in * w + w * 10
+    if model == "resnet":
+        k = int(kw.get("width", 1))
+        h, w_ = (shape[-2], shape[-1]) if shape else (32, 32)
+        n = max(1, (depth - 2) // 6)
+        return sum(n * 2 * 9 * (16 * k * 2**s) ** 2 * h * w_ / 4**s for s in range(3))
+    if model == "transformer-lm":
+        d, t = int(kw.get("d_model", 128)), int(kw.get("context", 128))
+        ff = int(kw.get("dim_feedforward", 4 * d))
+        return t * (depth * (4 * d * d + 2 * d * ff + 2 * t * d) + d * 256)
+    return None
+
+
+def examples(cell: dict) -> float | None:
+    """Training examples a cell processes (steps × batch, or epochs × the data set's size)."""
+    batch = int(cell.get("batch_size", 64))
+    if "steps" in cell:
+        return float(cell["steps"]) * batch
+    if "epochs" in cell:
+        data = "cifar10" if cell.get("data_dir") else "digits"
+        return float(cell["epochs"]) * TRAIN_SIZE[data]
+    return None
+
+
+def estimate_experiment(name: str, rate: float, launch: float) -> dict:
+    exp = get_experiment(name)
+    cfg = exp.presets["full"]
+    cells = exp.cells(cfg)
+    flops = seconds = 0.0
+    counted = 0
+    for cell in cells:
+        spec = exp.cell_model(cell)
+        if spec is None:
+            continue
+        model, kw, batch, *shape = spec
+        macs, n = macs_per_example(model, kw, shape[0] if shape else None), examples(cell)
+        est = estimate(model, kw, shape[0] if shape else None)
+        if macs is None or n is None or est is None:
+            continue
+        recompute = 4 / 3 if cell.get("checkpointing") else 1.0
+        f = 6 * macs * n * recompute
+        steps = n / max(1, int(cell.get("batch_size", batch)))
+        launches = 3 * est.modules * steps * recompute
+        flops += f
+        seconds += max(f / rate, launches * launch)
+        counted += 1
+    return {
+        "experiment": name,
+        "cells": len(cells),
+        "training_cells": counted,
+        "pflop": round(flops / 1e15, 3),
+        "gpu_hours": round(seconds / 3600, 2),
+        "needs": ", ".join(exp.needs.get("full", ())) or "-",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tflops", type=float, default=20.0, help="sustained TFLOP/s (assumed)")
+    ap.add_argument("--launch-us", type=float, default=10.0, help="µs per kernel (assumed)")
+    ap.add_argument("--markdown", action="store_true", help="print the README's table")
+    ap.add_argument("--csv", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    rate, launch = args.tflops * 1e12, args.launch_us * 1e-6
+    rows = [
+        estimate_experiment(n, rate, launch)
+        for n in list_experiments()
+        if "full" in get_experiment(n).presets
+    ]
+    note = (
+        f"estimate: {args.tflops:g} TFLOP/s sustained, {args.launch_us:g} µs per kernel, cells "
+        "in sequence on one GPU"
+    )
+    if args.markdown:
+        print("| experiment | `full` data | training cells | PFLOP | GPU hours (estimate) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            hours = f"{r['gpu_hours']:g}" if r["training_cells"] else "minutes (no training)"
+            print(
+                f"| `{r['experiment']}` | {r['needs']} | {r['training_cells']}/{r['cells']} | "
+                f"{r['pflop']:g} | {hours} |"
+            )
+        print(f"\n{note}")
+    else:
+        print(note)
+        for r in rows:
+            print(
+                f"{r['experiment']:26s} cells {r['training_cells']:4d}/{r['cells']:<4d} "
+                f"{r['pflop']:10.3f} PFLOP {r['gpu_hours']:8.2f} GPU h  needs {r['needs']}"
+            )
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "tflops_assumed", "launch_us_assumed"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "tflops_assumed": args.tflops, "launch_us_assumed": args.launch_us})
+    tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
