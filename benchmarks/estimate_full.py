@@ -18,8 +18,9 @@ analytically:
 A cell takes ``max(FLOPs / RATE, launches × LAUNCH)``; the cells run one after the other on one
 GPU. ``RATE`` (``--tflops``, default 20: float32 with TF32 convolutions sustained on these small
 layers by an A100/H100-class GPU) and ``LAUNCH`` (``--launch-us``, default 10 µs of eager
-PyTorch per kernel) are assumptions, stated beside the table. Cells that only measure (spectra,
-analytic models) are not counted: they take seconds to minutes.
+PyTorch per kernel) are assumptions, stated beside the table. Cells without a budget the script
+reads (spectra and signal measurements, analytic models, ``grow``'s staged runs) are not
+counted.
 """
 
 from __future__ import annotations
@@ -112,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     note = (
         f"estimate: {args.tflops:g} TFLOP/s sustained, {args.launch_us:g} µs per kernel, cells "
-        "in sequence on one GPU"
+        "in sequence on one GPU; not counted: cells without a budget the script reads "
+        "(measurements, analytic models, grow's staged runs)"
     )
     if args.markdown:
         print("| experiment | `full` data | training cells | PFLOP | GPU hours (estimate) |")
         print("|---|---|---|---|---|")
         for r in rows:
-            hours = f"{r['gpu_hours']:g}" if r["training_cells"] else "minutes (no training)"
+            hours = f"{r['gpu_hours']:g}" if r["training_cells"] else "not counted"
             print(
                 f"| `{r['experiment']}` | {r['needs']} | {r['training_cells']}/{r['cells']} | "
                 f"{r['pflop']:g} | {hours} |"
