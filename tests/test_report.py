@@ -153,3 +153,17 @@ def test_run_experiments_leaves_the_callers_figures_and_backend(tmp_path):
         assert matplotlib.get_backend() == backend
     finally:
         plt.close(fig)
+
+
+def test_report_compact_prints_one_markdown_row_per_claim(combined, capsys):
+    from depthlab.cli import main
+
+    out, results = combined
+    assert main(["report", str(out), "--compact"]) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(table) == sum(len(r.claims) for r in results)
+    lines = text.splitlines()
+    i = lines.index("| experiment | paper's claim | verdict |")
+    assert lines[i + 1] == "|---|---|---|" and lines[i + 2 : i + 2 + len(table)] == table
+    assert all(line.count(" | ") == 2 for line in table)  # three columns, pipes escaped

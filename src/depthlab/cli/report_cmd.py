@@ -18,12 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "from records.csv without running anything.",
     )
     p.add_argument("dir", help="output folder of `depthlab run`")
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="print the claim table as three-column Markdown (experiment, claim, verdict)",
+    )
     p.set_defaults(func=report_command)
 
 
 def report_command(args: argparse.Namespace) -> int:
     from depthlab.experiments.runner import load_result
-    from depthlab.report.render import claims_table_text, write_combined
+    from depthlab.report.render import claims_compact_md, claims_table_text, write_combined
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -47,5 +52,5 @@ def report_command(args: argparse.Namespace) -> int:
             raise DepthlabError(f"no experiment under {root} has finished; re-run `depthlab run`")
         md, page = write_combined(results, root)
         print(f"wrote {md} and {page}")
-    print(claims_table_text(results))
+    print(claims_compact_md(results) if args.compact else claims_table_text(results))
     return 0

@@ -674,8 +674,8 @@ def load_result(folder: Path) -> ExperimentResult:
         raise DepthlabError(f"{folder / 'config.yaml'} names no experiment")
     exp = get_experiment(name)
     if not isinstance(preset, str) or preset not in exp.presets:
-        preset = "quick"
-    cfg = apply_overrides(exp.presets.get(preset, exp.presets["quick"]), meta, where=str(folder))
+        preset = "quick" if "quick" in exp.presets else next(iter(exp.presets))
+    cfg = apply_overrides(exp.presets[preset], meta, where=str(folder))
     csv = folder / "records.csv"
     if not csv.is_file():
         raise DepthlabError(f"{csv} is missing; re-run `depthlab run {name}` to produce it")

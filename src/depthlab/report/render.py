@@ -85,6 +85,18 @@ def claims_table_md(results: list[ExperimentResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claims_compact_md(results: list[ExperimentResult]) -> str:
+    """The claim table in three columns (experiment, the paper's claim, verdict with its reason)
+    for a front page; ``claims_table_md`` has the setups and the measured figures."""
+    lines = ["| experiment | paper's claim | verdict |", "|---|---|---|"]
+    for name, claim, _paper, _psetup, _setup, _measured, verdict, rule in table_rows(results):
+        mark = VERDICT_MARK.get(verdict, "")
+        why = f" — {rule}" if rule and verdict != "reproduced" else ""
+        cells = [f"`{name}`", claim, f"{mark} {verdict}{why}"]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def claims_table_text(results: list[ExperimentResult], width: int = 60) -> str:
     """A plain-text table for the terminal."""
 
