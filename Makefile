@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/quick
 JOBS ?= 2
 
-.PHONY: setup quick test test-slow test-ray check lint format bench clean
+.PHONY: setup quick test test-slow test-ray check lint format bench docs clean
 
 $(BIN)/depthlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,8 +43,14 @@ format: setup
 
 check: lint test
 
+# the documentation site (mkdocs-material, API reference from the docstrings) into site/;
+# --strict: a broken link, a missing page or a missing benchmark CSV fails the build
+docs: setup
+	$(BIN)/pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict --quiet
+
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
