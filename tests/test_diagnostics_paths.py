@@ -5,6 +5,7 @@ import math
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import depthlab as dl
@@ -107,3 +108,31 @@ def test_bad_input():
     with pytest.raises(dl.DepthlabError, match="alpha"):
         dl.path_variance(10, "skipinit", alpha="one")
     assert math.isclose(dl.path_variance(100, "skipinit", "1/sqrt(d)")["share"].sum(), 1.0)
+
+
+def test_the_path_law_comes_from_the_scheme_not_its_name():
+    """The same blocks give the same path law whichever name built them: ``layernorm`` with
+    ``placement="post"`` is Post-LN; a scheme instance's own α is used."""
+    post = dl.path_variance(64, dl.get_scheme("layernorm", placement="post"))
+    pd.testing.assert_frame_equal(post, dl.path_variance(64, "postnorm"))
+    pd.testing.assert_frame_equal(
+        dl.path_variance(64, dl.get_scheme("layernorm")), dl.path_variance(64, "prenorm")
+    )
+    gated = dl.path_variance(64, dl.get_scheme("skipinit", alpha_init=0.5))
+    pd.testing.assert_frame_equal(gated, dl.path_variance(64, "skipinit", alpha=0.5))
+    with pytest.raises(dl.DepthlabError, match="no analytic path model"):
+        dl.path_variance(64, "deepnorm")
+    with pytest.raises(dl.DepthlabError, match="placement"):
+        dl.get_scheme("postnorm", placement="pre")
+
+
+def test_diagnose_paths_is_the_same_for_postnorm_and_layernorm_post(capsys):
+    from depthlab.cli import main
+
+    lines = []
+    for argv in (["--scheme", "postnorm"],
+                 ["--scheme", "layernorm", "--set", "scheme_options.placement=post"]):  # fmt: skip
+        assert main(["diagnose", "--model", "mlp", "--depth", "32", "--what", "paths", *argv]) == 0
+        out = capsys.readouterr().out
+        lines.append(next(x for x in out.splitlines() if x.startswith("paths (")))
+    assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # the same figures

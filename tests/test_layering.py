@@ -1,6 +1,6 @@
-"""The package's layering rule, as docs/development.md states it: at module level each layer imports only
-the layers above it; the few imports that reach below are inside functions (lazy) and listed
-here — experiments draw figures with ``report``'s helpers, the training loop's periodic
+"""The package's layering rule, as docs/development.md states it: at module level each layer
+imports only the layers above it; the few imports that reach below are inside functions (lazy)
+and listed here — experiments draw figures with ``report``'s helpers, the training loop's periodic
 diagnostics, the memory check's ResNet depth rule, and the ``depthlab`` facade from code that
 runs only after the package is loaded."""
 

@@ -61,6 +61,16 @@ class Scheme:
     #: ``"postact"`` (He et al. 2015, arXiv 1512.03385: what Fixup's reference code uses)
     resnet_variant: ClassVar[str] = "preact"
 
+    # -- what diagnostics read -------------------------------------------------------------
+    def path_law(self) -> tuple[str, float | str | None] | None:
+        """How the analytic path model (:mod:`depthlab.diagnostics.paths`) treats this scheme's
+        blocks at init: ``("normalized", α)`` — a norm before the branch, so the branch has unit
+        variance against a skip of variance i (``w_i = α²/i``); ``("gated", α)`` — branch
+        scaled by α against a unit skip (``w_i = α²``); ``("equal", None)`` — skip and branch
+        weighted equally (``w_i = 1``); ``("noskip", None)``; None: no analytic model. Read from
+        the scheme's own options, never from its name."""
+        return ("gated", 1.0)
+
     # -- construction hooks --------------------------------------------------------------
     def norm(self, num_features: int, layout: str) -> nn.Module | None:
         """Normalization inside the branch, before each activation (pre-activation order)."""
@@ -162,6 +172,9 @@ class NoSkip(Scheme):
 
     name: ClassVar[str] = "noskip"
 
+    def path_law(self) -> tuple[str, None]:
+        return ("noskip", None)
+
     def skip_mult(self, num_blocks: int, stack: Stack | None = None) -> float:
         return 0.0
 
@@ -176,6 +189,9 @@ class Scaled(Scheme):
     """
 
     name: ClassVar[str] = "scaled"
+
+    def path_law(self) -> tuple[str, None]:
+        return ("equal", None)
 
     def gate(self, num_blocks: int) -> nn.Module | None:
         return Gate(1 / math.sqrt(2), learnable=False)
@@ -196,6 +212,9 @@ class BatchNorm(Scheme):
     """
 
     name: ClassVar[str] = "batchnorm"
+
+    def path_law(self) -> tuple[str, float]:
+        return ("normalized", 1.0)
     layer_bias: ClassVar[bool] = False
     #: γ = 0 in the last BatchNorm of every residual branch, so every block starts as its skip
     #: path (Goyal et al. 2017, arXiv 1706.02677; torchvision's ``zero_init_residual``; the BN
@@ -254,6 +273,9 @@ class LayerNorm(Scheme):
     """
 
     name: ClassVar[str] = "layernorm"
+
+    def path_law(self) -> tuple[str, float | None]:
+        return ("normalized", 1.0) if self.placement == "pre" else ("equal", None)
     placement: str = "pre"
 
     #: the one placement a named variant (prenorm, postnorm) has; None: either
@@ -335,6 +357,9 @@ class _GatedScheme(Scheme):
 
     def identity_at_init(self) -> bool:
         return _alpha_value(self.alpha_init, 2) == 0.0  # "1/sqrt(d)" is never 0
+
+    def path_law(self) -> tuple[str, float | str]:
+        return ("gated", self.alpha_init)
 
     def gate(self, num_blocks: int) -> nn.Module | None:
         return Gate(_alpha_value(self.alpha_init, num_blocks), learnable=self.learnable)
@@ -424,6 +449,10 @@ class Fixup(Scheme):
     """
 
     name: ClassVar[str] = "fixup"
+
+    def path_law(self) -> tuple[str, float] | None:
+        # rule 1 zeroes each branch's last layer: α = 0 at init; without it, no analytic model
+        return ("gated", 0.0) if self.zero_init else None
     layer_bias: ClassVar[bool] = False
     resnet_variant: ClassVar[str] = "postact"
     zero_init: bool = True
@@ -530,6 +559,9 @@ class DeepNorm(Scheme):
     """
 
     name: ClassVar[str] = "deepnorm"
+
+    def path_law(self) -> None:
+        return None  # LN(α·x + f(x)): not in the analytic model
     init: str = "xavier_normal"
 
     def __post_init__(self) -> None:

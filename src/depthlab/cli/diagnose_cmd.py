@@ -32,7 +32,6 @@ from depthlab.diagnostics import (
 )
 from depthlab.diagnostics.gradients import block_gradient_summary
 from depthlab.diagnostics.jacobian import calibrate_batchnorm
-from depthlab.diagnostics.paths import PATH_SCHEMES
 from depthlab.io import atomic_write_text, parse_overrides, write_json
 from depthlab.models import MODELS, create_model, model_options
 from depthlab.registry import DepthlabError
@@ -210,13 +209,11 @@ def _blocks_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | Non
     return seen[0] if seen else None
 
 
-def _paths_scheme(model: torch.nn.Module) -> tuple[str, Any] | None:
+def _paths_scheme(model: torch.nn.Module) -> tuple[Any, None] | None:
+    """The model's scheme for the analytic path model (its own options decide the law, e.g.
+    its α), or None when the scheme has none."""
     scheme = model.scheme
-    name = scheme.name
-    if name not in PATH_SCHEMES:
-        return None
-    alpha = getattr(scheme, "alpha_init", None)
-    return name, alpha
+    return None if scheme.path_law() is None else (scheme, None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
             df = path_variance(depth, ps[0], ps[1])
             frames["paths"] = df
             summary["paths"] = s = path_summary(df)
-            print(f"paths ({ps[0]}, {depth} blocks): " + _fmt(s))
+            print(f"paths ({ps[0].name}, {depth} blocks): " + _fmt(s))
     if "signal" in what:
         df = signal_propagation(model, x)
         frames["signal"] = df

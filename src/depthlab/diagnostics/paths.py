@@ -41,6 +41,7 @@ through ≤ 15 branches carry 98.5%.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,21 +75,44 @@ def _alpha(alpha: float | str | None, default: float | str, depth: int) -> float
     return a
 
 
-def branch_weights(depth: int, scheme: str = "batchnorm", alpha: float | str | None = None):
+def path_law(scheme: Any) -> tuple[str, float | str | None]:
+    """``(kind, default α)`` of a scheme for the path model, from the scheme itself
+    (:meth:`depthlab.schemes.Scheme.path_law`) — so ``layernorm`` with ``placement="post"`` and
+    ``postnorm`` get the same law. A name builds the scheme with its defaults, except that a
+    gated scheme named without an ``alpha`` takes the module's default (``skipinit``:
+    ``1/sqrt(d)``, the interesting case; at its init α = 0 every path is the skip)."""
+    from depthlab.schemes import SCHEMES, Scheme, get_scheme
+
+    if isinstance(scheme, Scheme):
+        law, name = scheme.path_law(), scheme.name
+    elif isinstance(scheme, str) and scheme in SCHEMES.names():
+        law, name = get_scheme(scheme).path_law(), scheme
+        if law is not None and law[0] == "gated" and scheme in GATED_DEFAULTS:
+            law = ("gated", GATED_DEFAULTS[scheme])
+    else:
+        raise unknown_choice("path-variance scheme", str(scheme), sorted(PATH_SCHEMES))
+    if law is None:
+        raise DepthlabError(
+            f"scheme '{name}' has no analytic path model; choose one of {', '.join(PATH_SCHEMES)}"
+        )
+    return law
+
+
+def branch_weights(depth: int, scheme: Any = "batchnorm", alpha: float | str | None = None):
     """``w_i = Var(branch_i)/Var(skip_i)`` for blocks i = 1..depth (see the module docstring);
-    ``inf`` for ``noskip``. Returns a float64 array of length ``depth``."""
+    ``inf`` for ``noskip``. ``scheme``: a name or a :class:`~depthlab.schemes.Scheme` (its
+    :meth:`~depthlab.schemes.Scheme.path_law`). Returns a float64 array of length ``depth``."""
     if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 1:
         raise DepthlabError(f"depth must be a positive integer, got {depth!r}")
-    if scheme not in PATH_SCHEMES:
-        raise unknown_choice("path-variance scheme", scheme, sorted(PATH_SCHEMES))
+    kind, default = path_law(scheme)
     i = np.arange(1, depth + 1, dtype=np.float64)
-    if scheme in NORMALIZED:
-        return _alpha(alpha, 1.0, depth) ** 2 / i
-    if scheme in GATED_DEFAULTS:
-        return np.full(depth, _alpha(alpha, GATED_DEFAULTS[scheme], depth) ** 2)
+    if kind == "normalized":
+        return _alpha(alpha, default, depth) ** 2 / i
+    if kind == "gated":
+        return np.full(depth, _alpha(alpha, default, depth) ** 2)
     if alpha is not None:
         raise DepthlabError(f"scheme '{scheme}' takes no alpha (it has no gate on the branch)")
-    if scheme in EQUAL:
+    if kind == "equal":
         return np.ones(depth)
     return np.full(depth, np.inf)  # noskip
 
@@ -156,7 +180,7 @@ def poisson_binomial_pmf(p: np.ndarray, kmax: int | None = None) -> np.ndarray:
 
 
 def path_variance(
-    depth: int, scheme: str = "batchnorm", alpha: float | str | None = None
+    depth: int, scheme: Any = "batchnorm", alpha: float | str | None = None
 ) -> pd.DataFrame:
     """Share of the output variance carried by paths through k residual branches, k = 0..K.
 
@@ -164,6 +188,9 @@ def path_variance(
     ``p_i = w_i/(1+w_i)``, see the module docstring) and ``cdf``. Rows stop where the remaining
     tail is below 1e-18 (``noskip``: the single row k = depth). Exact, and fast enough for
     depth 10^6 (< 1 s for ``batchnorm``; binomial schemes are a single scipy call).
+
+    ``scheme`` is a name or a :class:`~depthlab.schemes.Scheme` (its options decide the law:
+    ``get_scheme("layernorm", placement="post")`` is ``postnorm``'s).
 
     >>> df = path_variance(10_000, "batchnorm")
     >>> float(df.loc[df.path_length <= 15, "share"].sum())   # 0.985 (paper: "97%", see above)
@@ -182,7 +209,7 @@ def path_variance(
 
 def path_variance_monte_carlo(
     depth: int,
-    scheme: str = "batchnorm",
+    scheme: Any = "batchnorm",
     alpha: float | str | None = None,
     samples: int = 20_000,
     seed: int = 0,
