@@ -215,6 +215,7 @@ class BatchNorm(Scheme):
 
     def path_law(self) -> tuple[str, float]:
         return ("normalized", 1.0)
+
     layer_bias: ClassVar[bool] = False
     #: γ = 0 in the last BatchNorm of every residual branch, so every block starts as its skip
     #: path (Goyal et al. 2017, arXiv 1706.02677; torchvision's ``zero_init_residual``; the BN
@@ -276,6 +277,7 @@ class LayerNorm(Scheme):
 
     def path_law(self) -> tuple[str, float | None]:
         return ("normalized", 1.0) if self.placement == "pre" else ("equal", None)
+
     placement: str = "pre"
 
     #: the one placement a named variant (prenorm, postnorm) has; None: either
@@ -453,6 +455,7 @@ class Fixup(Scheme):
     def path_law(self) -> tuple[str, float] | None:
         # rule 1 zeroes each branch's last layer: α = 0 at init; without it, no analytic model
         return ("gated", 0.0) if self.zero_init else None
+
     layer_bias: ClassVar[bool] = False
     resnet_variant: ClassVar[str] = "postact"
     zero_init: bool = True
@@ -562,6 +565,7 @@ class DeepNorm(Scheme):
 
     def path_law(self) -> None:
         return None  # LN(α·x + f(x)): not in the analytic model
+
     init: str = "xavier_normal"
 
     def __post_init__(self) -> None:

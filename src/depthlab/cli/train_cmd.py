@@ -336,29 +336,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out if args.out is not None else _default_out(cfg))
     dataset, model_name, model, tcfg = build(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    resume = bool(args.resume)
     path = out / ckpt.FILENAME
-    if resume and path.is_file():
-        payload = ckpt.load_checkpoint(path)
-        ckpt.validate(payload, model, path)
-        ckpt.validate_optimizer(payload["optimizer"], make_optimizer(model, tcfg), path)
-        del payload
-    elif resume and growth is not None:
-        raise DepthlabError(
-            f"--grow: {out} has no checkpoint yet, so there is no trained model to grow"
-        )
-    elif resume:  # killed before its first checkpoint: start it again from step 0
-        print(
-            f"{out} has no checkpoint yet (the run stopped before its first one); starting it "
-            f"again from step 0",
-            file=sys.stderr,
-        )
-        resume = False
-    elif is_main and out.exists() and any((out / f).exists() for f in RUN_FILES):
-        how = "continue it" if path.is_file() else "start it again (it has no checkpoint yet)"
-        raise DepthlabError(
-            f"{out} already holds a run; pass --resume to {how}, or choose another --out"
-        )
+    resume = _check_resume(out, bool(args.resume), growth, model, tcfg, is_main)
     if growth is not None:  # refuse a model that cannot grow before anything is written
         from depthlab.models.grow import check as check_growth
 
@@ -410,6 +389,36 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(summary_table(hist.summary, out))
     return 0
+
+
+def _check_resume(out: Path, resume: bool, growth, model, tcfg, is_main: bool) -> bool:
+    """Whether the run resumes: a checkpoint in ``out`` is checked against the model and its
+    optimizer before anything runs; ``--resume`` without one starts again from step 0 (refused
+    with ``--grow``: nothing to grow); a finished or started run without ``--resume`` is
+    refused."""
+    path = out / ckpt.FILENAME
+    if resume and path.is_file():
+        payload = ckpt.load_checkpoint(path)
+        ckpt.validate(payload, model, path)
+        ckpt.validate_optimizer(payload["optimizer"], make_optimizer(model, tcfg), path)
+        return True
+    if resume and growth is not None:
+        raise DepthlabError(
+            f"--grow: {out} has no checkpoint yet, so there is no trained model to grow"
+        )
+    if resume:  # killed before its first checkpoint: start it again from step 0
+        print(
+            f"{out} has no checkpoint yet (the run stopped before its first one); starting it "
+            f"again from step 0",
+            file=sys.stderr,
+        )
+        return False
+    if is_main and out.exists() and any((out / f).exists() for f in RUN_FILES):
+        how = "continue it" if path.is_file() else "start it again (it has no checkpoint yet)"
+        raise DepthlabError(
+            f"{out} already holds a run; pass --resume to {how}, or choose another --out"
+        )
+    return False
 
 
 def _main_thread() -> bool:

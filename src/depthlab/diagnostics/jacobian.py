@@ -480,17 +480,7 @@ def jacobian_spectrum(
     of :func:`block_lanczos_singular_values`, the practical choice for the bottom end;
     ``max_dim`` caps its Krylov basis (default ``max(600, 20·k)``).
     """
-    if solver not in ("block", "arpack"):
-        raise DepthlabError(f"unknown solver '{solver}'; choose one of: block, arpack")
-    if which not in ("both", "top", "bottom"):
-        raise DepthlabError(f"unknown which '{which}'; choose one of: both, top, bottom")
-    _check_rtol(rtol)
-    if max_dim is not None and (
-        not isinstance(max_dim, (int, np.integer)) or isinstance(max_dim, bool) or max_dim < 1
-    ):
-        raise DepthlabError(f"max_dim must be a positive integer or None, got {max_dim!r}")
-    if method not in METHODS:
-        raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    _check_spectrum_args(solver, which, rtol, max_dim, method)
     if not torch.is_tensor(x) or x.dim() < 1 or not x.is_floating_point():
         raise DepthlabError(
             "jacobian_spectrum needs a floating-point batch (N, ...); for token models pass the "
@@ -527,26 +517,11 @@ def jacobian_spectrum(
         if method != "hutchinson":
             _check_k(k, r, method)
         rows: list[dict] = []
+        opts = {"chunk_size": chunk_size, "solver": solver, "which": which, "tol": tol,
+                "rtol": rtol, "max_dim": max_dim, "samples": samples}  # fmt: skip
         for e in range(n_ex):
             v = x[e].reshape(-1).detach()
-            if method == "dense":
-                s = dense_singular_values(g, v, chunk_size)
-                if k is None:
-                    parts = {"all": (s, 0)}
-                else:
-                    parts = {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
-            elif method == "lanczos":
-                if solver == "block":
-                    res = block_lanczos_singular_values(
-                        g, v, k, which=which, tol=tol, seed=seed + e, rtol=rtol, max_dim=max_dim
-                    )
-                else:
-                    res = lanczos_singular_values(g, v, k, which=which, tol=tol, seed=seed + e)
-                parts = {"top": (res.get("top"), 0), "bottom": (res.get("bottom"), r - k)}
-                parts = {kind: part for kind, part in parts.items() if part[0] is not None}
-            else:
-                rms = math.sqrt(hutchinson_mean_sq(g, v, samples, seed + e))
-                parts = {"rms": (np.array([rms]), 0)}
+            parts = _example_spectrum(g, v, method, k, r, seed + e, opts)
             for kind, (vals, start) in parts.items():
                 for j, val in enumerate(vals):
                     rows.append(
@@ -564,6 +539,39 @@ def jacobian_spectrum(
             m.training = flag
         for p, req in grads:
             p.requires_grad_(req)
+
+
+def _check_spectrum_args(solver: str, which: str, rtol, max_dim, method: str) -> None:
+    if solver not in ("block", "arpack"):
+        raise DepthlabError(f"unknown solver '{solver}'; choose one of: block, arpack")
+    if which not in ("both", "top", "bottom"):
+        raise DepthlabError(f"unknown which '{which}'; choose one of: both, top, bottom")
+    _check_rtol(rtol)
+    if max_dim is not None and (
+        not isinstance(max_dim, (int, np.integer)) or isinstance(max_dim, bool) or max_dim < 1
+    ):
+        raise DepthlabError(f"max_dim must be a positive integer or None, got {max_dim!r}")
+    if method not in METHODS:
+        raise DepthlabError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+
+
+def _example_spectrum(g, v, method: str, k, r: int, seed: int, opts: dict) -> dict:
+    """``{kind: (values, index of the first)}`` of one example's Jacobian ``g`` at ``v``."""
+    if method == "dense":
+        s = dense_singular_values(g, v, opts["chunk_size"])
+        return {"all": (s, 0)} if k is None else {"top": (s[:k], 0), "bottom": (s[r - k :], r - k)}
+    if method == "lanczos":
+        if opts["solver"] == "block":
+            res = block_lanczos_singular_values(
+                g, v, k, which=opts["which"], tol=opts["tol"], seed=seed, rtol=opts["rtol"],
+                max_dim=opts["max_dim"],
+            )  # fmt: skip
+        else:
+            res = lanczos_singular_values(g, v, k, which=opts["which"], tol=opts["tol"], seed=seed)
+        parts = {"top": (res.get("top"), 0), "bottom": (res.get("bottom"), r - k)}
+        return {kind: part for kind, part in parts.items() if part[0] is not None}
+    rms = math.sqrt(hutchinson_mean_sq(g, v, opts["samples"], seed))
+    return {"rms": (np.array([rms]), 0)}
 
 
 def spectrum_summary(df: pd.DataFrame) -> dict[str, float]:

@@ -148,8 +148,14 @@ def validate(payload: dict[str, Any], model: nn.Module, path: str | Path) -> Non
     def bad(what: str) -> DepthlabError:
         return DepthlabError(f"checkpoint {path} is damaged: {what}; {fix}")
 
-    meta = payload["metadata"]
-    check_compatible(meta, model, path)
+    check_compatible(payload["metadata"], model, path)
+    _validate_metadata(payload["metadata"], bad)
+    _validate_tensors(payload, model, bad)
+    _validate_rng(payload.get("rng"), bad)
+
+
+def _validate_metadata(meta: dict[str, Any], bad) -> None:
+    """The metadata schema: every key with its type, a step ≥ 0, well-formed records."""
     for key, types in _META.items():
         if key not in meta:
             raise bad(f"its metadata lacks '{key}'")
@@ -164,6 +170,10 @@ def validate(payload: dict[str, Any], model: nn.Module, path: str | Path) -> Non
             raise bad(f"a record is {str(r)[:80]!r}")
     if meta["diverged_step"] is not None and not 0 <= meta["diverged_step"] <= step:
         raise bad(f"diverged_step {meta['diverged_step']} is outside 0..{step}")
+
+
+def _validate_tensors(payload: dict[str, Any], model: nn.Module, bad) -> None:
+    """Every model tensor's name, shape and dtype; the optimizer state's presence and size."""
     state = payload.get("model")
     if not isinstance(state, dict):
         raise bad("it holds no model weights")
@@ -185,7 +195,6 @@ def validate(payload: dict[str, Any], model: nn.Module, path: str | Path) -> Non
     n_model = sum(1 for p in model.parameters() if p.requires_grad)
     if n_params != n_model:
         raise bad(f"its optimizer holds {n_params} parameters, the model has {n_model}")
-    _validate_rng(payload.get("rng"), bad)
 
 
 def validate_optimizer(saved: Any, optimizer: torch.optim.Optimizer, path: str | Path) -> None:

@@ -86,7 +86,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
+        self._check_names()
+        self._check_numbers()
+        self._check_lists()
+        self._check_combinations()
+
+    def _check_names(self) -> None:
         for key in ("optimizer", "schedule", "device"):
             if not isinstance(getattr(self, key), str):
                 raise DepthlabError(f"{key} must be a string, got {getattr(self, key)!r}")
@@ -96,6 +101,9 @@ class TrainConfig:
             raise unknown_choice("schedule", self.schedule, list(SCHEDULES))
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise unknown_choice("device", self.device, list(DEVICES))
+
+    def _check_numbers(self) -> None:
+        set_ = object.__setattr__
         ints = {
             "steps": (1, MAX_STEPS),
             "batch_size": (1, None),
@@ -141,6 +149,9 @@ class TrainConfig:
         )
         for key in ("nesterov", "compile", "channels_last", "sgd_in_backward", "sync_bn"):
             v.boolean(key, getattr(self, key))
+
+    def _check_lists(self) -> None:
+        set_ = object.__setattr__
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise DepthlabError(f"betas must be a list of two numbers in [0, 1), got {betas!r}")
@@ -157,6 +168,8 @@ class TrainConfig:
         set_(self, "milestones", ms)
         if not isinstance(self.extra, dict):
             raise DepthlabError(f"extra must be a mapping, got {self.extra!r}")
+
+    def _check_combinations(self) -> None:
         if self.nesterov and self.momentum == 0:
             raise DepthlabError("nesterov=True needs momentum > 0")
         if self.sgd_in_backward and (self.optimizer != "sgd" or self.grad_clip is not None):
