@@ -11,7 +11,7 @@ from depthlab.experiments.base import PRESETS
 from depthlab.experiments.runner import eta_text, experiments_with, resolve
 
 DEEP = {"deep-fc", "depth-sweep", "fixup-ablation", "transformer-convergence",
-        "transformer-jacobian"}  # fmt: skip
+        "transformer-jacobian", "grow", "nonlinear-degeneracy"}  # fmt: skip
 
 
 def test_deep_is_a_preset_between_quick_and_full_and_all_runs_those_that_have_it():
@@ -129,3 +129,11 @@ def test_checkpointing_enters_the_memory_check_of_a_10000_layer_cifar_cell(tmp_p
     assert exp.cell_model(cell)[2] < cell["batch_size"] // 10
     with pytest.raises(DepthlabError, match="would need about"):
         exp.config("full", {"data_dir": cfg.data_dir, "checkpointing": 0})
+
+
+def test_grow_and_nonlinear_degeneracy_deep_reach_1000_blocks_and_layers():
+    grow = get_experiment("grow").config("deep")
+    assert grow.depths[-1] >= 1000 and list(grow.depths) == sorted(grow.depths)
+    nd = get_experiment("nonlinear-degeneracy").config("deep")
+    assert max(nd.fold_depths) >= 1000 and nd.rank_depth >= 1000
+    assert max(nd.spectrum_depths) >= 1000

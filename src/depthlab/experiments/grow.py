@@ -58,6 +58,8 @@ class Grow(Experiment):
             depths=(2, 6), stage_steps=(20, 10), width=16, eval_every=10, seeds=(0, 1)
         ),  # fmt: skip
         "quick": Config(),
+        # grown to 1,024 blocks (8 → 128 → 1,024), against 1,024 blocks from scratch
+        "deep": Config(depths=(8, 128, 1024), seeds=(0, 1)),
         "full": Config(
             depths=(32, 128, 512, 2048),
             stage_steps=(1000, 500, 500, 500),

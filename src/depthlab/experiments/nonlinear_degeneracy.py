@@ -111,6 +111,14 @@ class NonlinearDegeneracy(Experiment):
             spectrum_width=32,
         ),  # fmt: skip
         "quick": Config(),
+        # the papers' depths: the folded grid and the hidden ranks through 1,000 layers, the
+        # spectra at 10, 100 and 1,000 layers
+        "deep": Config(
+            seeds=(0, 1),
+            fold_depths=(1, 16, 256, 1000),
+            rank_depth=1000,
+            spectrum_depths=(10, 100, 1000),
+        ),  # fmt: skip
         "full": Config(
             seeds=tuple(range(5)),
             fold_depths=(1, 4, 16, 64, 256),
