@@ -291,215 +291,287 @@ def _run(
     grow: tuple[int, str | int] | None = None,
 ) -> History:
     seed_everything(cfg.seed)
-    total = cfg.total_steps(dataset.steps_per_epoch(cfg.batch_size))
-    hist = History(config=cfg)
-    payload, start, wall0, init_loss = None, 0, 0.0, None
+    run = _Run(model, dataset, cfg, device, info, out_dir, callbacks)
     if resume:
-        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
-        payload = ckpt.load_checkpoint(path)
-        ckpt.validate(payload, model, path)
-        model.load_state_dict(payload["model"])
-        meta = payload["metadata"]
-        start, wall0, init_loss = (
-            int(meta["step"]),
-            float(meta["wall_time_s"]),
-            meta["initial_loss"],
-        )
-        hist.records = [r for r in meta["records"] if r["step"] < start]
-        hist.diverged, hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
+        run.restore()
     model.to(device)
     before_growth = None
-    if grow is not None and payload is not None:
-        before_growth = _grow_resumed(model, cfg, payload, grow, Path(out_dir))  # type: ignore[arg-type]
-    if cfg.channels_last:  # conv kernels (4-d parameters) in NHWC; batches converted per step
-        model.to(memory_format=torch.channels_last)
-    if cfg.checkpointing:
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or not hasattr(blocks, "checkpoint_segments"):
-            raise DepthlabError(
-                "checkpointing > 0 needs a depthlab model with .blocks (a BlockStack); set 0"
-            )
-        blocks.checkpoint_segments = cfg.checkpointing
+    if grow is not None and run.payload is not None:
+        where = Path(out_dir)  # type: ignore[arg-type]
+        before_growth = _grow_resumed(model, cfg, run.payload, grow, where)
+    run.prepare_model()
     net = dd.wrap(model, info, device, cfg.sync_bn)
-    optimizer = make_optimizer(model, cfg)
-    if cfg.sgd_in_backward:
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, BlockStack):
-            raise DepthlabError(
-                "sgd_in_backward needs a depthlab model with .blocks (a BlockStack); set false"
-            )
-        if info.world_size > 1:
-            raise DepthlabError(
-                "sgd_in_backward cannot run data-parallel (gradients must be averaged over "
-                "ranks before any step); set sgd_in_backward false under torchrun"
-            )
-        sgd_step: SGDInBackward | None = SGDInBackward(optimizer)
-    else:
-        blocks, sgd_step = None, None
-    if before_growth is not None:  # the old parameters keep their state; the new start afresh
-        from depthlab.models.grow import carry_state
+    run.make_optimizer(before_growth)
+    if cfg.compile:
+        net = torch.compile(net)
+    run.logger = RunLogger(out_dir, run.total, run.start, quiet, info.is_main, run.hist.records)
+    if before_growth is not None:
+        run.save(
+            run.start, run.wall0
+        )  # the checkpoint now holds the grown model, as config.yaml says
+    run.loop(net, should_stop)
+    return run.finish()
 
-        carry_state(before_growth, optimizer)
-        ckpt.set_rng_state(payload["rng"])
-    elif payload is not None:
-        path = Path(out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
-        ckpt.validate_optimizer(payload["optimizer"], optimizer, path)
+
+class _Run:
+    """The state of one training run: the model, its optimizer, the history and the steps (what
+    :func:`train` does, in parts)."""
+
+    def __init__(self, model, dataset, cfg, device, info, out_dir, callbacks) -> None:
+        self.model, self.dataset, self.cfg, self.device, self.info = (
+            model,
+            dataset,
+            cfg,
+            device,
+            info,
+        )
+        self.out_dir, self.callbacks = out_dir, callbacks
+        self.total = cfg.total_steps(dataset.steps_per_epoch(cfg.batch_size))
+        self.hist = History(config=cfg)
+        self.payload: dict | None = None
+        self.start, self.wall0, self.init_loss = 0, 0.0, None
+        self.blocks: Any = None
+        self.sgd_step: SGDInBackward | None = None
+        self.logger: Any = None
+        self.probe: list = []  # the fixed batch of the periodic diagnostics, drawn once
+        self.step = self.steps_run = 0
+        self.train_time = self.wall = 0.0
+        self.final: dict[str, Any] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Load the checkpoint in ``out_dir``: weights, step, wall time, records."""
+        path = Path(self.out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
+        self.payload = payload = ckpt.load_checkpoint(path)
+        ckpt.validate(payload, self.model, path)
+        self.model.load_state_dict(payload["model"])
+        meta = payload["metadata"]
+        self.start = int(meta["step"])
+        self.wall0, self.init_loss = float(meta["wall_time_s"]), meta["initial_loss"]
+        self.hist.records = [r for r in meta["records"] if r["step"] < self.start]
+        self.hist.diverged, self.hist.diverged_step = bool(meta["diverged"]), meta["diverged_step"]
+
+    def prepare_model(self) -> None:
+        """NHWC conv kernels and activation checkpointing, as the config asks."""
+        cfg, model = self.cfg, self.model
+        if cfg.channels_last:  # conv kernels (4-d parameters) in NHWC; batches converted per step
+            model.to(memory_format=torch.channels_last)
+        if cfg.checkpointing:
+            blocks = getattr(model, "blocks", None)
+            if blocks is None or not hasattr(blocks, "checkpoint_segments"):
+                raise DepthlabError(
+                    "checkpointing > 0 needs a depthlab model with .blocks (a BlockStack); set 0"
+                )
+            blocks.checkpoint_segments = cfg.checkpointing
+
+    def make_optimizer(self, before_growth) -> None:
+        """The optimizer (its state restored, or carried over a growth), and SGD in the
+        backward pass where the config asks for it."""
+        cfg, model = self.cfg, self.model
+        self.optimizer = optimizer = make_optimizer(model, cfg)
+        if cfg.sgd_in_backward:
+            blocks = getattr(model, "blocks", None)
+            if not isinstance(blocks, BlockStack):
+                raise DepthlabError(
+                    "sgd_in_backward needs a depthlab model with .blocks (a BlockStack); set false"
+                )
+            if self.info.world_size > 1:
+                raise DepthlabError(
+                    "sgd_in_backward cannot run data-parallel (gradients must be averaged over "
+                    "ranks before any step); set sgd_in_backward false under torchrun"
+                )
+            self.blocks, self.sgd_step = blocks, SGDInBackward(optimizer)
+        if before_growth is not None:  # the old parameters keep their state; the new start afresh
+            from depthlab.models.grow import carry_state
+
+            carry_state(before_growth, optimizer)
+            ckpt.set_rng_state(self.payload["rng"])  # type: ignore[index]
+        elif self.payload is not None:
+            self._load_optimizer()
+
+    def _load_optimizer(self) -> None:
+        path = Path(self.out_dir) / ckpt.FILENAME  # type: ignore[arg-type]
+        payload: dict = self.payload  # type: ignore[assignment]
+        ckpt.validate_optimizer(payload["optimizer"], self.optimizer, path)
         try:
-            optimizer.load_state_dict(payload["optimizer"])
+            self.optimizer.load_state_dict(payload["optimizer"])
             ckpt.set_rng_state(payload["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise DepthlabError(
                 f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it "
                 f"(or choose a new --out) to start afresh"
             ) from None
-    if cfg.compile:
-        net = torch.compile(net)
-    logger = RunLogger(out_dir, total, start, quiet, info.is_main, hist.records)
 
-    def save(step: int, wall: float) -> None:
-        if out_dir is None or not info.is_main:
+    # -- records -----------------------------------------------------------------------------
+    def save(self, step: int, wall: float) -> None:
+        if self.out_dir is None or not self.info.is_main:
             return
+        hist = self.hist
         meta = {
             "wall_time_s": wall,
-            "initial_loss": init_loss,
+            "initial_loss": self.init_loss,
             "records": hist.records,
             "diverged": hist.diverged,
             "diverged_step": hist.diverged_step,
-            "config": cfg.to_dict(),
-            "dataset": dataset.name,
+            "config": self.cfg.to_dict(),
+            "dataset": self.dataset.name,
         }
-        ckpt.save_checkpoint(Path(out_dir) / ckpt.FILENAME, model, optimizer, step, meta)
+        path = Path(self.out_dir) / ckpt.FILENAME
+        ckpt.save_checkpoint(path, self.model, self.optimizer, step, meta)
 
-    def log(rec: dict[str, Any]) -> None:
-        hist.records.append(rec)
-        logger.log(rec)
+    def log(self, rec: dict[str, Any]) -> None:
+        self.hist.records.append(rec)
+        self.logger.log(rec)
 
-    if before_growth is not None:
-        save(start, wall0)  # the checkpoint now holds the grown model, as config.yaml says
-
-    def run_eval(step: int, rec: dict[str, Any]) -> None:
-        rec.update(evaluate(model, dataset, cfg.eval_batch_size, device, info))
+    def run_eval(self, step: int, rec: dict[str, Any]) -> None:
+        rec.update(evaluate(self.model, self.dataset, self.cfg.eval_batch_size, self.device,
+                            self.info))  # fmt: skip
         rec["eval"] = True
-        logger.log_model(step, model)
+        self.logger.log_model(step, self.model)
 
-    probe: list = []  # the fixed batch of the periodic diagnostics, drawn once
+    def _attach(self, on: bool) -> None:
+        """SGD in the backward pass, attached for one step's forward and backward only."""
+        if self.sgd_step is not None:
+            self.blocks.sgd_in_backward = self.sgd_step if on else None
 
-    absurd = absurd_loss(dataset)
-    t_start = time.perf_counter()
-    train_time, steps_run, step = 0.0, 0, start
-    net.train()
-    try:
-        while step < total and not hist.diverged:
-            if should_stop is not None and (stop := should_stop()) is not None:
-                raise stop
-            rec: dict[str, Any] = {"step": step}
-            evaluated = cfg.eval_every > 0 and step % cfg.eval_every == 0
-            if evaluated:
-                run_eval(step, rec)
-            if cfg.diagnose_every and step % cfg.diagnose_every == 0 and logger.tensorboard:
-                _diagnose(model, dataset, cfg, device, logger, step, probe)
-            t0 = time.perf_counter()
-            lr = set_lr(optimizer, lr_factor(step, total, cfg))
-            x, y = dataset.train_batch(step, cfg.batch_size, cfg.seed)
-            y_b, lam = None, 1.0
-            if cfg.mixup > 0 and dataset.task == "classification":
-                x, y_b, lam = _mixup(x, y, cfg.mixup, cfg.seed, step)
-                y_b = dd.shard(y_b, info).to(device)
-            x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if sgd_step is not None:  # attached for this step's forward and backward only
-                blocks.sgd_in_backward = sgd_step
-            out = net(x)
-            loss = compute_loss(out, y, dataset.task, cfg.label_smoothing)
-            if y_b is not None:
-                loss = lam * loss + (1 - lam) * compute_loss(
-                    out, y_b, dataset.task, cfg.label_smoothing
-                )
-            stats = [loss.item(), 0.0]
-            if dataset.task == "classification":
-                stats[1] = (out.detach().argmax(-1) == y).float().mean().item()
-            g_loss, g_acc = (v / info.world_size for v in dd.all_reduce_sum(stats, info, device))
-            if step == 0 or init_loss is None:
-                init_loss = g_loss
-            bad = not math.isfinite(g_loss) or (
-                cfg.divergence_factor is not None
-                and math.isfinite(init_loss)
-                and g_loss > cfg.divergence_factor * init_loss
+    # -- the steps ---------------------------------------------------------------------------
+    def loop(self, net, should_stop) -> None:
+        cfg = self.cfg
+        absurd = absurd_loss(self.dataset)
+        t_start = time.perf_counter()
+        self.step = self.start
+        net.train()
+        try:
+            while self.step < self.total and not self.hist.diverged:
+                if should_stop is not None and (stop := should_stop()) is not None:
+                    raise stop
+                if not self._one_step(net, absurd):
+                    break
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    if self.step < self.total:
+                        self.save(self.step, self.wall0 + time.perf_counter() - t_start)
+            self.final = {"step": self.step}
+            self.run_eval(self.step, self.final)
+            self.log(self.final)
+            for cb in self.callbacks:
+                cb(self.step, self.model, self.hist)
+            self.wall = self.wall0 + time.perf_counter() - t_start
+            self.save(self.step, self.wall)
+        finally:
+            self._attach(False)  # callbacks and later backward passes take no step
+            self.logger.close()
+
+    def _one_step(self, net, absurd: float) -> bool:
+        """One training step; False when it diverged (recorded, the run stops)."""
+        cfg, step = self.cfg, self.step
+        rec: dict[str, Any] = {"step": step}
+        evaluated = cfg.eval_every > 0 and step % cfg.eval_every == 0
+        if evaluated:
+            self.run_eval(step, rec)
+        if cfg.diagnose_every and step % cfg.diagnose_every == 0 and self.logger.tensorboard:
+            _diagnose(self.model, self.dataset, cfg, self.device, self.logger, step, self.probe)
+        t0 = time.perf_counter()
+        lr = set_lr(self.optimizer, lr_factor(step, self.total, cfg))
+        loss, g_loss, g_acc, mixed = self._forward(net, step)
+        rec.update({"train_loss": g_loss, "lr": lr})
+        if self.dataset.task == "classification" and not mixed:
+            rec["train_accuracy"] = g_acc
+        if self._diverged(g_loss, step, absurd) or not self._backward(loss, rec):
+            self.hist.diverged, self.hist.diverged_step = True, step
+            rec["diverged"] = True
+            self.log(rec)
+            self._attach(False)
+            return False
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+        self.steps_run += 1
+        self.step += 1
+        if evaluated or step % cfg.log_every == 0:
+            self.log(rec)  # records stay deterministic: the throughput goes to TensorBoard only
+            self.logger.scalar("train/examples_per_s", cfg.batch_size / max(dt, 1e-9), step)
+        self.logger.progress(1, g_loss, cfg.batch_size / max(dt, 1e-9))
+        if evaluated:
+            for cb in self.callbacks:
+                cb(step, self.model, self.hist)
+        return True
+
+    def _forward(self, net, step: int):
+        """``(loss, all-reduced loss, all-reduced accuracy, mixed)`` of the step's batch."""
+        cfg, dataset, info, device = self.cfg, self.dataset, self.info, self.device
+        x, y = dataset.train_batch(step, cfg.batch_size, cfg.seed)
+        y_b, lam = None, 1.0
+        if cfg.mixup > 0 and dataset.task == "classification":
+            x, y_b, lam = _mixup(x, y, cfg.mixup, cfg.seed, step)
+            y_b = dd.shard(y_b, info).to(device)
+        x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._attach(True)
+        out = net(x)
+        loss = compute_loss(out, y, dataset.task, cfg.label_smoothing)
+        if y_b is not None:
+            loss = lam * loss + (1 - lam) * compute_loss(
+                out, y_b, dataset.task, cfg.label_smoothing
             )
-            if step == start and start == 0 and g_loss > absurd:
-                bad = True  # diverged before training: the initial loss is already absurd
-            rec.update({"train_loss": g_loss, "lr": lr})
-            if dataset.task == "classification" and y_b is None:
-                rec["train_accuracy"] = g_acc
-            if bad:
-                hist.diverged, hist.diverged_step = True, step
-                rec["diverged"] = True
-                log(rec)
-                if sgd_step is not None:
-                    blocks.sgd_in_backward = None
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if sgd_step is not None:
-                blocks.sgd_in_backward = None
-            if cfg.grad_clip is not None:
-                gn = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                rec["grad_norm"] = float(gn)
-            try:
-                optimizer.step()
-            except RuntimeError as e:  # lr × gradient beyond float range: divergence
-                if "overflow" not in str(e):
-                    raise
-                hist.diverged, hist.diverged_step = True, step
-                rec["diverged"] = True
-                log(rec)
-                break
-            dt = time.perf_counter() - t0
-            train_time += dt
-            steps_run += 1
-            step += 1
-            if evaluated or (step - 1) % cfg.log_every == 0:
-                log(rec)  # records stay deterministic: the throughput goes to TensorBoard only
-                logger.scalar("train/examples_per_s", cfg.batch_size / max(dt, 1e-9), step - 1)
-            logger.progress(1, g_loss, cfg.batch_size / max(dt, 1e-9))
-            if evaluated:
-                for cb in callbacks:
-                    cb(step - 1, model, hist)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                save(step, wall0 + time.perf_counter() - t_start)
-        final = {"step": step}
-        run_eval(step, final)
-        log(final)
-        for cb in callbacks:
-            cb(step, model, hist)
-        wall = wall0 + time.perf_counter() - t_start
-        save(step, wall)
-    finally:
-        if sgd_step is not None:  # callbacks and later backward passes take no step
-            blocks.sgd_in_backward = None
-        logger.close()
-    n_train = dataset.num_train()
-    hist.summary = {
-        "final_train_loss": hist.last("train_loss"),
-        "test_loss": final.get("test_loss"),
-        "diverged": hist.diverged,
-        "diverged_step": hist.diverged_step,
-        "steps": step,
-        "total_steps": total,
-        "epochs": step * cfg.batch_size / n_train,
-        "wall_time_s": wall,
-        "steps_per_s": steps_run / train_time if train_time > 0 else None,
-        "examples_per_s": steps_run * cfg.batch_size / train_time if train_time > 0 else None,
-        "world_size": info.world_size,
-        "device": str(device),
-        "dataset": dataset.name,
-        "task": dataset.task,
-        "num_params": int(sum(p.numel() for p in model.parameters())),
-    }
-    for key in ("test_accuracy", "test_bpb"):
-        if key in final:
-            hist.summary[key] = final[key]
-    if out_dir is not None and info.is_main:
-        write_json(Path(out_dir) / "summary.json", {k: _clean(v) for k, v in hist.summary.items()})
-    return hist
+        stats = [loss.item(), 0.0]
+        if dataset.task == "classification":
+            stats[1] = (out.detach().argmax(-1) == y).float().mean().item()
+        g_loss, g_acc = (v / info.world_size for v in dd.all_reduce_sum(stats, info, device))
+        return loss, g_loss, g_acc, y_b is not None
+
+    def _diverged(self, g_loss: float, step: int, absurd: float) -> bool:
+        """NaN/inf, or above ``divergence_factor ×`` the first loss, or an absurd first loss."""
+        if step == 0 or self.init_loss is None:
+            self.init_loss = g_loss
+        factor, init = self.cfg.divergence_factor, self.init_loss
+        bad = not math.isfinite(g_loss) or (
+            factor is not None and math.isfinite(init) and g_loss > factor * init
+        )
+        # diverged before training: the initial loss is already absurd
+        return bad or (step == self.start == 0 and g_loss > absurd)
+
+    def _backward(self, loss, rec: dict[str, Any]) -> bool:
+        """Backward, clipping and the optimizer step; False when the step overflows (lr ×
+        gradient beyond float range: divergence)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._attach(False)
+        if self.cfg.grad_clip is not None:
+            gn = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            rec["grad_norm"] = float(gn)
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:
+            if "overflow" not in str(e):
+                raise
+            return False
+        return True
+
+    def finish(self) -> History:
+        """The run's summary (and ``summary.json``)."""
+        hist, cfg, final, step = self.hist, self.cfg, self.final, self.step
+        t = self.train_time
+        hist.summary = {
+            "final_train_loss": hist.last("train_loss"),
+            "test_loss": final.get("test_loss"),
+            "diverged": hist.diverged,
+            "diverged_step": hist.diverged_step,
+            "steps": step,
+            "total_steps": self.total,
+            "epochs": step * cfg.batch_size / self.dataset.num_train(),
+            "wall_time_s": self.wall,
+            "steps_per_s": self.steps_run / t if t > 0 else None,
+            "examples_per_s": self.steps_run * cfg.batch_size / t if t > 0 else None,
+            "world_size": self.info.world_size,
+            "device": str(self.device),
+            "dataset": self.dataset.name,
+            "task": self.dataset.task,
+            "num_params": int(sum(p.numel() for p in self.model.parameters())),
+        }
+        for key in ("test_accuracy", "test_bpb"):
+            if key in final:
+                hist.summary[key] = final[key]
+        if self.out_dir is not None and self.info.is_main:
+            summary = {k: _clean(v) for k, v in hist.summary.items()}
+            write_json(Path(self.out_dir) / "summary.json", summary)
+        return hist
