@@ -303,19 +303,6 @@ def block_lanczos_singular_values(
     def small(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, dtype=bdt, device=dev)
 
-    def ends(t_dim: int) -> dict[str, np.ndarray]:
-        out = {}
-        for part in wanted:
-            lo = t_dim - k if part == "top" else 0
-            out[part] = scipy.linalg.eig_banded(
-                band[:, :t_dim],
-                lower=True,
-                eigvals_only=True,
-                select="i",
-                select_range=(lo, lo + k - 1),
-            )
-        return out
-
     rng = np.random.default_rng(seed)
     basis = torch.empty(max_dim + b, size, dtype=bdt, device=dev)  # rows: Q_0ᵀ, Q_1ᵀ, …
     basis[:b] = small(np.linalg.qr(rng.standard_normal((size, b)))[0].T)
@@ -351,14 +338,7 @@ def block_lanczos_singular_values(
             om_next[j + 1] = np.eye(b)
             if full or broke.any() or j == 0:
                 break
-            bs, as_ = np.stack(b_s), np.stack(a_s)  # B_0..B_{j-1}, A_0..A_{j-1}
-            t = bs.transpose(0, 2, 1) @ om_cur[1 : j + 1] + as_ @ om_cur[:j]
-            t[1:] += bs[:-1] @ om_cur[: j - 1]
-            t -= om_cur[:j] @ a
-            t -= om_prev[:j] @ b_s[-1].T
-            rinv = np.linalg.inv(r)
-            est = t @ rinv
-            est += np.sign(est) * eps * np.abs(a).sum(1).max() * np.linalg.norm(rinv, 2)
+            est = _omega_estimate(a_s, b_s, om_cur, om_prev, a, r, eps)
             if np.abs(est).max() <= math.sqrt(eps):
                 om_next[:j] = est
                 break
@@ -369,61 +349,32 @@ def block_lanczos_singular_values(
             full = full_next = True
         qn = qn.to(bdt)
         if broke.any():  # an invariant subspace: go on with fresh random directions
-            kept = qn[:, torch.as_tensor(~broke, device=dev)]
             fresh = small(rng.standard_normal((size, int(broke.sum()))))
-            for _ in range(2):
-                fresh -= basis[:dim].T @ (basis[:dim] @ fresh)
-                fresh -= kept @ (kept.T @ fresh)
-                fresh = torch.linalg.qr(fresh)[0]
-            qn[:, torch.as_tensor(broke, device=dev)] = fresh
+            _refill(qn, broke, fresh, basis[:dim])
             r[broke] = 0.0
-        for i in range(b):  # A_j on the diagonal, B_j below it
-            for l in range(i + 1):
-                band[i - l, dim - b + l] = a[i, l]
-            for l in range(i, b):
-                band[b + i - l, dim - b + l] = r[i, l]
+        _store_band(band, a, r, dim - b)
         a_s.append(a)
         b_s.append(r)
         om_prev, om_cur = om_cur, om_next
         basis[dim : dim + b] = qn.T
         j += 1
         if (dim >= next_check or dim + b > max_dim) and dim >= min(2 * k, max_dim):
-            theta = ends(dim)
+            theta = _band_ends(band[:, :dim], wanted, k)
             now = np.concatenate([theta[p] for p in wanted])
             # eigenvalues below ε·‖G‖ are zero to the products' precision: measured against it
             floor = max(eps * gnorm, 1e-300)
             change = None if last is None else np.abs(now - last) / np.maximum(np.abs(now), floor)
-            if change is not None and rtol is not None and np.all(change <= rtol):
-                result = theta
-                break
-            ok = True
-            for th in theta.values():
-                res = _banded_ritz_residuals(band[:, :dim], th, r)
-                ok &= bool(np.all(res <= tol * np.maximum(np.abs(th), floor)))
-            if ok:
+            if _converged(band[:, :dim], theta, r, change, tol, rtol, floor):
                 result = theta
                 break
             last = now
             next_check = dim + max(b, dim // 8)  # each check costs O(dim·b²): every eighth
         if dim + b > size:  # the basis would span the space: the dense Gram matrix instead
-            eye = torch.eye(size, dtype=bdt, device=dev)
-            gram = torch.cat([op.apply_rows(eye[i : i + b]) for i in range(0, size, b)])
-            gram = gram.double().cpu().numpy()
-            lam = np.linalg.eigvalsh((gram + gram.T) / 2)
+            lam = _dense_gram_eigenvalues(op, b, bdt)
             result = {p: (lam[-k:] if p == "top" else lam[:k]) for p in wanted}
             dim = size
         elif dim + b > max_dim:
-            where = ""
-            if last is not None:  # what the user would get, and how fast it still moves
-                sv = np.sqrt(np.clip(last, 0.0, None))
-                where = f" (singular values now {np.array2string(sv, precision=4)}"
-                if change is not None:
-                    where += f", still moving by up to {float(change.max()):.1e} per check"
-                where += ")"
-            raise DepthlabError(
-                f"block Lanczos did not converge within {dim} basis vectors{where}; loosen tol "
-                f"(now {tol}) or set rtol, raise max_dim, or use method='dense'"
-            )
+            raise _not_converged(dim, last, change, tol)
     out: dict[str, np.ndarray] = {}
     for part, theta in result.items():
         out[part] = np.sqrt(np.clip(np.sort(theta)[::-1], 0.0, None))
@@ -431,6 +382,88 @@ def block_lanczos_singular_values(
     out["dim"] = np.array(dim)
     out["reorths"] = np.array(reorths)
     return out
+
+
+def _band_ends(band: np.ndarray, wanted: tuple[str, ...], k: int) -> dict[str, np.ndarray]:
+    """The k largest (``top``) and/or smallest (``bottom``) eigenvalues of the banded T."""
+    t_dim = band.shape[1]
+    out = {}
+    for part in wanted:
+        lo = t_dim - k if part == "top" else 0
+        out[part] = scipy.linalg.eig_banded(
+            band, lower=True, eigvals_only=True, select="i", select_range=(lo, lo + k - 1)
+        )
+    return out
+
+
+def _converged(band, theta: dict, r, change, tol: float, rtol, floor: float) -> bool:
+    """The stopping rules: every wanted Ritz value moved by ≤ ``rtol`` since the last check
+    (stagnation), or has a residual ≤ ``tol·θ`` (rigorous)."""
+    if change is not None and rtol is not None and np.all(change <= rtol):
+        return True
+    return all(
+        bool(np.all(_banded_ritz_residuals(band, th, r) <= tol * np.maximum(np.abs(th), floor)))
+        for th in theta.values()
+    )
+
+
+def _omega_estimate(a_s, b_s, om_cur, om_prev, a, r, eps: float) -> np.ndarray:
+    """Simon's recurrence for the next block's inner products with the basis, ``Ω_{k,j+1}``
+    for k < j (see :func:`block_lanczos_singular_values`), plus its rounding term."""
+    j = len(a_s)
+    bs, as_ = np.stack(b_s), np.stack(a_s)  # B_0..B_{j-1}, A_0..A_{j-1}
+    t = bs.transpose(0, 2, 1) @ om_cur[1 : j + 1] + as_ @ om_cur[:j]
+    t[1:] += bs[:-1] @ om_cur[: j - 1]
+    t -= om_cur[:j] @ a
+    t -= om_prev[:j] @ b_s[-1].T
+    rinv = np.linalg.inv(r)
+    est = t @ rinv
+    est += np.sign(est) * eps * np.abs(a).sum(1).max() * np.linalg.norm(rinv, 2)
+    return est
+
+
+def _refill(qn: torch.Tensor, broke: np.ndarray, fresh: torch.Tensor, basis: torch.Tensor) -> None:
+    """Replace the broken columns of ``qn`` by ``fresh`` random directions made orthogonal to
+    the basis and to the kept columns (twice, for rounding)."""
+    dev = qn.device
+    kept = qn[:, torch.as_tensor(~broke, device=dev)]
+    for _ in range(2):
+        fresh -= basis.T @ (basis @ fresh)
+        fresh -= kept @ (kept.T @ fresh)
+        fresh = torch.linalg.qr(fresh)[0]
+    qn[:, torch.as_tensor(broke, device=dev)] = fresh
+
+
+def _store_band(band: np.ndarray, a: np.ndarray, r: np.ndarray, col: int) -> None:
+    """A_j on the diagonal and B_j below it, in LAPACK's lower band storage from column ``col``."""
+    b = a.shape[0]
+    for i in range(b):
+        for c in range(i + 1):
+            band[i - c, col + c] = a[i, c]
+        for c in range(i, b):
+            band[b + i - c, col + c] = r[i, c]
+
+
+def _dense_gram_eigenvalues(op, b: int, bdt: torch.dtype) -> np.ndarray:
+    """All eigenvalues of the Gram operator, from its dense matrix (``size`` products)."""
+    eye = torch.eye(op.size, dtype=bdt, device=op.device)
+    gram = torch.cat([op.apply_rows(eye[i : i + b]) for i in range(0, op.size, b)])
+    gram = gram.double().cpu().numpy()
+    return np.linalg.eigvalsh((gram + gram.T) / 2)
+
+
+def _not_converged(dim: int, last, change, tol: float) -> DepthlabError:
+    where = ""
+    if last is not None:  # what the user would get, and how fast it still moves
+        sv = np.sqrt(np.clip(last, 0.0, None))
+        where = f" (singular values now {np.array2string(sv, precision=4)}"
+        if change is not None:
+            where += f", still moving by up to {float(change.max()):.1e} per check"
+        where += ")"
+    return DepthlabError(
+        f"block Lanczos did not converge within {dim} basis vectors{where}; loosen tol "
+        f"(now {tol}) or set rtol, raise max_dim, or use method='dense'"
+    )
 
 
 def hutchinson_mean_sq(g: Callable, v: torch.Tensor, samples: int = 64, seed: int = 0) -> float:
