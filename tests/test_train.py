@@ -281,3 +281,16 @@ def test_channels_last_trains_the_same_run_and_resumes(tmp_path):
     cfg = TrainConfig(steps=12, lr=0.05, batch_size=32, eval_every=4, channels_last=True)
     hist = dl.train(again, "digits", cfg, out_dir=tmp_path / "True", resume=True)
     assert hist.summary["steps"] == 12 and not hist.diverged
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """``evaluate`` runs under no_grad: a 10,000-layer net's test pass must not keep every
+    activation for a backward that never comes."""
+    from depthlab.train.loop import evaluate
+
+    model = dl.create_model("mlp", depth=4, width=8)
+    seen = []
+    model.blocks.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    data = dl.create_dataset("digits", flat=True)
+    out = evaluate(model, data, 512, torch.device("cpu"))
+    assert seen and not any(seen) and 0.0 <= out["test_accuracy"] <= 1.0

@@ -117,7 +117,6 @@ def compute_loss(out: torch.Tensor, y: torch.Tensor, task: str, smoothing: float
     return F.cross_entropy(out, y, label_smoothing=smoothing)
 
 
-@torch.no_grad()
 def _channels_last(model: nn.Module) -> bool:
     """True when the model's conv kernels are stored NHWC (``TrainConfig.channels_last``)."""
     return any(
@@ -128,6 +127,7 @@ def _channels_last(model: nn.Module) -> bool:
     )
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
