@@ -137,3 +137,20 @@ def test_grow_and_nonlinear_degeneracy_deep_reach_1000_blocks_and_layers():
     nd = get_experiment("nonlinear-degeneracy").config("deep")
     assert max(nd.fold_depths) >= 1000 and nd.rank_depth >= 1000
     assert max(nd.spectrum_depths) >= 1000
+
+
+def test_sweep_eta_weights_the_queued_cells_by_their_experiments_cost():
+    """A queued cell costs its own experiment's mean cell time so far, spread over the workers:
+    one finished slow cell of experiment A (100 s) and a fast one of B (1 s), with one cell of
+    each still queued on 2 workers, is (100 + 1) / 2 ≈ 50 s — not the mean rate of all cells."""
+    from types import SimpleNamespace
+
+    from depthlab.experiments.runner import _Job, _Sweep
+
+    backend = SimpleNamespace(pool=SimpleNamespace(_max_workers=2), name="local")
+    sweep = _Sweep("deep", lambda s: None, True, backend)
+    a = _Job(None, None, None, [{}, {}], {0: []}, {1}, 0, cell_time=100.0)
+    b = _Job(None, None, None, [{}, {}], {0: []}, {1}, 0, cell_time=1.0)
+    sweep.jobs = [a, b]
+    sweep.handles = {"h1": (a, 1), "h2": (b, 1)}
+    assert sweep._eta() == "; ETA 50 s"

@@ -614,12 +614,29 @@ class _Sweep:
             n = len(job.done) + len(job.failed)
             label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
             self.n_run += 1
-            eta = eta_text(time.perf_counter() - self.t0, self.n_run, len(self.handles))
+            eta = self._eta()
             self.log(f"  [{job.exp.name}] cell {n}/{len(job.cells)} ({wall:.1f}s) {label}{eta}")
         job.todo.discard(i)
         if self.bar is not None:
             self.bar.update(1)
         self._finish(job)
+
+    def _eta(self) -> str:
+        """The cells still queued, each at its own experiment's mean cell time so far (the
+        sweep's mean for an experiment with none finished yet), spread over the workers; the
+        plain rate of the finished cells where the number of workers is unknown (Ray)."""
+        workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
+        left = [job for job, _ in self.handles.values()]
+        if not workers or not left:
+            return eta_text(time.perf_counter() - self.t0, self.n_run, len(left))
+        ran = [j for j in self.jobs if len(j.done) > j.n_cached]
+        overall = sum(j.cell_time for j in ran) / max(1, sum(len(j.done) - j.n_cached for j in ran))
+
+        def mean(j: _Job) -> float:
+            n = len(j.done) - j.n_cached
+            return j.cell_time / n if n else overall
+
+        return eta_text(sum(mean(j) for j in left) / workers, 1, 1)
 
     def _error_row(self, job: _Job, error: str) -> None:
         self.log(f"[{job.exp.name}] FAILED: {error}")
