@@ -47,7 +47,7 @@ check: lint test
 # --strict: a broken link, a missing page or a missing benchmark CSV fails the build
 docs: setup
 	$(BIN)/pip install -q -e ".[docs]"
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

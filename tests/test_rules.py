@@ -818,6 +818,7 @@ def test_depth_sweep_judges_every_judge_depth_and_only_the_arms_run_there():
     # 1004: the three claims; 10004 (BN, Fixup and the control only): the keep-up claim alone
     assert [c.measured.startswith("depth 1004") for c in claims] == [True] * 3 + [False]
     assert claims[3].measured.startswith("depth 10004") and "plain" not in claims[3].measured
+    assert claims[0].claim.endswith("(at 1,004 layers)") and "10,004" in claims[3].claim
     assert claims[3].verdict != "reproduced" and "fixup" in claims[3].rule  # 0.3 below BN
     assert len(at) == 2
 

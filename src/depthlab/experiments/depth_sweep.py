@@ -36,7 +36,7 @@ papers:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -333,7 +333,10 @@ class DepthSweep(Experiment):
         depths = [x for x in cfg.judge_depths if (d["depth"] == x).any()]
         out = []
         for depth in depths or [int(d["depth"].max())]:
-            out += self._claims_at(d[d["depth"] == depth], cfg, int(depth))
+            rows = self._claims_at(d[d["depth"] == depth], cfg, int(depth))
+            if len(depths) > 1:  # several judged depths: each row says which
+                rows = [replace(c, claim=f"{c.claim} (at {depth:,} layers)") for c in rows]
+            out += rows
         return out
 
     def _claims_at(self, at: pd.DataFrame, cfg: Config, depth: int) -> list[Claim]:
