@@ -126,7 +126,9 @@ class Experiment:
                 f"experiment '{self.name}': the grid has {len(cells):,} cells, more than "
                 f"{MAX_CELLS:,}; use fewer values per list"
             )
-        device = resolve_device_name(getattr(cfg, "device", "cpu"))
+        from depthlab.train.loop import resolve_device
+
+        device = str(resolve_device(getattr(cfg, "device", "cpu")))
         for cell in cells:
             spec = self.cell_model(cell)
             if spec is not None:
@@ -315,16 +317,6 @@ def steps_to_target(steps: list[int], values: list[float], target: float) -> flo
 
 #: the training settings every training cell carries, passed on by :func:`train`
 CELL_TRAIN_KEYS = ("steps", "batch_size", "lr", "seed")
-
-
-def resolve_device_name(device: str) -> str:
-    """``auto`` → ``cuda`` where torch sees a GPU, else ``cpu``; other names unchanged (the
-    memory check reads that device's memory)."""
-    if device != "auto":
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: Any, key: str = "device") -> str:
