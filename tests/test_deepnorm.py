@@ -47,9 +47,11 @@ def test_seq2seq_blocks_get_their_stacks_alpha_and_post_layernorm():
 
 
 def _beta_layers(block):
-    return [m for m in block.deepnorm_layers] if hasattr(block, "deepnorm_layers") else [
-        m for m in block.branch if isinstance(m, nn.Linear)
-    ]  # fmt: skip
+    """v_proj and out_proj of an attention sublayer (its ``value_layers``), else the linears."""
+    attn = [m for m in block.branch if isinstance(m, dl.nn.MultiHeadAttention)]
+    if attn:
+        return attn[0].value_layers()
+    return [m for m in block.branch if isinstance(m, nn.Linear)]
 
 
 def test_xavier_normal_init_uses_each_stacks_beta_on_v_out_and_ff_only():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 from torch import nn
 
 from depthlab.nn.residual import Branch, Residual, residual_blocks
 from depthlab.registry import DepthlabError
-from depthlab.schemes import Scheme, get_scheme
+from depthlab.schemes import BlockInfo, Scheme, get_scheme
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -61,7 +62,7 @@ def _norm_like(s: Scheme, old: nn.Module | None, num_features: int) -> nn.Module
     return new
 
 
-def _convert_block(block: nn.Module, s: Scheme, num_blocks: int) -> Residual:
+def _convert_block(block: nn.Module, s: Scheme, num_blocks: int, index: int) -> Residual:
     """A torchvision/timm ``BasicBlock`` or ``Bottleneck`` (post-activation, ResNet v1/v1.5)
     as ``relu(shortcut(x) + gate · f(x))`` with the scheme's norms, biases and multipliers:
 
@@ -93,7 +94,8 @@ def _convert_block(block: nn.Module, s: Scheme, num_blocks: int) -> Residual:
         ]
         shortcut = nn.Sequential(*[m for m in ds if m is not None])
     c_out = getattr(block, f"conv{names[-1]}").out_channels
-    res = s.residual(branch, c_out, "channels", num_blocks, shortcut)
+    info = BlockInfo(index=index, num_blocks=num_blocks, m=len(names), gain=math.sqrt(2.0))
+    res = s.residual(branch, c_out, "channels", num_blocks, shortcut, info=info)
     res.post = nn.Sequential(res.post, nn.ReLU()) if res.post is not None else nn.ReLU()
     return res
 
@@ -122,6 +124,13 @@ def convert(model: nn.Module, scheme: str | Scheme, inplace: bool = False, **opt
             return model
         return new
 
+    if type(s).conv is not Scheme.conv or type(s).linear is not Scheme.linear:
+        raise DepthlabError(
+            f"scheme '{s.name}' builds its own weight layers, and convert keeps a model's "
+            "layers and weights, so it cannot apply it to this model; build a depthlab model "
+            f"with scheme '{s.name}' instead (e.g. depthlab.create_model('resnet', "
+            f"scheme='{s.name}'))"
+        )
     target = model if inplace else copy.deepcopy(model)
     parents = [
         (parent, name, child)
@@ -134,8 +143,8 @@ def convert(model: nn.Module, scheme: str | Scheme, inplace: bool = False, **opt
             f"{type(model).__name__} has no residual blocks depthlab can convert; supported are "
             "depthlab models and ResNets built from torchvision/timm BasicBlock or Bottleneck"
         )
-    for parent, name, child in parents:
-        setattr(parent, name, _convert_block(child, s, len(parents)))
+    for i, (parent, name, child) in enumerate(parents):
+        setattr(parent, name, _convert_block(child, s, len(parents), i))
     stem_bn = getattr(target, "bn1", None)
     if isinstance(stem_bn, _NORMS):  # the stem: conv1 -> bn1 -> relu
         norm = _norm_like(s, stem_bn, _num_features(stem_bn))

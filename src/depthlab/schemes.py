@@ -1,18 +1,28 @@
 """Residual schemes: the one place where BatchNorm, LayerNorm, SkipInit, ReZero, Fixup, … differ.
 
-A model builds every residual block by asking its scheme for
+The scheme protocol — everything a scheme may provide; a model, ``convert`` and the diagnostics
+use only these (no code outside this module tests a scheme's name):
 
 (a) ``norm``        the normalization layer inside the branch (pre-activation position), or none;
 (b) ``gate``        the scalar that multiplies the branch output (fixed, learnable, or none);
-(c) ``skip_mult``   the constant on the skip path, and ``post_norm`` after the sum;
+(c) ``skip``        the module on the skip path (a constant :class:`~depthlab.nn.Scale` — 1,
+    DeepNorm's α, 1/√2, 0 — or any module, e.g. Admin's learnable ω); ``post_norm`` after the sum;
 (d) ``bias``/``scale``  scalar biases and a scalar multiplier inside the branch (Fixup);
     ``layer_bias``  whether convs/linears carry their own bias vectors;
-(e) ``final_norm``  the norm before the classifier head (pre-activation nets);
+(e) ``linear``/``conv``  the weight-layer factory: every weight layer of a block, stem and
+    projection shortcut is built by the scheme (NF's scaled weight standardization), told which
+    activation feeds it;
+(f) ``final_norm``  the norm before the classifier head (pre-activation nets);
+(g) ``residual``    the block itself, given its place (:class:`BlockInfo`: index, number of
+    blocks, stage, weight layers m, encoder–decoder role, the He gain of its activation);
+(h) ``path_law``    what the analytic path-variance model needs; ``identity_at_init``;
 and, once the model is built, ``initialize(model)`` applies the model-level rules (Fixup's
-rescaling and zero classifier, DeepNorm's β). Models never test a scheme's name.
+rescaling and zero classifier, DeepNorm's β, NF's β track, Admin's ω profile).
 
 Add a scheme by subclassing :class:`Scheme` (a dataclass; its fields are its options) and
-registering it with ``@SCHEMES.register()``.
+registering it with ``@SCHEMES.register()``; a scheme defined outside the package works the same
+(``get_scheme`` accepts an instance). Models are built on the ``meta`` device and then
+initialised, so a module a scheme returns sets its parameters in ``reset_parameters()``.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ from torch import nn
 
 from depthlab.nn.init import fan
 from depthlab.nn.norm import NoisyBatchNorm, create_norm
-from depthlab.nn.residual import Residual, residual_blocks, weight_layers
-from depthlab.nn.scalars import Bias, Gate
+from depthlab.nn.residual import Branch, Residual, residual_blocks, weight_layers
+from depthlab.nn.scalars import Bias, FeatureScale, Gate, Scale
+from depthlab.nn.transformer import MultiHeadAttention
+from depthlab.nn.ws import WeightStandardized, WSConv2d, WSLinear, activation_gain
 from depthlab.registry import DepthlabError, Registry
 
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
@@ -47,6 +59,24 @@ class Stack:
     def __post_init__(self) -> None:
         if self.role not in ("encoder", "decoder"):
             raise DepthlabError(f"stack role must be 'encoder' or 'decoder', got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Where a residual block sits, for scheme rules that depend on it (kept as ``block.info``).
+
+    ``index``: the block's position among the model's residual blocks (None: not known, e.g. a
+    block built on its own); ``num_blocks``: L, the number of residual blocks; ``stage``: the
+    ResNet stage (0 elsewhere); ``m``: the weight layers in its branch (None: counted from the
+    branch); ``stack``: its place in an encoder–decoder; ``gain``: the He gain of the
+    activation inside its branch (√2 for ReLU, 1 for attention; None: √2)."""
+
+    index: int | None = None
+    num_blocks: int = 1
+    stage: int = 0
+    m: int | None = None
+    stack: Stack | None = None
+    gain: float | None = None
 
 
 @dataclass
@@ -93,6 +123,47 @@ class Scheme:
         where the block sits in an encoder–decoder (None elsewhere)."""
         return 1.0
 
+    def skip(self, num_features: int, layout: str, info: BlockInfo) -> nn.Module:
+        """The module on the skip path: by default the constant :meth:`skip_mult` as a
+        :class:`~depthlab.nn.Scale`; a scheme may return any module (Admin's ω)."""
+        if info.stack is None:
+            return Scale(self.skip_mult(info.num_blocks))
+        return Scale(self.skip_mult(info.num_blocks, info.stack))
+
+    # -- the weight-layer factory ------------------------------------------------------------
+    def linear(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool | None = None,
+        act: str | None = None,
+    ) -> nn.Module:
+        """A linear layer of a block, stem or shortcut; ``act`` names the activation whose output
+        it reads (None: a linear input); ``bias`` None means :attr:`layer_bias`."""
+        return nn.Linear(in_features, out_features, bias=self.layer_bias if bias is None else bias)
+
+    def conv(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool | None = None,
+        act: str | None = None,
+    ) -> nn.Module:
+        """A 2-D convolution of a block, stem or shortcut (see :meth:`linear`)."""
+        return nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            bias=self.layer_bias if bias is None else bias,
+        )
+
     def bias(self) -> nn.Module | None:
         """A scalar bias placed before each weight layer and activation (Fixup), or none."""
         return None
@@ -110,24 +181,29 @@ class Scheme:
         shortcut: nn.Module | None = None,
         post_act: nn.Module | None = None,
         stack: Stack | None = None,
+        info: BlockInfo | None = None,
     ) -> Residual:
         """Wrap ``branch`` into a residual block of this scheme; ``post_act`` is an activation
         after the sum (and after the scheme's post-sum norm), as in post-activation ResNets;
-        ``stack`` (kept as ``block.stack``) places the block in an encoder–decoder."""
+        ``info`` (kept as ``block.info``; ``stack`` also as ``block.stack``) places the block."""
+        if info is None:
+            info = BlockInfo(num_blocks=num_blocks, stack=stack)
+        elif stack is not None and info.stack is None:
+            info = dataclasses.replace(info, stack=stack)
+        if info.m is None:
+            info = dataclasses.replace(info, m=len(weight_layers(branch)))
         post = self.post_norm(num_features, layout)
         if post_act is not None:
             post = post_act if post is None else nn.Sequential(post, post_act)
         block = Residual(
             branch,
-            gate=self.gate(num_blocks),
-            # (a scheme written before ``stack`` existed overrides skip_mult(num_blocks) only)
-            skip_mult=self.skip_mult(num_blocks)
-            if stack is None
-            else self.skip_mult(num_blocks, stack),
+            gate=self.gate(info.num_blocks),
+            skip=self.skip(num_features, layout, info),
             shortcut=shortcut,
             post=post,
         )
-        block.stack = stack
+        block.stack = info.stack
+        block.info = info
         return block
 
     def identity_at_init(self) -> bool:
@@ -496,12 +572,12 @@ class Fixup(Scheme):
     def initialize(self, model: nn.Module) -> None:
         blocks = residual_blocks(model)
         num_branches = len(blocks)
-        model_gain = getattr(model, "init_gain", math.sqrt(2.0))
         # three passes (inner layers, last layers, shortcuts), so that switching one rule off
         # draws the same random numbers for the layers the other rules initialise
         plan = []
         for blk in blocks:
-            gain = getattr(blk, "init_gain", model_gain)  # a block may declare its own gain
+            gain = None if blk.info is None else blk.info.gain  # the activation's He gain
+            gain = math.sqrt(2.0) if gain is None else gain
             layers = weight_layers(blk.branch)
             plan.append((blk, gain, layers))
         with torch.no_grad():
@@ -613,7 +689,7 @@ class DeepNorm(Scheme):
                     beta = c[f"{blk.stack.role}_beta"]
                 else:
                     beta = self.beta(len(blocks))
-                layers = getattr(blk, "deepnorm_layers", None) or weight_layers(blk.branch)
+                layers = _beta_layers(blk.branch)
                 for layer in layers:
                     if self.init == "xavier_normal":
                         nn.init.xavier_normal_(layer.weight, gain=beta)
@@ -624,6 +700,224 @@ class DeepNorm(Scheme):
                         layer.weight.mul_(beta)
                         if layer.bias is not None:
                             layer.bias.mul_(beta)
+
+
+@SCHEMES.register()
+@dataclass
+class NF(Scheme):
+    """NF-ResNet: normalization-free residual blocks with signal bookkeeping.
+
+    Brock, De & Smith 2021, "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets" (arXiv 2101.08692), Sec. 4:
+
+    * ``h_{i+1} = h_i + α·f_i(h_i/β_i)``, with ``β_i = √Var(h_i)`` the *expected* standard
+      deviation of the block's input, tracked analytically: ``Var(h_0) = 1`` after the stem,
+      ``Var(h_{i+1}) = Var(h_i) + α²``; at a transition block (a projection shortcut) the
+      shortcut is fed the β-scaled input too, ``h_{i+1} = shortcut(h_i/β_i) + α·f_i(h_i/β_i)``,
+      and the variance resets to ``1 + α²``. ``α`` (default 0.2) and every ``1/β_i`` are fixed.
+    * every weight layer (stem, branches, projection shortcuts) uses scaled weight
+      standardization (:class:`~depthlab.nn.ws.WSConv2d`, :class:`~depthlab.nn.ws.WSLinear`)
+      with the gain γ of the activation it reads (ReLU: √(2/(1−1/π)) ≈ 1.7129), so a branch maps a
+      unit-variance input to a unit-variance output; no normalization layer anywhere.
+
+    So the expected variance at each block's input is :meth:`expected_variances`, and at init
+    the measured one matches it (tested on MLP, ResNet and a Transformer). Token models start
+    the stream at unit variance: ``initialize`` draws their embeddings (token and position,
+    summed) from N(0, 1/k), k the number of embedding tables. Transformers: attention averages
+    values over tokens, so their attention branches keep unit variance only for one-token
+    sequences (or uncorrelated outputs); the track then bounds the variance from above. The
+    classifier stays a plain linear layer. On ResNets the pre-activation network is built.
+    """
+
+    name: ClassVar[str] = "nf"
+    resnet_variant: ClassVar[str] = "preact"
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if (
+            isinstance(a, bool)
+            or not isinstance(a, (int, float))
+            or not (math.isfinite(a) and a >= 0)
+        ):
+            raise DepthlabError(f"alpha in scheme 'nf' must be a finite number ≥ 0, got {a!r}")
+
+    def path_law(self) -> None:
+        return None  # the β-scaled input is not in the analytic path model
+
+    def gate(self, num_blocks: int) -> nn.Module | None:
+        return Gate(self.alpha, learnable=False)
+
+    def linear(self, in_features, out_features, *, bias=None, act=None) -> nn.Module:
+        bias = self.layer_bias if bias is None else bias
+        return WSLinear(in_features, out_features, bias=bias, gamma=activation_gain(act))
+
+    def conv(
+        self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, bias=None, act=None
+    ) -> nn.Module:
+        bias = self.layer_bias if bias is None else bias
+        return WSConv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            bias=bias,
+            gamma=activation_gain(act),
+        )
+
+    def residual(
+        self,
+        branch: nn.Module,
+        num_features: int,
+        layout: str,
+        num_blocks: int,
+        shortcut: nn.Module | None = None,
+        post_act: nn.Module | None = None,
+        stack: Stack | None = None,
+        info: BlockInfo | None = None,
+    ) -> Residual:
+        # 1/β_i before the branch and (transition blocks) the shortcut; set by initialize
+        rest = list(branch.children()) if isinstance(branch, nn.Sequential) else [branch]
+        branch = Branch(Gate(1.0, learnable=False), *rest)
+        if shortcut is not None:
+            shortcut = nn.Sequential(Gate(1.0, learnable=False), shortcut)
+        return super().residual(
+            branch, num_features, layout, num_blocks, shortcut, post_act, stack, info
+        )
+
+    def expected_variances(self, model: nn.Module) -> list[float]:
+        """``Var(h_i)`` expected at the input of each residual block, in forward order (a new
+        encoder–decoder stack starts again at 1)."""
+        out, var, role = [], 1.0, None
+        for blk in residual_blocks(model):
+            stack_role = None if blk.stack is None else blk.stack.role
+            if stack_role != role:
+                var, role = 1.0, stack_role
+            out.append(var)
+            var = (1.0 if blk.shortcut is not None else var) + self.alpha**2
+        return out
+
+    def initialize(self, model: nn.Module) -> None:
+        blocks = residual_blocks(model)
+        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        with torch.no_grad():
+            for blk, var in zip(blocks, self.expected_variances(model), strict=True):
+                inv_beta = 1.0 / math.sqrt(var)
+                blk.branch[0].alpha.fill_(inv_beta)
+                if blk.shortcut is not None:
+                    blk.shortcut[0].alpha.fill_(inv_beta)
+            for emb in embeddings:  # the stream starts at unit variance
+                emb.weight.normal_(0.0, 1.0 / math.sqrt(len(embeddings)))
+            for m in model.modules():
+                if isinstance(m, WeightStandardized):
+                    m.reset_gain()
+
+
+@SCHEMES.register()
+@dataclass
+class Admin(LayerNorm):
+    """Admin: Post-LN with a profiled skip multiplier, ``x_i = LN(ω_i ⊙ x_{i-1} + f_i(x_{i-1}))``.
+
+    Liu, Liu, Gao, Chen & Han 2020, "Understanding the Difficulty of Training Transformers"
+    (arXiv 2004.08249), Sec. 4.2. ω_i is a per-feature vector (learnable by default, as in the
+    reference code), initialised from one forward pass at init (``omega="profile"``): in
+    forward order, ``ω_1 = 1`` and ``ω_{i+1} = √(Var[ω_i ⊙ x_{i-1}] + Var[f_i(x_{i-1})])`` —
+    each block's skip then carries the variance of everything summed into the stream before it,
+    so no single branch dominates the update (the reference ``adaptive-profiling`` code; an
+    encoder–decoder profiles each stack from 1). The profiling input is the model's
+    ``example_input()`` (a fixed random batch; the global random stream is not used); call
+    :meth:`profile` to profile on your own batch. A number for ``omega`` sets every ω to it
+    instead (1: Post-LN with a learnable skip).
+    """
+
+    name: ClassVar[str] = "admin"
+    fixed_placement: ClassVar[str | None] = "post"
+    placement: str = "post"
+    omega: float | str = "profile"
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.omega
+        if w != "profile" and (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not (math.isfinite(w) and w > 0)
+        ):
+            raise DepthlabError(
+                f"omega in scheme 'admin' must be 'profile' or a finite number > 0, got {w!r}"
+            )
+
+    def path_law(self) -> None:
+        return None  # LN(ω·x + f(x)) with a profiled ω: not in the analytic model
+
+    def skip(self, num_features: int, layout: str, info: BlockInfo) -> nn.Module:
+        init = 1.0 if self.omega == "profile" else float(self.omega)
+        return FeatureScale(num_features, layout, init=init, learnable=self.learnable)
+
+    @staticmethod
+    def profile(model: nn.Module, x: object) -> list[float]:
+        """Set every block's ω from one forward pass of ``model`` on ``x`` (a tensor, or a tuple
+        of positional inputs), in forward order; returns the ω values."""
+        blocks = [b for b in residual_blocks(model) if isinstance(b.skip_scale, FeatureScale)]
+        state = {"ratio": 1.0, "role": None}
+        omegas: list[float] = []
+        handles = []
+
+        def before(blk, inputs):
+            role = None if blk.stack is None else blk.stack.role
+            if role != state["role"]:
+                state["ratio"], state["role"] = 1.0, role
+            blk.skip_scale.omega.fill_(state["ratio"])
+            omegas.append(state["ratio"])
+
+        def after(blk, inputs, output):
+            u = inputs[0]
+            skip_var = blk.skip_scale(blk.skip(u)).double().var(unbiased=False)
+            branch_var = blk._admin_branch_out.double().var(unbiased=False)
+            state["ratio"] = float(torch.sqrt(skip_var + branch_var))
+            del blk._admin_branch_out
+
+        def on_branch(branch, inputs, output, blk):
+            blk._admin_branch_out = output if blk.gate is None else blk.gate(output)
+
+        try:
+            for blk in blocks:
+                handles.append(blk.register_forward_pre_hook(before))
+                handles.append(blk.register_forward_hook(after))
+                handles.append(
+                    blk.branch.register_forward_hook(
+                        lambda m, i, o, blk=blk: on_branch(m, i, o, blk)
+                    )
+                )
+            with torch.no_grad():
+                model(*x) if isinstance(x, tuple) else model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return omegas
+
+    def initialize(self, model: nn.Module) -> None:
+        if self.omega != "profile" or any(p.is_meta for p in model.parameters()):
+            return  # (a block built inside a model on the meta device: the model profiles)
+        example = getattr(type(model), "example_input", None)
+        if example is None:
+            raise DepthlabError(
+                f"scheme 'admin' profiles ω with one forward pass, but {type(model).__name__} "
+                "has no example_input(); build with scheme_options omega=1 and call "
+                "depthlab.schemes.Admin.profile(model, x) on a batch of your data"
+            )
+        Admin.profile(model, model.example_input())
+
+
+def _beta_layers(branch: nn.Module) -> list[nn.Module]:
+    """The layers DeepNorm scales by β: every weight layer of ``branch`` but an attention's
+    queries and keys (its :meth:`~depthlab.nn.MultiHeadAttention.value_layers` only)."""
+    attn = [m for m in branch.modules() if isinstance(m, MultiHeadAttention)]
+    inside = {id(layer) for a in attn for layer in weight_layers(a)}
+    values = [layer for a in attn for layer in a.value_layers()]
+    return values + [layer for layer in weight_layers(branch) if id(layer) not in inside]
 
 
 def list_schemes() -> list[str]:

@@ -90,6 +90,7 @@ def layer_maps(model: nn.Module) -> list[torch.Tensor]:
             or branch.bias is not None
             or blk.shortcut is not None
             or blk.post is not None
+            or blk.skip_mult is None
             or branch.in_features != branch.out_features
         ):
             return []

@@ -134,11 +134,10 @@ def _branch(blk: Residual) -> Map:
 
 
 def _skip(blk: Residual) -> Map | None:
-    """``m·shortcut(u)``, or None for the identity skip."""
+    """``skip_scale(shortcut(u))``, or None for the identity skip."""
     if blk.shortcut is None and blk.skip_mult == 1.0:
         return None
-    m = blk.skip_mult
-    return lambda u: m * blk.skip(u)
+    return lambda u: blk.skip_scale(blk.skip(u))
 
 
 def _batched(fn: Map, stack: torch.Tensor) -> torch.Tensor:

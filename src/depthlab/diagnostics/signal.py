@@ -130,7 +130,7 @@ class _Recorder:
         rec = self.record
         rec["in_var"] = channel_stats(x)[0]
         if module.has_skip:
-            rec["skip_var"] = channel_stats(module.skip(x))[0] * module.skip_mult**2
+            rec["skip_var"] = channel_stats(module.skip_scale(module.skip(x)))[0]
         else:
             rec["skip_var"] = 0.0
         rec.setdefault("gated_var", rec.get("branch_var", math.nan))

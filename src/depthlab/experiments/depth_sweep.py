@@ -59,6 +59,9 @@ BUILD = {
     "plain": ("plain", {}),
     "scaled": ("scaled", {}),
     "noskip": ("noskip", {}),
+    # not in the claims; arms to run beside them (``--set schemes=...``)
+    "nf": ("nf", {}),
+    "admin": ("admin", {}),
 }
 #: the network of each variant, as the setup column names it
 NETS = {

@@ -53,12 +53,17 @@ VARIANTS = {  # label -> (scheme, scheme_options, warm-up)
     "prenorm": ("prenorm", {}, False),
     "rezero-alpha1": ("rezero", {"alpha_init": 1.0}, False),
     "rezero": ("rezero", {}, False),
+    # Admin (Liu et al. 2020, arXiv 2004.08249): Post-LN with a profiled, learnable skip ω;
+    # reported beside the others, not part of the ReZero claims' comparisons
+    "admin": ("admin", {}, False),
 }
+#: the variants the ReZero claim compares with (its paper's Table 2)
+PAPER_VARIANTS = ("postnorm+warmup", "postnorm", "prenorm", "rezero-alpha1")
 
 
 @dataclass(frozen=True)
 class Config:
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = (*PAPER_VARIANTS, "rezero")
     depth: int = 12  # Transformer layers (2 residual sublayers each)
     d_model: int = 48
     nhead: int = 4
@@ -346,7 +351,7 @@ class TransformerConvergence(Experiment):
                 return {k: b[v][1] for k, b in best.items() if v in b}
 
             rz = its("rezero")
-            others = [v for v in variants if v != "rezero"]
+            others = [v for v in variants if v in PAPER_VARIANTS]
             fastest = all(
                 math.isfinite(r) and all(r < its(v).get(k, math.inf) for v in others)
                 for k, r in rz.items()

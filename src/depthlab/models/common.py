@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from depthlab.nn.fused import SGDInBackward, plan_stack, run_stack
 from depthlab.nn.init import fan
 from depthlab.nn.residual import Branch, Residual
+from depthlab.nn.ws import WeightStandardized
 from depthlab.registry import DepthlabError, unknown_choice
 
 ACTIVATIONS = {
@@ -177,6 +178,8 @@ def default_init(model: nn.Module, gain: float, mode: str = "fan_in") -> None:
                 weights.append((w, g / math.sqrt(fan(w, mode if conv else "fan_in"))))
                 if module.bias is not None:
                     module.bias.zero_()
+                if isinstance(module, WeightStandardized):
+                    module.reset_gain()
             elif module is not model and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
             elif isinstance(module, nn.modules.batchnorm._NormBase):

@@ -68,9 +68,10 @@ def _identity_plan(unit: list[nn.Module], model: nn.Module) -> list[Callable[[],
             raise DepthlabError(f"grow: {type(blk).__name__} is not a residual block")
         name = getattr(getattr(model, "scheme", None), "name", "?")
         if blk.skip_mult != 1.0:
+            mult = "a learnable ω" if blk.skip_mult is None else f"{blk.skip_mult:g}"
             raise DepthlabError(
                 f"grow: a new block of scheme '{name}' cannot be the identity (its skip is "
-                f"multiplied by {blk.skip_mult:g}); grow a model of a scheme whose blocks are "
+                f"multiplied by {mult}); grow a model of a scheme whose blocks are "
                 "x + f(x): rezero, skipinit, plain, batchnorm, layernorm/prenorm, fixup"
             )
         if blk.post is not None and not (

@@ -10,7 +10,7 @@ from torch import nn
 from depthlab.models.common import BlockStack, check_positive, seq
 from depthlab.nn.residual import weight_layers
 from depthlab.registry import DepthlabError
-from depthlab.schemes import Scheme, get_scheme
+from depthlab.schemes import BlockInfo, Scheme, get_scheme
 
 INITS = ("standard", "orthogonal", "identity", "fold:k")
 
@@ -79,12 +79,13 @@ class LinearNet(nn.Module):
         )  # constructor arguments but the scheme
         self.scheme = s = get_scheme(scheme, **(scheme_options or {}))
         blocks = []
-        for _ in range(depth):
+        for i in range(depth):
             # the scheme's slots around W (none for noskip/plain: the branch is W itself)
-            mods = [s.norm(width, "features"), s.bias(), nn.Linear(width, width, bias=False)]
+            mods = [s.norm(width, "features"), s.bias(), s.linear(width, width, bias=False)]
             mods = [m for m in [*mods, s.scale(), s.bias()] if m is not None]
             branch = mods[0] if len(mods) == 1 else seq(*mods)
-            blocks.append(s.residual(branch, width, "features", depth))
+            info = BlockInfo(index=i, num_blocks=depth, m=1, gain=1.0)
+            blocks.append(s.residual(branch, width, "features", depth, info=info))
         self.blocks = BlockStack(*blocks)
         self.reset_parameters()
 
@@ -112,6 +113,12 @@ class LinearNet(nn.Module):
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
         self.scheme.initialize(self)
+
+    def example_input(self, batch_size: int = 64) -> torch.Tensor:
+        """A fixed batch of standard-normal inputs ``(batch_size, width)`` (its own generator,
+        seed 0): what a scheme profiles the model on at init (Admin)."""
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size, self.width, generator=g).to(self.layers()[0].weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x.flatten(1))

@@ -15,7 +15,7 @@ from depthlab.models.common import (
     seq,
 )
 from depthlab.models.common import activation as make_act
-from depthlab.schemes import Scheme, get_scheme
+from depthlab.schemes import BlockInfo, Scheme, get_scheme
 
 
 class MLP(nn.Module):
@@ -48,30 +48,38 @@ class MLP(nn.Module):
         self.init_gain = GAINS[act]
         s = self.scheme
         with torch.device("meta"):
-            self.stem = nn.Linear(in_dim, width)
-            self.blocks = BlockStack(*[self.block(depth) for _ in range(depth)])
+            self.stem = s.linear(in_dim, width, bias=True)
+            self.blocks = BlockStack(*[self.block(depth, i) for i in range(depth)])
             self.head = seq(s.final_norm(width, "features"), make_act(act), s.bias())
             self.classifier = nn.Linear(width, num_classes)
         materialize(self)
         self.reset_parameters()
 
-    def block(self, num_blocks: int) -> nn.Module:
-        """One residual block of this model's scheme in a stack of ``num_blocks``:
-        ``W σ(norm(x))`` wrapped by the scheme."""
+    def block(self, num_blocks: int, index: int | None = None) -> nn.Module:
+        """One residual block of this model's scheme in a stack of ``num_blocks`` (at position
+        ``index``): ``W σ(norm(x))`` wrapped by the scheme."""
         s, act, width = self.scheme, self.activation, self.width
         return s.residual(
             seq(
                 s.norm(width, "features"),
                 make_act(act),
                 s.bias(),
-                nn.Linear(width, width, bias=s.layer_bias),
+                s.linear(width, width, act=act),
                 s.scale(),
                 s.bias(),
             ),
             width,
             "features",
             num_blocks,
+            info=BlockInfo(index=index, num_blocks=num_blocks, m=1, gain=GAINS[act]),
         )
+
+    def example_input(self, batch_size: int = 64) -> torch.Tensor:
+        """A fixed batch of standard-normal inputs ``(batch_size, in_dim)`` (its own generator,
+        seed 0): what a scheme profiles the model on at init (Admin)."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, self.config["in_dim"], generator=g)
+        return x.to(self.stem.weight.device)
 
     # -- growing (depthlab.models.grow) ---------------------------------------------------
     def grow_units(self) -> list[list[nn.Module]]:

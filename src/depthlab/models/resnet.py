@@ -38,22 +38,28 @@ from depthlab.models.common import (
 from depthlab.models.common import activation as make_act
 from depthlab.nn.residual import Residual
 from depthlab.registry import DepthlabError
-from depthlab.schemes import Scheme, get_scheme
+from depthlab.schemes import BlockInfo, Scheme, get_scheme
 
 
-def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+def conv3x3(
+    s: Scheme, c_in: int, c_out: int, stride: int = 1, bias: bool = False, act: str | None = None
+) -> nn.Module:
+    """A 3×3 convolution (padding 1) from the scheme's weight-layer factory."""
+    return s.conv(c_in, c_out, 3, stride=stride, padding=1, bias=bias, act=act)
 
 
-def conv1x1(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias)
+def conv1x1(
+    s: Scheme, c_in: int, c_out: int, stride: int = 1, bias: bool = False, act: str | None = None
+) -> nn.Module:
+    """A 1×1 convolution from the scheme's weight-layer factory."""
+    return s.conv(c_in, c_out, 1, stride=stride, bias=bias, act=act)
 
 
 VARIANTS = ("preact", "postact")
 
 
-def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module | None:
-    return None if (c_in == c_out and stride == 1) else conv1x1(c_in, c_out, stride)
+def _shortcut(s: Scheme, c_in: int, c_out: int, stride: int) -> nn.Module | None:
+    return None if (c_in == c_out and stride == 1) else conv1x1(s, c_in, c_out, stride)
 
 
 class Shortcut(nn.Module):
@@ -68,7 +74,13 @@ class Shortcut(nn.Module):
     second time (its parameter keeps one name, ``branch.0.bias``)."""
 
     def __init__(
-        self, c_in: int, c_out: int, stride: int, kind: str, pre: nn.Module | None = None
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        kind: str,
+        pre: nn.Module | None = None,
+        scheme: Scheme | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("pad", "conv") or (kind == "pad" and c_out < c_in):
@@ -77,7 +89,14 @@ class Shortcut(nn.Module):
             )
         self.c_in, self.c_out, self.stride, self.kind = c_in, c_out, stride, kind
         self._pre = (pre,)  # in a tuple: not a submodule
-        self.conv = conv1x1(c_in, c_out, stride) if kind == "conv" else None
+        if kind == "conv":
+            self.conv = (
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+                if scheme is None
+                else conv1x1(scheme, c_in, c_out, stride)
+            )
+        else:
+            self.conv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._pre[0]
@@ -126,7 +145,7 @@ def _block(
     convs: list[nn.Conv2d],
     c_in: int,
     stride: int,
-    num_blocks: int,
+    info: BlockInfo,
     act: str,
     variant: str,
     shortcut_kind: str,
@@ -136,11 +155,23 @@ def _block(
     ``x + b₁ₐ``."""
     c_out = convs[-1].out_channels
     branch, first = _branch(s, convs, act, variant)
+    n = info.num_blocks
     if variant == "postact":
         same = c_in == c_out and stride == 1
-        shortcut = None if same else Shortcut(c_in, c_out, stride, shortcut_kind, first)
-        return s.residual(branch, c_out, "channels", num_blocks, shortcut, make_act(act))
-    return s.residual(branch, c_out, "channels", num_blocks, _shortcut(c_in, c_out, stride))
+        shortcut = None if same else Shortcut(c_in, c_out, stride, shortcut_kind, first, s)
+        return s.residual(branch, c_out, "channels", n, shortcut, make_act(act), info=info)
+    shortcut = _shortcut(s, c_in, c_out, stride)
+    return s.residual(branch, c_out, "channels", n, shortcut, info=info)
+
+
+def _info(num_blocks: int, act: str, m: int, index: int | None, stage: int) -> BlockInfo:
+    return BlockInfo(index=index, num_blocks=num_blocks, stage=stage, m=m, gain=GAINS[act])
+
+
+def _conv_act(variant: str, i: int, act: str) -> str | None:
+    """The activation feeding a block's i-th conv: pre-activation, every conv reads σ(·);
+    post-activation, all but the first (which reads the block input)."""
+    return act if (variant != "postact" or i > 0) else None
 
 
 def basic_block(
@@ -151,15 +182,19 @@ def basic_block(
     num_blocks: int,
     act: str,
     variant: str = "preact",
+    index: int | None = None,
+    stage: int = 0,
 ) -> Residual:
     """Two 3×3 convs with Fixup's scalar slots (m = 2): pre-activation
     ``x + conv(σ(norm(conv(σ(norm(x))))))`` with a projection shortcut, or post-activation
     ``σ(x + norm(conv(σ(norm(conv(x))))))`` with an option-A shortcut."""
+    b = s.layer_bias
     convs = [
-        conv3x3(c_in, c_out, stride, bias=s.layer_bias),
-        conv3x3(c_out, c_out, bias=s.layer_bias),
+        conv3x3(s, c_in, c_out, stride, bias=b, act=_conv_act(variant, 0, act)),
+        conv3x3(s, c_out, c_out, bias=b, act=_conv_act(variant, 1, act)),
     ]
-    return _block(s, convs, c_in, stride, num_blocks, act, variant, "pad")
+    info = _info(num_blocks, act, 2, index, stage)
+    return _block(s, convs, c_in, stride, info, act, variant, "pad")
 
 
 def bottleneck_block(
@@ -171,15 +206,19 @@ def bottleneck_block(
     act: str,
     expansion: int = 4,
     variant: str = "preact",
+    index: int | None = None,
+    stage: int = 0,
 ) -> Residual:
     """1×1 reduce → 3×3 (strided) → 1×1 expand, m = 3; pre-activation, or post-activation with
     Fixup's reference scalars and a projection shortcut fed ``x + b₁ₐ``."""
+    b = s.layer_bias
     convs = [
-        conv1x1(c_in, width, bias=s.layer_bias),
-        conv3x3(width, width, stride, bias=s.layer_bias),
-        conv1x1(width, width * expansion, bias=s.layer_bias),
+        conv1x1(s, c_in, width, bias=b, act=_conv_act(variant, 0, act)),
+        conv3x3(s, width, width, stride, bias=b, act=_conv_act(variant, 1, act)),
+        conv1x1(s, width, width * expansion, bias=b, act=_conv_act(variant, 2, act)),
     ]
-    return _block(s, convs, c_in, stride, num_blocks, act, variant, "conv")
+    info = _info(num_blocks, act, 3, index, stage)
+    return _block(s, convs, c_in, stride, info, act, variant, "conv")
 
 
 def resolve_variant(variant: str | None, s: Scheme) -> str:
@@ -248,6 +287,13 @@ class _ResNetBase(nn.Module):
         default_init(self, self.init_gain, mode)
         self.scheme.initialize(self)
 
+    def example_input(self, batch_size: int = 8) -> torch.Tensor:
+        """A fixed batch of standard-normal images ``(batch_size, in_channels, 32, 32)`` (its own
+        generator, seed 0): what a scheme profiles the model on at init (Admin)."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, self.config["in_channels"], 32, 32, generator=g)
+        return x.to(self.classifier.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (N, C, H, W)
         x = self.blocks(x)
@@ -299,12 +345,17 @@ class ResNet(_ResNetBase):
         widths = [16 * width, 32 * width, 64 * width]
         num_blocks = 3 * n
         with torch.device("meta"):
-            self.stem = _stem(s, conv3x3(in_channels, 16, bias=s.layer_bias), 16, activation, v)
+            stem = conv3x3(s, in_channels, 16, bias=s.layer_bias)
+            self.stem = _stem(s, stem, 16, activation, v)
             blocks, c_in = [], 16
             for stage, c_out in enumerate(widths):
                 for i in range(n):
                     stride = 2 if (stage > 0 and i == 0) else 1
-                    blocks.append(basic_block(s, c_in, c_out, stride, num_blocks, activation, v))
+                    blocks.append(
+                        basic_block(
+                            s, c_in, c_out, stride, num_blocks, activation, v, len(blocks), stage
+                        )
+                    )
                     c_in = c_out
             self.blocks = BlockStack(*blocks)
             self.head = _head(s, c_in, activation, v)
@@ -384,7 +435,7 @@ class BottleneckResNet(_ResNetBase):
         num_blocks = sum(layers)
         with torch.device("meta"):
             if stem == "imagenet":
-                conv = nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=s.layer_bias)
+                conv = s.conv(in_channels, base_width, 7, stride=2, padding=3, bias=s.layer_bias)
                 self.stem = nn.Sequential(
                     _stem(s, conv, base_width, activation, v),
                     nn.MaxPool2d(3, stride=2, padding=1),
@@ -392,7 +443,7 @@ class BottleneckResNet(_ResNetBase):
             else:
                 self.stem = _stem(
                     s,
-                    conv3x3(in_channels, base_width, bias=s.layer_bias),
+                    conv3x3(s, in_channels, base_width, bias=s.layer_bias),
                     base_width,
                     activation,
                     v,
@@ -403,7 +454,9 @@ class BottleneckResNet(_ResNetBase):
                 for i in range(n):
                     stride = 2 if (stage > 0 and i == 0) else 1
                     blocks.append(
-                        bottleneck_block(s, c_in, w, stride, num_blocks, activation, variant=v)
+                        bottleneck_block(
+                            s, c_in, w, stride, num_blocks, activation, 4, v, len(blocks), stage
+                        )
                     )
                     c_in = w * 4
             self.blocks = BlockStack(*blocks)

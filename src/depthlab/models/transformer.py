@@ -34,7 +34,7 @@ from torch import nn
 from depthlab.models.common import BlockStack, check_positive, default_init, materialize, seq
 from depthlab.nn.transformer import MemoryAttention, MultiHeadAttention, check_heads
 from depthlab.registry import DepthlabError, unknown_choice
-from depthlab.schemes import Scheme, Stack, get_scheme
+from depthlab.schemes import BlockInfo, Scheme, Stack, get_scheme
 
 #: feed-forward activations and their He gains (Fixup's W₁ init)
 FF_ACTIVATIONS = {"relu": (nn.ReLU, math.sqrt(2.0)), "gelu": (nn.GELU, math.sqrt(2.0))}
@@ -52,9 +52,10 @@ class TransformerBlock(BlockStack):
     stack with the true L.
 
     Weight layers are LeCun-normal (``std = 1/√fan_in``) with zero biases before the scheme's
-    rules apply. Each sublayer declares what scheme rules need: ``init_gain`` (Fixup's He gain:
-    1 for the attention projections, √2 for the ReLU/GELU feed-forward) and ``deepnorm_layers``
-    (v_proj and out_proj: DeepNorm leaves queries and keys alone).
+    rules apply. Each sublayer tells the scheme its place (:class:`~depthlab.schemes.BlockInfo`,
+    with Fixup's He gain: 1 for the attention projections, √2 for the ReLU/GELU feed-forward);
+    the attention's ``value_layers()`` are v_proj and out_proj (DeepNorm leaves queries and keys
+    alone). Every weight layer comes from the scheme's factory (``scheme.linear``).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class TransformerBlock(BlockStack):
         scheme_options: dict | None = None,
         cross_attention: bool = False,
         stack: Stack | None = None,
+        first_index: int | None = None,
     ) -> None:
         check_heads(d_model, nhead)
         ff = 4 * d_model if dim_feedforward is None else dim_feedforward
@@ -86,42 +88,46 @@ class TransformerBlock(BlockStack):
         def drop() -> nn.Module | None:
             return nn.Dropout(dropout) if dropout > 0 else None
 
-        attn = MultiHeadAttention(d_model, nhead, dropout, bias=s.layer_bias, causal=causal)
+        def info(k: int, gain: float) -> BlockInfo:
+            index = None if first_index is None else first_index + k
+            return BlockInfo(index=index, num_blocks=num_blocks, stack=stack, gain=gain)
+
+        attn = MultiHeadAttention(
+            d_model, nhead, dropout, bias=s.layer_bias, causal=causal, linear=s.linear
+        )
         attn_res = s.residual(
             seq(s.norm(d_model, tokens), s.bias(), attn, drop(), s.scale()),
             d_model,
             tokens,
             num_blocks,
-            stack=stack,
+            info=info(0, 1.0),
         )
         cross_res = None
         if cross_attention:
-            cross = MemoryAttention(d_model, nhead, dropout, bias=s.layer_bias)
+            cross = MemoryAttention(d_model, nhead, dropout, bias=s.layer_bias, linear=s.linear)
             cross_res = s.residual(
                 seq(s.norm(d_model, tokens), s.bias(), cross, drop(), s.scale()),
                 d_model,
                 tokens,
                 num_blocks,
-                stack=stack,
+                info=info(1, 1.0),
             )
-            cross_res.init_gain = 1.0
-            cross_res.deepnorm_layers = [cross.v_proj, cross.out_proj]
         ff_res = s.residual(
             seq(
                 s.norm(d_model, tokens),
                 s.bias(),
-                nn.Linear(d_model, ff, bias=s.layer_bias),
+                s.linear(d_model, ff),
                 act(),
                 drop(),
                 s.bias(),
-                nn.Linear(ff, d_model, bias=s.layer_bias),
+                s.linear(ff, d_model, act=activation),
                 drop(),
                 s.scale(),
             ),
             d_model,
             tokens,
             num_blocks,
-            stack=stack,
+            info=info(2 if cross_attention else 1, act_gain),
         )
         others = [r for r in (cross_res, ff_res) if r is not None]
         if s.shares_layer_gate() and attn_res.gate is not None:
@@ -130,8 +136,6 @@ class TransformerBlock(BlockStack):
             for res in (r for r in others if r.gate is not None):
                 for name, p in attn_res.gate.named_parameters(recurse=False):
                     setattr(res.gate, name, p)
-        attn_res.init_gain, ff_res.init_gain = 1.0, act_gain
-        attn_res.deepnorm_layers = [attn.v_proj, attn.out_proj]
         subs = [("attn", attn_res)] + ([("cross", cross_res)] if cross_res is not None else [])
         super().__init__(OrderedDict([*subs, ("ff", ff_res)]))
         self.scheme = s
@@ -142,6 +146,13 @@ class TransformerBlock(BlockStack):
     def reset_parameters(self) -> None:
         default_init(self, 1.0)
         self.scheme.initialize(self)
+
+    def example_input(self, batch_size: int = 4) -> torch.Tensor:
+        """A fixed batch of standard-normal sequences ``(batch_size, 16, d_model)`` (its own
+        generator, seed 0): what a scheme profiles the block on at init (Admin)."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, 16, self.d_model, generator=g)
+        return x.to(next(self.parameters()).device)
 
 
 class _TokenModel(nn.Module):
@@ -159,6 +170,20 @@ class _TokenModel(nn.Module):
             for emb in (self.token_embedding, self.pos_embedding):
                 emb.weight.uniform_(-EMBED_INIT_RANGE, EMBED_INIT_RANGE)
         self.scheme.initialize(self)
+
+    def example_tokens(self, batch_size: int = 4) -> torch.Tensor:
+        """A fixed batch of random token ids ``(batch_size, min(context, 32))`` (its own
+        generator, seed 0)."""
+        g = torch.Generator().manual_seed(0)
+        vocab = self.token_embedding.num_embeddings
+        x = torch.randint(0, vocab, (batch_size, min(self.context, 32)), generator=g)
+        return x.to(self.token_embedding.weight.device)
+
+    def example_input(self, batch_size: int = 4) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What a scheme profiles the model on at init (Admin): :meth:`example_tokens`
+        (an encoder–decoder: the same batch as source and target)."""
+        x = self.example_tokens(batch_size)
+        return (x, x) if hasattr(self, "encoder") else x
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token plus position embeddings: ``(B, T)`` int -> ``(B, T, C)``."""
@@ -235,8 +260,9 @@ class TransformerLM(_TokenModel):
                     causal=True,
                     activation=activation,
                     num_blocks=num_blocks,
+                    first_index=2 * i,
                 )
-                for _ in range(depth)
+                for i in range(depth)
             ]
             self.blocks = BlockStack(*[sub for layer in layers for sub in layer])
             self.final_norm = seq(s.final_norm(d_model, "tokens"))
@@ -348,8 +374,9 @@ class TransformerSeq2Seq(_TokenModel):
                     num_blocks=num_blocks,
                     cross_attention=role == "decoder",
                     stack=stack,
+                    first_index=(2 * n + 3 * i) if role == "decoder" else 2 * i,
                 )
-                for _ in range(count)
+                for i in range(count)
             ]
             return BlockStack(*[sub for layer in built for sub in layer])
 

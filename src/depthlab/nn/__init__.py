@@ -1,4 +1,5 @@
-"""Building blocks: scalar gates and biases, the Residual wrapper, normalization layers."""
+"""Building blocks: scalar gates, biases and skip scales, the Residual wrapper, normalization
+layers, weight-standardized layers."""
 
 from depthlab.nn.norm import (
     DistributedBatchNorm,
@@ -8,12 +9,18 @@ from depthlab.nn.norm import (
     create_norm,
 )
 from depthlab.nn.residual import Branch, Residual, residual_blocks, weight_layers
-from depthlab.nn.scalars import Bias, Gate
+from depthlab.nn.scalars import Bias, FeatureScale, Gate, Scale
 from depthlab.nn.transformer import MultiHeadAttention, ReZeroDecoderLayer, ReZeroEncoderLayer
+from depthlab.nn.ws import WSConv2d, WSLinear, activation_gain
 
 __all__ = [
     "Bias",
     "Branch",
+    "FeatureScale",
+    "Scale",
+    "WSConv2d",
+    "WSLinear",
+    "activation_gain",
     "Gate",
     "MultiHeadAttention",
     "ReferenceBatchNorm",

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from depthlab.nn.residual import Branch, Residual, _global_hooks, _hooked, _transformed
-from depthlab.nn.scalars import Gate
+from depthlab.nn.scalars import Gate, Scale
 from depthlab.registry import DepthlabError
 
 _ACTS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Identity: "linear"}
@@ -60,6 +60,9 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
         sub.get("shortcut", own.get("shortcut")) is not None
         or sub.get("post", own.get("post")) is not None
     ):
+        return None
+    skip = sub.get("skip_scale")
+    if type(skip) is not Scale or _hooked(skip):
         return None
     if type(branch) not in (Branch, nn.Sequential) or len(branch._modules) != 2:
         return None
@@ -81,7 +84,7 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     for t in (w, b, alpha):
         if t is not None and (t.dtype != dtype or t.device != device):
             return None
-    return kind, w, b, alpha, block.skip_mult
+    return kind, w, b, alpha, skip.value
 
 
 def _autocast() -> bool:

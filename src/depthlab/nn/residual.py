@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from depthlab.nn.scalars import Bias, Gate
+from depthlab.nn.scalars import Bias, Gate, Scale
 
 #: layer types whose forward is exactly ``F.linear``/``Conv._conv_forward`` (subclasses with their
 #: own forward are never fused)
@@ -239,12 +239,15 @@ class Branch(nn.Sequential):
 
 
 class Residual(nn.Module):
-    """``y = post(skip_mult · shortcut(x) + gate(branch(x)))``.
+    """``y = post(skip_scale(shortcut(x)) + gate(branch(x)))``.
 
     * ``branch``: the residual function f (its norms, biases and multipliers come from a scheme).
     * ``gate``: the scalar on the branch (SkipInit/ReZero α), or ``None`` for 1.
-    * ``skip_mult``: the constant on the skip path (1; DeepNorm's α; 1/√2 for ``scaled``; 0 turns
-      the skip off entirely, which is how ``noskip`` builds a plain feed-forward stack).
+    * ``skip``: the module on the skip path, kept as ``skip_scale``: a number c is a constant
+      :class:`~depthlab.nn.Scale` (1; DeepNorm's α; 1/√2 for ``scaled``; 0 turns the skip off
+      entirely, which is how ``noskip`` builds a plain feed-forward stack), or any module (Admin's
+      learnable per-feature ω, :class:`~depthlab.nn.FeatureScale`). ``skip_mult`` reads c back
+      (None for a skip module that is not a constant).
     * ``shortcut``: a projection when shapes change (strided 1×1 conv), else the identity.
     * ``post``: a norm after the sum (Post-LN, DeepNorm), else the identity.
 
@@ -261,19 +264,28 @@ class Residual(nn.Module):
         branch: nn.Module,
         *,
         gate: nn.Module | None = None,
-        skip_mult: float = 1.0,
+        skip: nn.Module | float = 1.0,
         shortcut: nn.Module | None = None,
         post: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.branch = branch
         self.gate = gate
-        self.skip_mult = float(skip_mult)
+        self.skip_scale = skip if isinstance(skip, nn.Module) else Scale(float(skip))
         self.shortcut = shortcut
         self.post = post
         #: where the block sits in an encoder–decoder (a :class:`~depthlab.schemes.Stack`, set by
         #: the scheme for rules that depend on it, e.g. DeepNorm's), else None
         self.stack = None
+        #: where the block sits (a :class:`~depthlab.schemes.BlockInfo`, set by the scheme that
+        #: built it), else None
+        self.info = None
+
+    @property
+    def skip_mult(self) -> float | None:
+        """The constant on the skip path, or None when the skip module is not a constant."""
+        skip = self.skip_scale
+        return skip.value if type(skip) is Scale else None
 
     @property
     def has_skip(self) -> bool:
@@ -305,7 +317,10 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, branch, post = self.gate, self.branch, self.post
-        one_skip = self.skip_mult == 1.0 and self.shortcut is None
+        skip = self.skip_scale
+        const = type(skip) is Scale and not _hooked(skip)
+        mult = skip.value if const else None
+        one_skip = mult == 1.0 and self.shortcut is None
         if (
             type(gate) is Gate
             and isinstance(branch, Branch)
@@ -319,15 +334,14 @@ class Residual(nn.Module):
             out = branch(x)
             if gate is not None:
                 out = gate(out)
-        if self.skip_mult != 0.0:
+        if not const:
+            out = skip(self.skip(x)) + out
+        elif mult != 0.0:
             s = self.skip(x)
-            out = s + out if self.skip_mult == 1.0 else torch.add(out, s, alpha=self.skip_mult)
+            out = s + out if mult == 1.0 else torch.add(out, s, alpha=mult)
         if post is not None:
             out = post(out)
         return out
-
-    def extra_repr(self) -> str:
-        return f"skip_mult={self.skip_mult:g}"
 
 
 def residual_blocks(model: nn.Module) -> list[Residual]:

@@ -51,3 +51,50 @@ class Bias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"init={self.init:g}"
+
+
+class Scale(nn.Module):
+    """Multiply by a fixed constant ``c`` (no parameter): the skip path's multiplier of most
+    schemes — 1, DeepNorm's α, ``scaled``'s 1/√2, 0 for no skip at all. ``y = c · x``."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.value = float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.value == 1.0 else x * self.value
+
+    def extra_repr(self) -> str:
+        return f"{self.value:g}"
+
+
+class FeatureScale(nn.Module):
+    """Multiply each feature (channel) by its own factor ``ω`` (init ``init``): Admin's skip
+    multiplier (Liu et al. 2020, arXiv 2004.08249), learnable by default. ``layout`` says where
+    the features are: ``"features"``/``"tokens"`` the last dimension, ``"channels"`` dimension 1."""
+
+    def __init__(
+        self, num_features: int, layout: str = "features", init: float = 1.0, learnable: bool = True
+    ) -> None:
+        super().__init__()
+        if layout not in ("features", "tokens", "channels"):
+            raise ValueError(f"layout must be 'features', 'tokens' or 'channels', got {layout!r}")
+        self.num_features, self.layout = int(num_features), layout
+        self.init, self.learnable = float(init), learnable
+        if learnable:
+            self.omega = nn.Parameter(torch.empty(self.num_features))
+        else:
+            self.register_buffer("omega", torch.empty(self.num_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.omega.fill_(self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "channels":
+            return x * self.omega.view(-1, *([1] * (x.dim() - 2)))
+        return x * self.omega
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, layout={self.layout!r}, learnable={self.learnable}"

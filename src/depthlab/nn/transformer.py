@@ -102,22 +102,39 @@ class MultiHeadAttention(nn.Module):
         batch_first: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        linear: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         check_heads(d_model, nhead)
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = d_model, nhead, d_model // nhead
         self.dropout, self.causal, self.batch_first = float(dropout), bool(causal), batch_first
-        self.q_proj = nn.Linear(d_model, d_model, **kw)
-        self.k_proj = nn.Linear(d_model, d_model, **kw)
-        self.v_proj = nn.Linear(d_model, d_model, **kw)
-        self.out_proj = nn.Linear(d_model, d_model, **kw)
+        if linear is None:
+            self.q_proj = nn.Linear(d_model, d_model, **kw)
+            self.k_proj = nn.Linear(d_model, d_model, **kw)
+            self.v_proj = nn.Linear(d_model, d_model, **kw)
+            self.out_proj = nn.Linear(d_model, d_model, **kw)
+        else:  # a scheme's weight-layer factory: linear(in, out, bias=...)
+            self.q_proj = linear(d_model, d_model, bias=bias)
+            self.k_proj = linear(d_model, d_model, bias=bias)
+            self.v_proj = linear(d_model, d_model, bias=bias)
+            self.out_proj = linear(d_model, d_model, bias=bias)
+
+    def value_layers(self) -> list[nn.Module]:
+        """The projections on the value path (``v_proj``, ``out_proj``), which DeepNorm scales
+        by β; queries and keys keep their init."""
+        return [self.v_proj, self.out_proj]
 
     def _fused(self, layers: tuple[nn.Linear, ...], x: Tensor) -> Tensor:
         """The projections of ``x`` by ``layers``, concatenated on the last dim: one matrix
         product, or each layer called as a module when any has hooks (forward hooks,
-        pruning and weight-norm pre-hooks, diagnostics) so that they run as usual."""
-        if _global_hooks() or any(_hooked(layer) for layer in layers):
+        pruning and weight-norm pre-hooks, diagnostics) or is not a plain ``nn.Linear`` (e.g.
+        weight-standardized), so that they run as usual."""
+        if (
+            _global_hooks()
+            or any(_hooked(layer) for layer in layers)
+            or any(type(layer) is not nn.Linear for layer in layers)
+        ):
             return torch.cat([layer(x) for layer in layers], dim=-1)
         w = torch.cat([layer.weight for layer in layers])
         b = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
