@@ -49,12 +49,14 @@ class TransformerJacobian(Experiment):
         from depthlab.nn.transformer import check_heads
 
         check_heads(cfg.d_model, cfg.nhead)
+        from depthlab.schemes import list_schemes
+
         for m in cfg.models:
             scheme, _, depth = m.rpartition("-")
-            if scheme not in ("postnorm", "prenorm", "rezero") or not depth.isdigit():
+            if scheme not in list_schemes() or not depth.isdigit():
                 raise DepthlabError(
-                    f"models entry {m!r} must be SCHEME-DEPTH with SCHEME postnorm, prenorm or "
-                    f"rezero, e.g. postnorm-12"
+                    f"models entry {m!r} must be SCHEME-DEPTH with SCHEME a registered scheme "
+                    f"({', '.join(list_schemes())}), e.g. postnorm-12 or admin-64"
                 )
             if not 1 <= int(depth) <= 10_000:
                 raise DepthlabError(f"models entry {m!r}: depth must be in 1..10,000")
