@@ -15,9 +15,9 @@ Method.
 * **Step**: one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a fixed
   random batch, the same operations and optimizer (``make_optimizer``) :func:`depthlab.train`
   runs; median of ``--steps`` timed steps after one warm-up step. Four or five configurations — the
-  fused stack (:mod:`depthlab.nn.fused`) without and with checkpointing, the fused stack with
+  fused stack (:mod:`depthlab.nn.fusion.stack`) without and with checkpointing, the fused stack with
   the same SGD step taken by its weights inside the backward pass
-  (:class:`~depthlab.nn.fused.SGDInBackward`, ``TrainConfig(sgd_in_backward=True)``;
+  (:class:`~depthlab.nn.fusion.stack.SGDInBackward`, ``TrainConfig(sgd_in_backward=True)``;
   ``--no-sgd`` drops it), with ``--threads`` ≥ 2 the fused stack without its gradient thread
   (``GRAD_THREAD = False``), and the same model module by module (``blocks.fuse = False``;
   ``--no-compare`` drops it) — run in one child process, one step each per round in rotated
@@ -71,8 +71,8 @@ import torch
 import torch.nn.functional as F
 
 import depthlab as dl
-from depthlab.nn import fused
-from depthlab.nn.fused import SGDInBackward
+from depthlab.nn.fusion import stack as fused
+from depthlab.nn.fusion.stack import SGDInBackward
 from depthlab.train.optim import make_optimizer
 
 
@@ -245,7 +245,7 @@ def fit_random_labels(args: argparse.Namespace) -> dict:
     """SGD (momentum 0.9) on shuffled minibatches of the 512 examples until one epoch's
     predictions (made before each update) are all right; then one forward pass over the whole
     set (no update) confirms 100% training accuracy. The stack's weights take their step in the
-    backward pass (:class:`~depthlab.nn.fused.SGDInBackward`) unless ``--fit-grads``."""
+    backward pass (:class:`~depthlab.nn.fusion.stack.SGDInBackward`) unless ``--fit-grads``."""
     torch.manual_seed(0)
     data = dl.create_dataset("synthetic", kind="random-labels", n=512, dim=64, num_classes=10)
     model = dl.create_model("mlp", depth=args.depth, width=args.width, scheme="rezero", in_dim=64)

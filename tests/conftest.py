@@ -11,15 +11,13 @@ def _seed() -> None:
 
 @pytest.fixture
 def module_by_module():
-    """``module_by_module(fn)`` returns ``fn()`` run with a no-op global forward hook installed,
-    which makes every ``Residual``/``Branch`` run module by module (the unfused reference)."""
+    """``module_by_module(fn)`` returns ``fn()`` run under ``depthlab.nn.fusion(False)``: every
+    ``Residual``/``Branch``/stack/attention module by module (the unfused reference)."""
+    import depthlab as dl
 
     def run(fn):
-        hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
-        try:
+        with dl.nn.fusion(False):
             return fn()
-        finally:
-            hook.remove()
 
     return run
 

@@ -18,7 +18,7 @@ import torch
 
 import depthlab as dl
 from depthlab import TrainConfig
-from depthlab.nn import fused
+from depthlab.nn.fusion import stack as fused
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: the GPU paths are checked on a GPU"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import depthlab as dl
+import depthlab.nn.fusion.branch as fusion_branch
 from depthlab.nn import Gate, Residual
 from depthlab.nn.residual import Branch
 
@@ -201,7 +202,7 @@ def test_scalar_biases_before_a_layer_fold_exactly(
     torch.manual_seed(4)
     x = torch.randn(16, 4, *([7] * dims), dtype=torch.float64)
     calls = []
-    real = Branch._fused
+    real = fusion_branch._fused_layer
 
     def spy(*args, **kw):
         calls.append(args[4] if len(args) > 4 else kw.get("pre"))
@@ -213,11 +214,11 @@ def test_scalar_biases_before_a_layer_fold_exactly(
         loss = (out.sin() * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum()
         return out.detach(), torch.autograd.grad(loss, [xg, *branch.parameters()])
 
-    Branch._fused = staticmethod(spy)
+    fusion_branch._fused_layer = spy
     try:
         out, g = grads()
     finally:
-        Branch._fused = staticmethod(real)
+        fusion_branch._fused_layer = real
     folded = [pre is not None for pre in calls]
     assert folded == ([False, True] if padding else [True, True])
     ref_out, ref_g = module_by_module(grads)
@@ -232,7 +233,7 @@ def test_post_relu_bias_before_a_padded_conv_is_one_threshold(channels_last, mod
     with ``b`` folded into the previous conv's bias: the forward is bit-identical to the ReLU and
     the add, and all gradients (the bias's included, and second order) equal the module path."""
     from depthlab.nn import Bias
-    from depthlab.nn.residual import _ReluShifted
+    from depthlab.nn.fusion.branch import _ReluShifted
 
     torch.manual_seed(6)
     branch = Branch(

@@ -1,6 +1,6 @@
-"""A stack of gated linear blocks run as fused autograd nodes (``depthlab.nn.fused``) against the
-module-by-module stack: same outputs and gradients, the saved memory it claims, and the fallbacks
-(hooks, ``fuse=False``, double backward)."""
+"""A stack of gated linear blocks run as fused autograd nodes (``depthlab.nn.fusion.stack``)
+against the module-by-module stack: same outputs and gradients, the saved memory it claims, and
+the fallbacks (hooks, ``fuse=False``, double backward)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import depthlab as dl
-from depthlab.nn import fused
+from depthlab.nn.fusion import stack as fused
 
 CASES = [
     ("rezero", "relu", {}),

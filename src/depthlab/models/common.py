@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from depthlab.nn.fused import SGDInBackward, plan_stack, run_stack
+from depthlab.nn.fusion.stack import SGDInBackward, plan_stack, run_stack
 from depthlab.nn.init import fan
 from depthlab.nn.residual import Branch, Residual
 from depthlab.nn.ws import WeightStandardized
@@ -57,17 +57,18 @@ class BlockStack(nn.Sequential):
     statistics (and ``num_batches_tracked``) are updated once per step, as without checkpointing.
 
     A stack whose blocks are all ``s·x + α·W σ(x) + α·b`` (the MLP with ``rezero``, ``skipinit``,
-    ``plain``, ``scaled``, ``noskip``) runs fused (:mod:`depthlab.nn.fused`): a few autograd
+    ``plain``, ``scaled``, ``noskip``) runs fused (:mod:`depthlab.nn.fusion.stack`): a few autograd
     nodes with a hand-written backward, the same function and gradients; checkpointing is then
     done inside those nodes. ``fuse = False`` turns it off (double backward needs that).
     """
 
     checkpoint_segments: int = 0
     #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as fused autograd nodes
-    #: (:mod:`depthlab.nn.fused`); False runs it module by module (needed for double backward)
+    #: (:mod:`depthlab.nn.fusion.stack`); False runs it module by module (double backward
+    #: needs that; ``depthlab.nn.fusion(False)`` turns every fused path off)
     fuse: bool = True
-    #: a :class:`~depthlab.nn.fused.SGDInBackward`: the fused blocks' weight matrices take that
-    #: optimizer's SGD step in the backward pass instead of getting gradients (None: off)
+    #: a :class:`~depthlab.nn.fusion.stack.SGDInBackward`: the fused blocks' weight matrices take
+    #: that optimizer's SGD step in the backward pass instead of getting gradients (None: off)
     sgd_in_backward: SGDInBackward | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Building blocks: scalar gates, biases and skip scales, the Residual wrapper, normalization
 layers, weight-standardized layers."""
 
+from depthlab.nn import fusion
 from depthlab.nn.norm import (
     DistributedBatchNorm,
     ReferenceBatchNorm,
@@ -16,6 +17,7 @@ from depthlab.nn.ws import WSConv2d, WSLinear, activation_gain
 __all__ = [
     "Bias",
     "Branch",
+    "fusion",
     "FeatureScale",
     "Scale",
     "WSConv2d",

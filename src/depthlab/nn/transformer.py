@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from depthlab.nn.residual import _global_hooks, _hooked
+from depthlab.nn.fusion.switch import blocked, hooked
 from depthlab.nn.scalars import Gate
 from depthlab.registry import DepthlabError
 
@@ -131,8 +131,8 @@ class MultiHeadAttention(nn.Module):
         pruning and weight-norm pre-hooks, diagnostics) or is not a plain ``nn.Linear`` (e.g.
         weight-standardized), so that they run as usual."""
         if (
-            _global_hooks()
-            or any(_hooked(layer) for layer in layers)
+            blocked()
+            or any(hooked(layer) for layer in layers)
             or any(type(layer) is not nn.Linear for layer in layers)
         ):
             return torch.cat([layer(x) for layer in layers], dim=-1)

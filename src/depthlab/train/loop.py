@@ -30,7 +30,8 @@ from depthlab.data import Dataset, as_dataset
 from depthlab.data.base import generator
 from depthlab.io import write_json
 from depthlab.models.common import BlockStack
-from depthlab.nn.fused import SGDInBackward
+from depthlab.nn.fusion import sgd_in_backward
+from depthlab.nn.fusion.stack import SGDInBackward
 from depthlab.nn.residual import residual_blocks
 from depthlab.registry import DepthlabError
 from depthlab.train import checkpoint as ckpt
@@ -429,11 +430,6 @@ class _Run:
         rec["eval"] = True
         self.logger.log_model(step, self.model)
 
-    def _attach(self, on: bool) -> None:
-        """SGD in the backward pass, attached for one step's forward and backward only."""
-        if self.sgd_step is not None:
-            self.blocks.sgd_in_backward = self.sgd_step if on else None
-
     # -- the steps ---------------------------------------------------------------------------
     def loop(self, net, should_stop) -> None:
         cfg = self.cfg
@@ -458,7 +454,6 @@ class _Run:
             self.wall = self.wall0 + time.perf_counter() - t_start
             self.save(self.step, self.wall)
         finally:
-            self._attach(False)  # callbacks and later backward passes take no step
             self.logger.close()
 
     def _one_step(self, net, absurd: float) -> bool:
@@ -472,15 +467,20 @@ class _Run:
             _diagnose(self.model, self.dataset, cfg, self.device, self.logger, step, self.probe)
         t0 = time.perf_counter()
         lr = set_lr(self.optimizer, lr_factor(step, self.total, cfg))
-        loss, g_loss, g_acc, mixed = self._forward(net, step)
+        # SGD in the backward pass (sgd_in_backward): for this step's forward and backward only
+        with sgd_in_backward(self.blocks, self.sgd_step):
+            loss, g_loss, g_acc, mixed = self._forward(net, step)
+            diverged = self._diverged(g_loss, step, absurd)
+            if not diverged:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
         rec.update({"train_loss": g_loss, "lr": lr})
         if self.dataset.task == "classification" and not mixed:
             rec["train_accuracy"] = g_acc
-        if self._diverged(g_loss, step, absurd) or not self._backward(loss, rec):
+        if diverged or not self._update(rec):
             self.hist.diverged, self.hist.diverged_step = True, step
             rec["diverged"] = True
             self.log(rec)
-            self._attach(False)
             return False
         dt = time.perf_counter() - t0
         self.train_time += dt
@@ -506,7 +506,6 @@ class _Run:
         x, y = dd.shard(x, info).to(device), dd.shard(y, info).to(device)
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        self._attach(True)
         out = net(x)
         loss = compute_loss(out, y, dataset.task, cfg.label_smoothing)
         if y_b is not None:
@@ -530,12 +529,9 @@ class _Run:
         # diverged before training: the initial loss is already absurd
         return bad or (step == self.start == 0 and g_loss > absurd)
 
-    def _backward(self, loss, rec: dict[str, Any]) -> bool:
-        """Backward, clipping and the optimizer step; False when the step overflows (lr ×
-        gradient beyond float range: divergence)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._attach(False)
+    def _update(self, rec: dict[str, Any]) -> bool:
+        """Clipping and the optimizer step after the backward pass; False when the step
+        overflows (lr × gradient beyond float range: divergence)."""
         if self.cfg.grad_clip is not None:
             gn = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             rec["grad_norm"] = float(gn)

@@ -41,7 +41,8 @@ import threading
 import torch
 from torch import nn
 
-from depthlab.nn.residual import Branch, Residual, _global_hooks, _hooked, _transformed
+from depthlab.nn.fusion.switch import blocked, hooked, transformed
+from depthlab.nn.residual import Branch, Residual
 from depthlab.nn.scalars import Gate, Scale
 from depthlab.registry import DepthlabError
 
@@ -52,7 +53,7 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(act, W, b or None, α or None, skip_mult)`` when ``block`` is ``s·x + α·Linear(σ(x))``
     with no hooks anywhere, nothing else in it and its tensors of ``x``'s dtype and device;
     else None. Reads the module dicts directly (``nn.Module.__getattr__`` is slow)."""
-    if type(block) is not Residual or _hooked(block):
+    if type(block) is not Residual or hooked(block):
         return None
     sub, own = block._modules, block.__dict__  # a None submodule may live in either
     branch, gate = sub.get("branch"), sub.get("gate", own.get("gate"))
@@ -62,7 +63,7 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     ):
         return None
     skip = sub.get("skip_scale")
-    if type(skip) is not Scale or _hooked(skip):
+    if type(skip) is not Scale or hooked(skip):
         return None
     if type(branch) not in (Branch, nn.Sequential) or len(branch._modules) != 2:
         return None
@@ -70,12 +71,12 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     kind = _ACTS.get(type(act))
     if kind is None or type(linear) is not nn.Linear:
         return None
-    if _hooked(branch) or _hooked(act) or _hooked(linear):
+    if hooked(branch) or hooked(act) or hooked(linear):
         return None
     w, b = linear._parameters["weight"], linear._parameters["bias"]
     alpha = None
     if gate is not None:
-        if type(gate) is not Gate or _hooked(gate):
+        if type(gate) is not Gate or hooked(gate):
             return None
         alpha = gate._parameters.get("alpha")
         if alpha is None:
@@ -107,7 +108,7 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     first = _plan_block(blocks[0], x) if len(blocks) > 1 and x.dim() == 2 else None
     if first is None:
         return None
-    if not torch.is_grad_enabled() or _global_hooks() or _transformed():
+    if not torch.is_grad_enabled() or blocked() or transformed():
         return None
     if _autocast():  # autocast picks dtypes per op; the hand-written backward does not
         return None
