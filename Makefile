@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/quick
 JOBS ?= 2
 
-.PHONY: setup quick test test-slow test-ray check lint format bench docs clean
+.PHONY: setup quick test test-slow test-ray test-real check lint format bench docs clean
 
 $(BIN)/depthlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,21 @@ test-ray: setup
 	$(BIN)/pip install -q -e ".[ray]"
 	$(BIN)/python -m pytest -m ray
 
+# convert against the real torchvision and timm: a second venv with the CUDA build of torch
+# (it runs on the CPU; torchvision's extension does not load beside the CPU build), torchvision
+# and timm; kept between runs (delete .venv-real to rebuild). DEPTHLAB_REAL_LIBS=1: a missing
+# library fails the tests instead of skipping them.
+REAL := .venv-real/bin
+$(REAL)/depthlab: pyproject.toml
+	$(PY) -m venv .venv-real
+	$(REAL)/pip install -q --upgrade pip
+	$(REAL)/pip install -q torch==2.14.1 torchvision==0.29.1 timm
+	$(REAL)/pip install -q -e ".[dev]"
+	@touch $@
+
+test-real: $(REAL)/depthlab
+	DEPTHLAB_REAL_LIBS=1 $(REAL)/python -m pytest -m real
+
 lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
@@ -53,4 +68,4 @@ bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) .venv-real runs site .pytest_cache

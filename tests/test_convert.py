@@ -228,6 +228,136 @@ def test_convert_torchvision_layout_to_batchnorm_keeps_its_norms():
     assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
+# -- timm's layout: act_layer, deep stems, stochastic depth (timm itself is optional) ------------
+
+
+class DropPath(nn.Module):
+    """timm's DropPath: zero the whole branch of a sample with probability p in training, scale
+    the others by 1/(1−p)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = (torch.rand(x.shape[0], *([1] * (x.dim() - 1))) >= self.p).to(x.dtype)
+        return x * keep / (1 - self.p) if self.p < 1 else x * 0
+
+
+class TimmBasicBlock(nn.Module):
+    """timm's BasicBlock: conv1 bn1 drop_block act1 aa conv2 bn2 se drop_path (+ shortcut) act2."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, act=nn.SiLU, drop=0.0):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
+        self.drop_block, self.act1, self.aa = nn.Identity(), act(inplace=True), nn.Identity()
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.se, self.act2 = None, act(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop) if drop > 0 else None
+
+    def forward(self, x):
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(x + shortcut)
+
+
+class TimmDeepStemResNet(nn.Module):
+    """timm's ``resnet*d`` layout: a deep stem (conv-bn-act ×2, conv) then bn1 act1 maxpool, and
+    average-pool downsampling; ``act`` the act_layer everywhere."""
+
+    def __init__(self, act=nn.SiLU, drop=0.0, width=8):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width // 2), act(inplace=True),
+            nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width // 2), act(inplace=True),
+            nn.Conv2d(width // 2, width, 3, padding=1, bias=False),
+        )  # fmt: skip
+        self.bn1, self.act1 = nn.BatchNorm2d(width), act(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        down = nn.Sequential(
+            nn.AvgPool2d(2, 2),
+            nn.Conv2d(width, 2 * width, 1, bias=False),
+            nn.BatchNorm2d(2 * width),
+        )
+        self.layer1 = nn.Sequential(*[TimmBasicBlock(width, width, act=act, drop=drop)] * 1)
+        self.layer2 = nn.Sequential(
+            TimmBasicBlock(width, 2 * width, 2, down, act=act, drop=drop),
+            TimmBasicBlock(2 * width, 2 * width, act=act, drop=drop),
+        )
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.global_pool(x), 1))
+
+
+@pytest.mark.parametrize("scheme", ["skipinit", "fixup", "rezero"])
+def test_convert_timm_deep_stem_silu_keeps_its_activation_and_leaves_no_norm(scheme):
+    torch.manual_seed(0)
+    model = TimmDeepStemResNet(act=nn.SiLU)
+    n_silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
+    net = dl.convert(model, scheme)
+    assert _no_batchnorm(net)  # the deep stem's two norms and bn1 included
+    assert sum(isinstance(m, nn.SiLU) for m in net.modules()) == n_silu
+    assert not any(isinstance(m, nn.ReLU) for m in net.modules())  # none slipped in
+    for b in residual_blocks(net):
+        assert isinstance(b.post, nn.SiLU) and not b.post.inplace
+    x = X()
+    _assert_blocks_are_identity(net, x)  # each block: silu(shortcut(x)), its own forward at α = 0
+    _trains(net, x, steps=40)
+
+
+def test_convert_keeps_stochastic_depth_on_the_branch():
+    torch.manual_seed(0)
+    net = dl.convert(TimmDeepStemResNet(act=nn.ReLU, drop=1.0), "skipinit")
+    blocks = residual_blocks(net)
+    assert all(isinstance(b.branch[-1], DropPath) for b in blocks)
+    with torch.no_grad():
+        for b in blocks:
+            b.gate.alpha.fill_(0.7)
+    x = X()
+    seen = {}
+    for b in blocks:
+        b.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0], o)))
+    net.train()
+    net(x)
+    for b in blocks:  # p = 1: every branch dropped, the block is act(shortcut(x))
+        inp, out = seen[b]
+        skip = inp if b.shortcut is None else b.shortcut(inp)
+        torch.testing.assert_close(out, b.post(skip))
+    net.eval()
+    net(x)
+    b = blocks[0]
+    inp, out = seen[b]
+    assert not torch.allclose(out, b.post(inp))  # in eval the branch counts
+
+
+def test_convert_refuses_a_norm_it_does_not_know_and_leaves_the_model_unchanged():
+    model = TimmDeepStemResNet(act=nn.ReLU)
+    model.fc = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dl.DepthlabError, match=r"fc\.0 \(BatchNorm1d\).*unchanged"):
+        dl.convert(model, "skipinit", inplace=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.layer1[0], TimmBasicBlock)
+
+
 def test_convert_refuses_models_without_residual_blocks():
     with pytest.raises(dl.DepthlabError, match="Sequential has no residual blocks"):
         dl.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "skipinit")

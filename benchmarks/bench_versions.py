@@ -1,0 +1,150 @@
+"""Two checkouts of depthlab side by side: the same training steps timed under each, interleaved.
+
+    .venv/bin/python benchmarks/bench_versions.py --before ../old/src --after src
+    .venv/bin/python benchmarks/bench_versions.py --before ../old/src --after src --quick
+
+Each workload is one SGD step (``zero_grad``, forward, cross-entropy, backward, ``step``) on a
+fixed random batch:
+
+* ``mlp-10000``: the 10,000-layer, width-256 ReZero MLP at batch 128 (α = 0.01 so that every
+  block computes; its fused stack), lr 0.01;
+* ``resnet56-<scheme>``: a CIFAR ResNet-56 (3×32×32, batch 128) under ``fixup``, ``batchnorm``
+  and ``skipinit`` (each scheme's default network), lr 0.1, momentum 0.9.
+
+For every round and workload, a fresh child process per checkout (``PYTHONPATH`` = that
+checkout's ``src``) builds the model, takes ``--warmup`` untimed steps and ``--steps`` timed
+ones; the two checkouts alternate in a rotated order within each round, so that drift in the
+machine's load falls on both. Per workload the table reports the median step time (wall clock
+and the process's CPU time) of each checkout over all rounds and the ratio after/before measured
+that way (< 1: faster after), with its range over rounds. A CSV of every figure is written to
+``benchmarks/results/versions.csv`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "versions.csv"
+
+CHILD = r"""
+import json, sys, time
+import torch
+import torch.nn.functional as F
+import depthlab as dl
+
+kind, warmup, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+if kind == "mlp-10000":
+    m = dl.create_model("mlp", depth=10_000, width=256, scheme="rezero")
+    with torch.no_grad():
+        for b in dl.residual_blocks(m):
+            b.gate.alpha.fill_(0.01)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+else:
+    scheme = kind.split("-", 1)[1]
+    m = dl.create_model("resnet", depth=56, scheme=scheme)
+    m = m.to(memory_format=torch.channels_last)
+    x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+wall, cpu = [], []
+for i in range(warmup + steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    if i >= warmup:
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+print(json.dumps({"wall": wall, "cpu": cpu, "version": getattr(dl, "__version__", "?")}))
+"""
+
+
+def run_child(src: str, kind: str, warmup: int, steps: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(warmup), str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--before", required=True, help="the src folder of the older checkout")
+    ap.add_argument("--after", default=str(Path(__file__).parents[1] / "src"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per child")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--workloads", default="mlp-10000,resnet56-fixup,resnet56-batchnorm,resnet56-skipinit"
+    )
+    ap.add_argument("--quick", action="store_true", help="one round, ResNet-56 Fixup only")
+    ap.add_argument("--csv", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    for key in ("before", "after"):
+        if not (Path(getattr(args, key)) / "depthlab" / "__init__.py").is_file():
+            ap.error(f"--{key} must be a checkout's src folder (holding depthlab/), got "
+                     f"{getattr(args, key)}")  # fmt: skip
+    kinds = args.workloads.split(",")
+    if args.quick:
+        args.rounds, kinds = 1, ["resnet56-fixup"]
+    trees = {"before": args.before, "after": args.after}
+    times: dict[tuple[str, str], dict[str, list[float]]] = {}
+    ratios: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(args.rounds):
+        for kind in kinds:
+            order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+            med = {}
+            for label in order:
+                got = run_child(trees[label], kind, args.warmup, args.steps)
+                slot = times.setdefault((kind, label), {"wall": [], "cpu": []})
+                slot["wall"] += got["wall"]
+                slot["cpu"] += got["cpu"]
+                med[label] = statistics.median(got["cpu"])
+                print(f"  round {r + 1} {kind:<20} {label:<6} "
+                      f"wall {statistics.median(got['wall']):7.3f} s  cpu {med[label]:7.3f} s",
+                      flush=True)  # fmt: skip
+            ratios[kind].append(med["after"] / med["before"])
+    rows = []
+    print(f"\n{'workload':<20} {'before s (wall/cpu)':>22} {'after s (wall/cpu)':>22} "
+          f"{'after/before (cpu)':>20} {'range over rounds':>20}")  # fmt: skip
+    for kind in kinds:
+        b, a = times[(kind, "before")], times[(kind, "after")]
+        bw, bc = statistics.median(b["wall"]), statistics.median(b["cpu"])
+        aw, ac = statistics.median(a["wall"]), statistics.median(a["cpu"])
+        lo, hi = min(ratios[kind]), max(ratios[kind])
+        print(f"{kind:<20} {bw:>10.3f} / {bc:<9.3f} {aw:>10.3f} / {ac:<9.3f} "
+              f"{ac / bc:>20.3f} {lo:>9.3f} – {hi:<8.3f}")  # fmt: skip
+        rows.append({
+            "workload": kind, "rounds": args.rounds, "steps_per_child": args.steps,
+            "before_wall_s": round(bw, 4), "before_cpu_s": round(bc, 4),
+            "after_wall_s": round(aw, 4), "after_cpu_s": round(ac, 4),
+            "ratio_cpu": round(ac / bc, 4), "ratio_wall": round(aw / bw, 4),
+            "ratio_cpu_min": round(lo, 4), "ratio_cpu_max": round(hi, 4),
+        })  # fmt: skip
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
