@@ -368,6 +368,7 @@ def test_convert_refuses_unknown_schemes():
         dl.convert(tiny(BasicBlock), "skip")
 
 
+@pytest.mark.real
 @pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None,
     reason="torchvision is not installed (optional extra 'vision'); the torchvision-layout "
