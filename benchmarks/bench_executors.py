@@ -2,7 +2,7 @@
 (``--jobs``) against Ray tasks on a local Ray cluster, for cells that sleep ``--seconds``.
 
     .venv/bin/python benchmarks/bench_executors.py [--small 20] [--large 80] [--rounds 3]
-        [--csv runs/bench/executors.csv]
+        [--csv benchmarks/results/executors.csv]
 
 Each executor runs a sweep of ``--small`` and one of ``--large`` cells on 2 workers (2 CPUs of a
 Ray head started here with ``ray start``); the start-up (spawning the pool, connecting to Ray)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=80)
     ap.add_argument("--seconds", type=float, default=0.1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--csv", default="runs/bench/executors.csv")
+    ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "executors.csv"))
     args = ap.parse_args(argv)
     try:
         import ray  # noqa: F401

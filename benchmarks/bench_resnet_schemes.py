@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import depthlab as dl
+from _results import write_csv
 
 SCHEMES = ("batchnorm", "plain", "skipinit", "rezero", "fixup")
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/resnet_schemes.csv")
     ap.add_argument(
         "--variant",
         default="preact",
@@ -139,9 +141,29 @@ def main(argv: list[str] | None = None) -> int:
             lo, med, hi = statistics.quantiles(q, n=4) if len(q) > 1 else (q[0],) * 3
             parts.append(f"{name} {med:.3f} [{lo:.3f}, {hi:.3f}]")
         print(f"  vs {ref}: " + ", ".join(parts))
+    write_csv("resnet_schemes.csv", _rows(schemes, rate, cpu_rate, cpu), args.csv)
     if args.roofline:
         roofline(runs, x, y)
     return 0
+
+
+def _rows(schemes, rate, cpu_rate, cpu) -> list[dict]:
+    """The CSV rows: images/s by wall and CPU time, and the per-round CPU-time speed-ups over
+    ``batchnorm`` and ``plain`` (median and quartiles over rounds)."""
+    rows = []
+    for name in schemes:
+        row = {
+            "scheme": name, "images_per_s": round(rate[name], 1),
+            "images_per_cpu_s": round(cpu_rate[name], 1),
+        }  # fmt: skip
+        for ref in ("batchnorm", "plain"):
+            if ref in cpu:
+                q = [b / a for a, b in zip(cpu[name], cpu[ref])]
+                lo, med, hi = statistics.quantiles(q, n=4) if len(q) > 1 else (q[0],) * 3
+                row[f"cpu_speedup_vs_{ref}"] = round(med, 3)
+                row[f"vs_{ref}_q1_q3"] = f"{lo:.3f}–{hi:.3f}"
+        rows.append(row)
+    return rows
 
 
 def conv_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

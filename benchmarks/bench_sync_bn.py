@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from _results import write_csv
 from depthlab.nn import convert_distributed_batchnorm
 
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/sync_bn.csv")
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -64,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| layer | ms (median of rounds) | × BatchNorm2d (median of per-round ratios) |")
     print("|---|---|---|")
     ref = times["BatchNorm2d"]
+    rows = []
     for name, t in times.items():
         ratio = statistics.median(a / b for a, b in zip(t, ref))
         print(f"| {name} | {statistics.median(t) * 1e3:.2f} | {ratio:.2f} |")
+        rows.append({
+            "layer": name, "layout": "NHWC" if args.channels_last else "NCHW",
+            "shape": "x".join(map(str, shape)), "ms": round(statistics.median(t) * 1e3, 3),
+            "vs_BatchNorm2d": round(ratio, 3),
+        })  # fmt: skip
+    write_csv("sync_bn.csv", rows, args.csv)
     return 0
 
 

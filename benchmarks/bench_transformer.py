@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import depthlab as dl
+from _results import write_csv
 from depthlab.models import TransformerBlock
 
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lm-depth", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/transformer.csv")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = timed(layer_steps(args), args.steps, args.warmup)
     ref = next(iter(wall))
     print(f"{'variant':<40} {'ms/step':>8} {'vs torch':>9} {'CPU ms':>8} {'vs torch':>9}")
+    rows = []
     for name in wall:
         print(
             f"{name:<40} {wall[name] * 1e3:>8.1f} {wall[name] / wall[ref]:>8.2f}x "
             f"{cpu[name] * 1e3:>8.1f} {cpu[name] / cpu[ref]:>8.2f}x"
         )
+        rows.append({
+            "part": "layer", "variant": name, "ms_per_step": round(wall[name] * 1e3, 2),
+            "vs_torch": round(wall[name] / wall[ref], 3), "cpu_ms": round(cpu[name] * 1e3, 2),
+            "cpu_vs_torch": round(cpu[name] / cpu[ref], 3), "bytes_per_s": "",
+        })  # fmt: skip
 
     print(f"\nLM training step (Adam), {shape}")
     wall, cpu = timed(lm_steps(args), max(3, args.steps // 3), 2)
@@ -143,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<40} {'ms/step':>8} {'bytes/s':>9} {'bytes/CPU-s':>12}")
     for name in wall:
         print(f"{name:<40} {wall[name] * 1e3:>8.1f} {n / wall[name]:>9.0f} {n / cpu[name]:>12.0f}")
+        rows.append({
+            "part": f"LM step, depth {args.lm_depth}", "variant": name,
+            "ms_per_step": round(wall[name] * 1e3, 2), "vs_torch": "",
+            "cpu_ms": round(cpu[name] * 1e3, 2), "cpu_vs_torch": "",
+            "bytes_per_s": round(n / wall[name]),
+        })  # fmt: skip
+    write_csv("transformer.csv", rows, args.csv)
     return 0
 
 

@@ -11,7 +11,8 @@ from depthlab.experiments.base import PRESETS
 from depthlab.experiments.runner import eta_text, experiments_with, resolve
 
 DEEP = {"deep-fc", "depth-sweep", "fixup-ablation", "transformer-convergence",
-        "transformer-jacobian", "grow", "nonlinear-degeneracy"}  # fmt: skip
+        "transformer-jacobian", "grow", "nonlinear-degeneracy", "bn-smoothness",
+        "batch-size"}  # fmt: skip
 
 
 def test_deep_is_a_preset_between_quick_and_full_and_all_runs_those_that_have_it():
@@ -154,3 +155,13 @@ def test_sweep_eta_weights_the_queued_cells_by_their_experiments_cost():
     sweep.jobs = [a, b]
     sweep.handles = {"h1": (a, 1), "h2": (b, 1)}
     assert sweep._eta() == "; ETA 50 s"
+
+
+def test_bn_smoothness_and_batch_size_deep_are_deeper_than_quick():
+    for name, attr in (("bn-smoothness", "depth"), ("batch-size", "depth")):
+        exp = get_experiment(name)
+        quick, deep = exp.config("quick"), exp.config("deep")
+        assert getattr(deep, attr) > getattr(quick, attr) and len(deep.seeds) >= 2
+    bs = get_experiment("batch-size").config("deep")
+    assert bs.depth % 6 == 2 and bs.tiny_batch_sizes == (2, 4, 8)
+    assert set(bs.tiny_schemes) == {"batchnorm", "layernorm", "skipinit"}

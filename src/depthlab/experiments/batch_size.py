@@ -75,6 +75,8 @@ class BatchSize(Experiment):
             tiny_epochs=0.25,
         ),  # fmt: skip
         "quick": Config(),
+        # the same grid on a ResNet-20 (quick: ResNet-8), two seeds
+        "deep": Config(depth=20, seeds=(0, 1)),
         "full": Config(
             batch_sizes=(16, 64, 256, 1024),
             lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),

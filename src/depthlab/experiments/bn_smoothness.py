@@ -117,6 +117,8 @@ class BNSmoothness(Experiment):
             nets=("mlp",), depth=6, width=16, steps=40, landscape_every=10, seeds=(0, 1)
         ),
         "quick": Config(),
+        # the same contrasts on nets 2.4× deeper (24 weight layers without skips), two seeds
+        "deep": Config(depth=24, seeds=(0, 1)),
         "full": Config(depth=16, width=128, steps=3000, landscape_every=100),
     }
 
