@@ -28,7 +28,6 @@ peak; a CSV of every figure is written to ``benchmarks/results/deep_resnet.csv``
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import depthlab as dl
+from _results import write_csv
 from depthlab.resources import estimate
 
 SCHEMES = ("batchnorm", "fixup", "skipinit")
@@ -186,15 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         ratio = statistics.median(base[0].times) / statistics.median(r.times)
                         print(f"  {r.scheme} {depth} {r.shape}: channels-last {ratio:.2f}× NCHW")
             del runs
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    print(f"wrote {path}")
+    write_csv("deep_resnet.csv", rows, args.csv)
     return 0
 
 

@@ -23,7 +23,6 @@ that way (< 1: faster after), with its range over rounds. A CSV of every figure 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "versions.csv"
+from _results import write_csv
 
 CHILD = r"""
 import json, sys, time
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workloads", default="mlp-10000,resnet56-fixup,resnet56-batchnorm,resnet56-skipinit"
     )
     ap.add_argument("--quick", action="store_true", help="one round, ResNet-56 Fixup only")
-    ap.add_argument("--csv", default=str(RESULTS))
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/versions.csv")
     args = ap.parse_args(argv)
     for key in ("before", "after"):
         if not (Path(getattr(args, key)) / "depthlab" / "__init__.py").is_file():
@@ -134,15 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_cpu": round(ac / bc, 4), "ratio_wall": round(aw / bw, 4),
             "ratio_cpu_min": round(lo, 4), "ratio_cpu_max": round(hi, 4),
         })  # fmt: skip
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    print(f"\nwrote {path}")
+    write_csv("versions.csv", rows, args.csv)
     return 0
 
 
