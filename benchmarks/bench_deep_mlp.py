@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import depthlab as dl
+from _results import write_csv
 from depthlab.nn.fusion import stack as fused
 from depthlab.nn.fusion.stack import SGDInBackward
 from depthlab.train.optim import make_optimizer
@@ -291,6 +292,7 @@ def fit_random_labels(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--depth", type=int, default=10_000)
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/deep_mlp.csv")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cpu_s'] / plain['cpu_s']:>8.2f}"
             f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}{r['faults']:>9.0f}"
         )
+    write_csv("deep_mlp.csv", _csv_rows(args, rows, flops, plain), args.csv)
     pairs = [c / p for c, p in zip(ckpt["cpu_all"], plain["cpu_all"])]
     print(
         "checkpointing time ratio per round (CPU): "
@@ -410,6 +413,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         print_fit(args)
     return 0
+
+
+def _csv_rows(args: argparse.Namespace, rows: list, flops: float, plain: dict) -> list[dict]:
+    """The table's rows for ``benchmarks/results/deep_mlp.csv``."""
+    out = []
+    for name, r in rows:
+        lo, hi = r["peak_ratio_range"]
+        out.append({
+            "config": name, "depth": args.depth, "width": args.width, "batch": args.batch,
+            "s_per_step": round(r["step_s"], 3), "cpu_s": round(r["cpu_s"], 3),
+            "gflops": round(flops / r["cpu_s"] / 1e9, 1),
+            "pct_peak": round(100 * r["peak_ratio"]),
+            "pct_peak_range": f"{100 * lo:.0f}–{100 * hi:.0f}",
+            "model_mb": round(r["rss_model_mb"]), "step_mb": round(r["step_mem_mb"]),
+            "time_x": round(r["cpu_s"] / plain["cpu_s"], 2),
+            "step_mem_x": round(r["step_mem_mb"] / max(plain["step_mem_mb"], 1e-9), 2),
+        })  # fmt: skip
+    return out
 
 
 def print_fit(args: argparse.Namespace) -> None:

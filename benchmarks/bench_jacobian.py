@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import depthlab as dl
+from _results import write_csv
 from depthlab.diagnostics.jacobian import (
     block_lanczos_singular_values,
     calibrate_batchnorm,
@@ -95,6 +96,7 @@ def main() -> None:
         action="store_false",
         help="skip the bottom-k run that reorthogonalises every block (for comparison)",
     )
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/jacobian.csv")
     args = ap.parse_args()
     k = args.k
 
@@ -121,6 +123,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     r = min(m, v.numel())
     print(f"| dense (jacrev + svdvals), all {len(s)} | {t_dense:.1f} | {r} | — | — | 1.0× |")
+    rows = [_row(f"dense (jacrev + svdvals), all {len(s)}", m, v.numel(), t_dense, r, "", "", 1.0)]
     runs = [("top", "partial"), ("bottom", "partial")] + (
         [("bottom", "full")] if args.compare_full else []
     )
@@ -129,6 +132,7 @@ def main() -> None:
         name = f"block Lanczos {which}-{k}" + (", reorth. every block" if reorth == "full" else "")
         if res is None:
             print(f"| {name} | {sec:.1f} | — | — | not converged: {err[:60]} | — |")
+            rows.append(_row(name, m, v.numel(), sec, "", "", "not converged", ""))
             continue
         ref = s[:k] if which == "top" else s[-k:]
         rel = np.abs(res[which] / ref - 1).max()
@@ -136,6 +140,10 @@ def main() -> None:
             f"| {name} | {sec:.1f} | {int(res['products'])} | {int(res['reorths'])} | "
             f"{rel:.1e} | {t_dense / sec:.1f}× |"
         )
+        rows.append(
+            _row(name, m, v.numel(), sec, int(res["products"]), int(res["reorths"]),
+                 f"{rel:.1e}", round(t_dense / sec, 1))
+        )  # fmt: skip
         print(f"<!-- {which}: dense {ref.tolist()} -->")
         print(
             f"<!-- {which} dense {np.round(ref, 4).tolist()} "
@@ -150,6 +158,10 @@ def main() -> None:
             f"| ARPACK top-{k} | {sec:.1f} | {int(arp['products'])} | — | {rel:.1e} | "
             f"{t_dense / sec:.1f}× |"
         )
+        rows.append(
+            _row(f"ARPACK top-{k}", m, v.numel(), sec, int(arp["products"]), "", f"{rel:.1e}",
+                 round(t_dense / sec, 1))
+        )  # fmt: skip
 
     size = args.large_size
     big = stage(args.blocks, False, args.scheme, args.alpha)
@@ -159,13 +171,24 @@ def main() -> None:
     n = v.numel()
     res, sec, err = timed_free(g, v, args.large_k, "top", args)
     print(f"\nlarge: J is {n} x {n} (dense float32 would need {n * n * 4 / 2**30:.0f} GiB)")
+    name = f"block Lanczos top-{args.large_k}, large input"
     if res is None:
         print(f"matrix-free top-{args.large_k}: not converged after {sec:.1f} s: {err}")
+        rows.append(_row(name, n, n, sec, "", "", "not converged", ""))
     else:
         print(
             f"matrix-free top-{args.large_k}: {sec:.1f} s, {int(res['products'])} J products, "
             f"s = {np.round(res['top'], 4).tolist()}"
         )
+        rows.append(_row(name, n, n, sec, int(res["products"]), int(res["reorths"]), "", ""))
+    write_csv("jacobian.csv", rows, args.csv)
+
+
+def _row(method, m, n, sec, products, reorths, rel, speedup) -> dict:
+    return {
+        "method": method, "J": f"{m} x {n}", "time_s": round(sec, 2), "J_products": products,
+        "full_reorth_passes": reorths, "max_rel_error": rel, "speedup_vs_dense": speedup,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -603,7 +603,7 @@ class Fixup(Scheme):
                 if self.fan_mode != "fan_in" and blk.shortcut is not None:
                     for layer in weight_layers(blk.shortcut):  # the reference's downsample init
                         layer.weight.normal_(0.0, math.sqrt(2.0) / math.sqrt(self._fan(layer)))
-            head = getattr(model, "classifier", None) or getattr(model, "fc", None)
+            head = classifier_of(model)
             if head is not None and self.zero_init:
                 head.weight.zero_()
                 if head.bias is not None:
@@ -909,6 +909,14 @@ class Admin(LayerNorm):
                 "depthlab.schemes.Admin.profile(model, x) on a batch of your data"
             )
         Admin.profile(model, model.example_input())
+
+
+def classifier_of(model: nn.Module) -> nn.Module | None:
+    """The model's classifier head, part of the model protocol: ``model.classifier`` (depthlab's
+    models; None for a tied language model) or ``model.fc`` (torchvision's and timm's ResNets);
+    None when it has neither. Scheme rules on the head (Fixup's zero classifier) read it here."""
+    head = getattr(model, "classifier", None)
+    return head if head is not None else getattr(model, "fc", None)
 
 
 def _beta_layers(branch: nn.Module) -> list[nn.Module]:
