@@ -341,6 +341,17 @@ def test_transformer_jacobian_rules_pass_with_the_effect():
     assert _verdicts(_claims("transformer-jacobian", _jac(GOOD_JAC))) == ["reproduced"] * 2
 
 
+def test_transformer_jacobian_names_the_depth_of_each_trained_claim():
+    two = {**GOOD_JAC, ("postnorm-128", "init"): [1e-9, 1e-5, 1e-2, 9.0],
+           ("postnorm-128", "trained"): [1e-8, 1e-3, 1e-2, 5.0],
+           ("rezero-128", "init"): [1.0] * 4,
+           ("rezero-128", "trained"): [1e-4, 1e-3, 1e-2, 1e-1]}  # fmt: skip
+    rows = _claims("transformer-jacobian", _jac(two))
+    trained = [c for c in rows if c.claim.startswith("ReZero stays")]
+    assert [c.claim.rsplit("(", 1)[1] for c in trained] == ["at 64 layers)", "at 128 layers)"]
+    assert [c.verdict for c in trained][0] == "reproduced" != trained[1].verdict
+
+
 def test_transformer_jacobian_fails_when_post_ln_is_isometric_or_rezero_drifts():
     iso = {**GOOD_JAC, ("postnorm-64", "init"): [0.9, 1.0, 1.1, 1.0]}
     assert _claims("transformer-jacobian", _jac(iso))[0].verdict != "reproduced"

@@ -12,6 +12,7 @@ a short training run, via :func:`depthlab.jacobian_spectrum`, for Post-LN encode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -269,9 +270,10 @@ class TransformerJacobian(Experiment):
         if "trained" in set(s["phase"]):
             for r in rz:
                 same = [m for m in pn if _depth(m) == _depth(r)]
-                rows.append(
-                    self._trained_claim(cfg, setup, r, same[0] if same else deep, get, show)
-                )
+                row = self._trained_claim(cfg, setup, r, same[0] if same else deep, get, show)
+                if len(rz) > 1:  # several ReZero depths: each row says which
+                    row = dataclasses.replace(row, claim=f"{row.claim} (at {_depth(r)} layers)")
+                rows.append(row)
         return rows
 
     @staticmethod
