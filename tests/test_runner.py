@@ -182,7 +182,8 @@ def test_a_sweep_of_several_experiments_shares_the_workers(tmp_path, monkeypatch
     assert list(ok.records["value"][::2]) == [0.0, 1.0, 2.0, 3.0]
     summary = json.loads((out / "test-count-cells" / "summary.json").read_text())
     assert summary["cell_time_s"] >= 0 and summary["cells"] == 4
-    assert sum(r.wall_time_s for r in results if r.error is None) <= wall
+    done = [r for r in results if r.error is None]  # wall times are rounded to 0.01 s
+    assert sum(r.wall_time_s for r in done) <= wall + 0.005 * len(done)
     assert (out / "report.md").is_file()
     monkeypatch.setenv("DEPTHLAB_TEST_PHASE", "again")
     (again,) = run(["test-count-cells"], "smoke", out, {"log": str(log), "n": 4}, jobs=2,
