@@ -863,6 +863,7 @@ class Admin(LayerNorm):
         blocks = [b for b in residual_blocks(model) if isinstance(b.skip_scale, FeatureScale)]
         state = {"ratio": 1.0, "role": None}
         omegas: list[float] = []
+        branch_out: dict[int, torch.Tensor] = {}  # each block's gated branch output, by id
         handles = []
 
         def before(blk, inputs):
@@ -875,12 +876,11 @@ class Admin(LayerNorm):
         def after(blk, inputs, output):
             u = inputs[0]
             skip_var = blk.skip_scale(blk.skip(u)).double().var(unbiased=False)
-            branch_var = blk._admin_branch_out.double().var(unbiased=False)
+            branch_var = branch_out.pop(id(blk)).double().var(unbiased=False)
             state["ratio"] = float(torch.sqrt(skip_var + branch_var))
-            del blk._admin_branch_out
 
         def on_branch(branch, inputs, output, blk):
-            blk._admin_branch_out = output if blk.gate is None else blk.gate(output)
+            branch_out[id(blk)] = output if blk.gate is None else blk.gate(output)
 
         try:
             for blk in blocks:
