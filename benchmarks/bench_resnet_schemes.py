@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     ap.add_argument("--csv", default=None, help="default benchmarks/results/resnet_schemes.csv")
     ap.add_argument(
+        "--roofline-csv", default=None, help="default benchmarks/results/resnet_roofline.csv"
+    )
+    ap.add_argument(
         "--variant",
         default="preact",
         choices=("preact", "postact", "scheme"),
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  vs {ref}: " + ", ".join(parts))
     write_csv("resnet_schemes.csv", _rows(schemes, rate, cpu_rate, cpu), args.csv)
     if args.roofline:
-        roofline(runs, x, y)
+        rows = roofline(runs, x, y)
+        write_csv("resnet_roofline.csv", rows, args.roofline_csv)
     return 0
 
 
@@ -227,9 +231,10 @@ def profile_step(model, opt, x, y) -> tuple[float, float, float]:
     return total, conv, bn
 
 
-def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> None:
+def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> list[dict]:
     """Print the convolutions' FLOPs, the float32 peak and, per scheme, the medians over ``rounds``
-    profiled steps of the step time and the time in convolution and BatchNorm kernels."""
+    profiled steps of the step time and the time in convolution and BatchNorm kernels; return
+    those figures as CSV rows (one per scheme)."""
     name0 = next(iter(runs))
     fwd, bwd = conv_flops(runs[name0][0], x, y)
     gemm, big_conv = peak_rates()
@@ -248,10 +253,18 @@ def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> N
     for r in range(rounds):  # one profiled step per scheme per round, rotated like the timing
         for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(profile_step(*runs[name], x, y))
-    prof = {}
+    prof, out = {}, []
     for name, rows in samples.items():
         total, conv, bn = prof[name] = tuple(statistics.median(col) for col in zip(*rows))
         other = statistics.median(t - c - b for t, c, b in rows)  # within each step
+        out.append({
+            "scheme": name, "step_ms": round(total * 1e3, 1), "conv_ms": round(conv * 1e3, 1),
+            "conv_gflops": round((fwd + bwd) / conv / 1e9, 1),
+            "pct_of_peak": round(100 * (fwd + bwd) / conv / rate, 1),
+            "bn_ms": round(bn * 1e3, 1), "other_ms": round(other * 1e3, 1),
+            "conv_gflop_per_step": round((fwd + bwd) / 1e9, 2), "peak_gflops": round(rate / 1e9, 1),
+            "rounds": rounds,
+        })  # fmt: skip
         print(
             f"{name:<10} {total * 1e3:>8.0f} {conv * 1e3:>8.0f} {(fwd + bwd) / conv / 1e9:>13.1f} "
             f"{(fwd + bwd) / conv / rate:>8.0%} {bn * 1e3:>7.0f} {other * 1e3:>9.0f}"
@@ -269,6 +282,7 @@ def roofline(runs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> N
             f"other work takes {plain * 1e3:.0f} ms, BatchNorm's kernels "
             f"{prof['batchnorm'][2] * 1e3:.0f} ms"
         )
+    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from depthlab import DepthlabError
@@ -12,7 +13,7 @@ from depthlab.experiments.runner import eta_text, experiments_with, resolve
 
 DEEP = {"deep-fc", "depth-sweep", "fixup-ablation", "transformer-convergence",
         "transformer-jacobian", "grow", "nonlinear-degeneracy", "bn-smoothness",
-        "batch-size"}  # fmt: skip
+        "batch-size", "skipinit-depth"}  # fmt: skip
 
 
 def test_deep_is_a_preset_between_quick_and_full_and_all_runs_those_that_have_it():
@@ -44,6 +45,28 @@ def test_depth_sweep_deep_is_fixups_fig3_protocol():
     at_1004 = {c["scheme"] for c in exp.grid(cfg) if c["depth"] == 1004}
     assert at_1004 == {"batchnorm", "skipinit", "fixup", "rezero", "frozen", "plain", "scaled"}
     assert all(c["channels_last"] for c in top)
+
+
+def test_skipinit_depth_deep_is_tables_1_and_2_on_n2_wide_resnets():
+    exp = get_experiment("skipinit-depth")
+    cfg = exp.config("deep")
+    assert cfg.depths == (16, 100, 1000) and cfg.width == 2 and cfg.variant == "preact"
+    assert set(cfg.schemes) == {"batchnorm", "skipinit", "plain", "scaled", "frozen"}
+    assert (cfg.lr, cfg.batch_size, cfg.grad_clip, cfg.schedule) == (0.1, 64, 0, "constant")
+    assert len(cfg.seeds) >= 2 and not cfg.top_schemes  # every arm at every depth
+    assert {c["depth"] for c in exp.grid(cfg)} == {16, 100, 1000}
+    # a cell's net is the n-2 Wide-ResNet: 1,000 layers = 166 blocks per stage, 32/64/128 channels
+    import depthlab as dl
+
+    (cell,) = [c for c in exp.grid(cfg) if c["depth"] == 1000][:1]
+    name, kwargs, _, _ = exp.cell_model(cell)
+    net = dl.create_model(name, **kwargs)
+    assert len(net.blocks) == 3 * 166 and net.blocks[-1].branch[-1].out_channels == 128
+    assert net.blocks[0].shortcut is not None  # 16 → 32 channels: a 1×1 projection
+    with pytest.raises(DepthlabError, match="6N\\+4"):  # a 6n+2 depth is depth-sweep's
+        exp.config("smoke", {"depths": [14]})
+    with pytest.raises(DepthlabError, match="milestones"):
+        exp.config("smoke", {"milestones": [0.8, 0.3]})
 
 
 def test_transformer_deep_parts_are_64_and_128_layers():
@@ -89,7 +112,8 @@ def _cifar_folder(tmp_path):
 @pytest.mark.parametrize(
     ("name", "key"),
     [("depth-sweep", "data_dir"), ("fc-convergence", "data_dir"), ("deep-fc", "data_dir"),
-     ("transformer-convergence", "path")],
+     ("transformer-convergence", "path"), ("skipinit-depth", "data_dir"),
+     ("batch-size", "data_dir")],
 )  # fmt: skip
 def test_full_needs_the_papers_data_and_says_how(name, key, monkeypatch):
     monkeypatch.delenv("DEPTHLAB_CIFAR10", raising=False)
@@ -121,6 +145,14 @@ def test_full_presets_hold_the_papers_settings(tmp_path, monkeypatch):
     lm.write_bytes(b"x" * 1000)
     tc = get_experiment("transformer-convergence").config("full", {"path": str(lm)})
     assert tc.target_bpb == 1.2 and tc.deep_depths == (64, 128) and tc.d_model == 512
+    bs = get_experiment("batch-size").config("full", data)
+    # SkipInit Figs. 5–6: Wide-ResNet-16-4, batch 64 to 4,096, 200 epochs at each, an lr grid
+    assert (bs.depth, bs.width, bs.epochs) == (16, 4, 200.0)
+    assert bs.batch_sizes == (64, 256, 1024, 4096) and len(bs.lrs) >= 5
+    si = get_experiment("skipinit-depth").config("full", data)
+    # SkipInit Table 1: n-2 Wide-ResNets to 1,000 layers, 200 CIFAR-10 epochs at batch 64
+    assert si.depths == (16, 100, 1000) and si.width == 2 and si.batch_size == 64
+    assert si.steps * 64 == 200 * 50_000 and si.schedule == "step"
 
 
 def test_checkpointing_enters_the_memory_check_of_a_10000_layer_cifar_cell(tmp_path):
@@ -165,3 +197,61 @@ def test_bn_smoothness_and_batch_size_deep_are_deeper_than_quick():
     bs = get_experiment("batch-size").config("deep")
     assert bs.depth % 6 == 2 and bs.tiny_batch_sizes == (2, 4, 8)
     assert set(bs.tiny_schemes) == {"batchnorm", "layernorm", "skipinit"}
+
+
+def test_skipinit_depth_schedule_reaches_the_training_run(monkeypatch):
+    """A step schedule in the config is carried by every cell into its TrainConfig."""
+    from types import SimpleNamespace
+
+    from depthlab.experiments import depth_sweep
+
+    seen = {}
+
+    def fake_train(model, data, cell, **kw):
+        seen.update(kw)
+        return SimpleNamespace(summary={}, diverged=False, diverged_step=None)
+
+    monkeypatch.setattr(depth_sweep, "train", fake_train)
+    exp = get_experiment("skipinit-depth")
+    cfg = exp.config("smoke", {"schedule": "step", "milestones": [0.5, 0.9], "step_gamma": 0.1})
+    cell = exp.grid(cfg)[0]
+    exp.run_cell(cell)
+    assert seen["schedule"] == "step" and tuple(seen["milestones"]) == (0.5, 0.9)
+    assert seen["step_gamma"] == 0.1
+    seen.clear()
+    exp.run_cell(exp.grid(exp.config("smoke"))[0])  # constant: nothing passed, the default
+    assert "schedule" not in seen
+
+
+def _real_cifar(root, n=8):
+    """A CIFAR-10 python folder in the real format (pickled batches), ``n`` images per batch."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return str(root)
+
+
+def test_batch_size_trains_on_cifar_when_given_a_folder(tmp_path):
+    """``--set data_dir=`` puts batch-size on CIFAR-10: the cell reads the folder, builds a
+    3-channel net and counts its epochs in CIFAR examples; digits cells keep their hash."""
+    exp = get_experiment("batch-size")
+    digits = exp.grid(exp.config("smoke"))[0]
+    cfg = exp.config("smoke", {"data_dir": _real_cifar(tmp_path), "tiny_schemes": []})
+    cell = exp.grid(cfg)[0]
+    assert "data_dir" not in digits and cell["data_dir"] == cfg.data_dir
+    assert exp.cell_model(cell)[3] == (3, 32, 32) and exp.cell_model(digits)[3] == (1, 8, 8)
+    (rec,) = exp.run_cell({**cell, "epochs": 1.0, "batch_size": 8})
+    assert rec["steps"] == 5  # 40 training images, batch 8, one epoch
+    assert 0.0 <= rec["test_accuracy"] <= 1.0
+    claims = exp.claims(pd.DataFrame([{**cell, **rec}]), cfg)
+    assert all("CIFAR-10" in c.setup for c in claims)

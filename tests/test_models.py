@@ -354,17 +354,23 @@ def test_wide_resnet_depth_counting():
     assert wrn.blocks[-1].branch[-1].out_channels == 64 * 2
 
 
-@pytest.mark.parametrize("model", ["mlp", "resnet"])
+@pytest.mark.parametrize("model", ["mlp", "resnet", "resnet-postact"])
 def test_frozen_zero_gate_blocks_are_skipped_with_the_same_function(model):
-    """A block with a gate fixed at 0 is exactly the identity: the stack skips its branch (the
-    frozen-gate controls cost no more than their stem and head) and the output and gradients
-    equal those of the full computation (forced by a global hook, which turns the skip off)."""
+    """A block with a gate fixed at 0 does not use its branch: the stack skips identity blocks,
+    other blocks compute only ``post(c·shortcut(x))`` (the post-activation net's ReLU after the
+    sum, its option-A and the pre-activation net's projection shortcuts), so the frozen-gate
+    controls cost no more than their stem, shortcuts and head; the output and gradients equal
+    those of the full computation (forced by a global hook, which turns the skip off)."""
     import torch.nn.modules.module as module_mod
 
     torch.manual_seed(0)
+    variant = "postact" if "postact" in model else "preact"
     kw = (
-        {"depth": 8, "width": 6, "in_dim": 5} if model == "mlp" else {"depth": 14, "in_channels": 1}
+        {"depth": 8, "width": 6, "in_dim": 5}
+        if model == "mlp"
+        else {"depth": 14, "in_channels": 1, "variant": variant}
     )
+    model = model.split("-")[0]
     m = dl.create_model(model, scheme="skipinit", scheme_options={"learnable": False}, **kw)
     x = torch.randn(4, 5) if model == "mlp" else torch.randn(4, 1, 8, 8)
 
@@ -388,8 +394,11 @@ def test_frozen_zero_gate_blocks_are_skipped_with_the_same_function(model):
     # the skipped branches are not computed: NaN weights there leave the output finite
     with torch.no_grad():
         for b in dl.residual_blocks(m):
-            if b.is_identity():
+            if b.branch_unused():
                 for p in b.branch.parameters():
                     p.fill_(float("nan"))
     assert torch.isfinite(m(x)).all()
-    assert any(b.is_identity() for b in dl.residual_blocks(m))
+    assert all(b.branch_unused() for b in dl.residual_blocks(m))
+    if kw.get("variant") != "postact":
+        assert any(b.is_identity() for b in dl.residual_blocks(m))
+    torch.testing.assert_close(m(x), fast_out, rtol=1e-6, atol=1e-6)

@@ -126,6 +126,38 @@ def test_depth_sweep_rezero_tie_is_not_faster():
     assert claims[2].verdict == "not reproduced"
 
 
+# -- skipinit-depth (depth-sweep's rules on SkipInit's Table 1–2 arms) --
+SKIPINIT_ARMS = ("batchnorm", "skipinit", "plain", "scaled", "frozen")
+
+
+def _table12(change: dict[str, list[float]] | None = None, diverged=()) -> list[dict]:
+    acc = {s: a for s, a in GOOD_SWEEP.items() if s in SKIPINIT_ARMS} | (change or {})
+    return [{**r, "variant": "preact"} for r in _sweep(acc, diverged=diverged, depth=100)]
+
+
+def test_skipinit_depth_rules_pass_with_the_effect():
+    claims = _claims("skipinit-depth", _table12(diverged={("plain", 0)}))
+    assert _verdicts(claims) == ["reproduced", "reproduced"]
+    assert claims[1].claim.startswith("SkipInit (no normalization) trains")
+    assert "Fixup" not in claims[1].claim + claims[1].paper  # only SkipInit's Table 1 is judged
+
+
+@pytest.mark.parametrize(
+    ("change", "row"),
+    [
+        ({"plain": [0.95, 0.96, 0.94], "scaled": [0.95, 0.96, 0.94]}, 0),  # α = 1 and 1/√2 train
+        ({"scaled": [0.95, 0.96, 0.94]}, 0),  # 1/√2 trains: only partly
+        ({"frozen": [0.96, 0.97, 0.95]}, 0),  # BN ties its control: nothing to contrast
+        ({"skipinit": [0.70, 0.72, 0.69]}, 1),  # SkipInit ties the control (depth unused)
+        ({"skipinit": [0.93, 0.94, 0.80]}, 1),  # one seed far below BN
+        ({"frozen": [0.96, 0.97, 0.95]}, 1),  # BN ties the control
+    ],
+)
+def test_skipinit_depth_rules_fail_without_the_effect(change, row):
+    claims = _claims("skipinit-depth", _table12(change))
+    assert claims[row].verdict != "reproduced" and claims[row].rule
+
+
 # -- deep-fc --
 def _fc(curves: dict[str, tuple[float, float, float]], diverged=()) -> list[dict]:
     rows = []

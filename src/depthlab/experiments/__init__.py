@@ -17,6 +17,7 @@ from depthlab.experiments import (  # noqa: F401 - importing registers the exper
     grow,
     nonlinear_degeneracy,
     path_variance,
+    skipinit_depth,
     transformer_convergence,
     transformer_jacobian,
 )

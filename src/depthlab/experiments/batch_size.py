@@ -47,6 +47,7 @@ class Config:
     tiny_ref_batch: int = 32
     tiny_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     tiny_epochs: float = 1.0
+    data_dir: str = ""  # a CIFAR-10 python folder: CIFAR-10 (3×32×32) instead of digits
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
@@ -77,21 +78,28 @@ class BatchSize(Experiment):
         "quick": Config(),
         # the same grid on a ResNet-20 (quick: ResNet-8), two seeds
         "deep": Config(depth=20, seeds=(0, 1)),
+        # De & Smith's Figs. 5–6: Wide-ResNet-16-4 on CIFAR-10, batch 64 to 4,096, an lr grid,
+        # 200 epochs at every batch size
         "full": Config(
-            batch_sizes=(16, 64, 256, 1024),
+            batch_sizes=(64, 256, 1024, 4096),
             lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-            epochs=30.0,
+            epochs=200.0,
             depth=16,
             width=4,
             tiny_epochs=10.0,
             tiny_lrs=(0.01, 0.03, 0.1, 0.3),
         ),
     }
+    needs = {"full": ("data_dir",)}
 
     def check(self, cfg: Config) -> None:
         from depthlab.models.resnet import check_resnet_depth
 
         check_resnet_depth(cfg.depth, "depth")
+        if cfg.data_dir:
+            from depthlab.data.cifar10 import find_folder
+
+            find_folder(cfg.data_dir)
         if cfg.tiny_schemes and cfg.tiny_ref_batch in cfg.tiny_batch_sizes:
             raise DepthlabError(
                 f"batch-size: tiny_ref_batch={cfg.tiny_ref_batch} is also in tiny_batch_sizes; "
@@ -99,6 +107,7 @@ class BatchSize(Experiment):
             )
 
     def cells(self, cfg: Config) -> list[dict]:
+        data = {"data_dir": cfg.data_dir} if cfg.data_dir else {}  # digits cells keep their hash
         main = [
             {
                 "part": "main",
@@ -109,6 +118,7 @@ class BatchSize(Experiment):
                 "depth": cfg.depth,
                 "width": cfg.width,
                 "seed": seed,
+                **data,
             }  # fmt: skip
             for seed in cfg.seeds
             for s in cfg.schemes
@@ -126,6 +136,7 @@ class BatchSize(Experiment):
                 "depth": cfg.depth,
                 "width": cfg.width,
                 "seed": seed,
+                **data,
             }  # fmt: skip
             for seed in cfg.seeds
             for s in cfg.tiny_schemes
@@ -134,8 +145,10 @@ class BatchSize(Experiment):
         ]
         return main + tiny
 
-    def cell_model(self, cell: dict) -> tuple[str, dict, int]:
-        return "resnet", {"depth": cell["depth"], "width": cell["width"]}, cell["batch_size"]
+    def cell_model(self, cell: dict) -> tuple[str, dict, int, tuple[int, ...]]:
+        shape = (3, 32, 32) if cell.get("data_dir") else (1, 8, 8)
+        kwargs = {"depth": cell["depth"], "width": cell["width"], "in_channels": shape[0]}
+        return "resnet", kwargs, cell["batch_size"], shape
 
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
@@ -144,11 +157,14 @@ class BatchSize(Experiment):
         from depthlab.data import create_dataset
 
         torch.manual_seed(cell["seed"])
-        data = create_dataset("digits")
+        if cell.get("data_dir"):
+            data = create_dataset("cifar10", data_dir=cell["data_dir"])
+        else:
+            data = create_dataset("digits")
         steps = max(1, math.ceil(cell["epochs"] * data.num_train() / cell["batch_size"]))
         model = dl.create_model(
             "resnet", depth=cell["depth"], width=cell["width"], scheme=cell["scheme"],
-            in_channels=1, variant="preact",
+            in_channels=data.input_shape[0], variant="preact",
         )  # fmt: skip
         hist = train(
             model, data, cell, steps=steps,
@@ -267,9 +283,10 @@ class BatchSize(Experiment):
                 paper="equal at small batch; BN better and higher optimal lr at large batch",
                 paper_setup="Wide-ResNet-16-4, CIFAR-10, batch 64 to 4,096, lr grid, fixed epochs",
                 setup=f"pre-activation conv ResNet-{cfg.depth} ({16 * cfg.width} channels first), "
-                f"digits 1×8×8, SGD momentum 0.9, batch {', '.join(map(str, cfg.batch_sizes))}, "
+                f"{_data(cfg)}, SGD momentum 0.9, batch {', '.join(map(str, cfg.batch_sizes))}, "
                 f"lr grid {', '.join(fmt(x, 2) for x in cfg.lrs)}, {cfg.epochs:g} epochs, seeds "
-                f"{', '.join(map(str, sorted(set(best['seed']))))}; smaller than the paper's",
+                f"{', '.join(map(str, sorted(set(best['seed']))))}; "
+                + ("the paper's data" if cfg.data_dir else "smaller than the paper's"),
                 measured=f"BN−SkipInit best acc: batch {small} {spread(g_small.values())}, batch "
                 f"{large} {spread(g_large.values())}; optimal lr at batch {large} (per seed) BN "
                 f"{lrs(lr_bn)} vs SkipInit {lrs(lr_si)}",
@@ -338,7 +355,7 @@ class BatchSize(Experiment):
                 paper_setup="not a single figure; De & Smith 2020 Fig. 5 shows SkipInit steady "
                 "down to batch 64 on CIFAR-10",
                 setup=f"pre-activation conv ResNet-{cfg.depth} ({16 * cfg.width} channels first), "
-                f"digits 1×8×8, SGD momentum 0.9, batch "
+                f"{_data(cfg)}, SGD momentum 0.9, batch "
                 f"{', '.join(map(str, sorted(cfg.tiny_batch_sizes)))} vs {ref}, lr grid "
                 f"{', '.join(fmt(x, 2) for x in cfg.tiny_lrs)} × batch/{ref}, "
                 f"{cfg.tiny_epochs:g} epoch(s), seeds {seeds}; smaller than any paper's",
@@ -363,3 +380,8 @@ def _stats(g: pd.DataFrame) -> pd.DataFrame:
 #: the largest mean accuracy drop (reference batch → smallest tiny batch) that counts as "does
 #: not depend on the batch size"; fixed before any run
 TINY_STEADY = 0.02
+
+
+def _data(cfg: Config) -> str:
+    """The data set a config trains on, as the setup column names it."""
+    return "CIFAR-10 3×32×32" if cfg.data_dir else "digits 1×8×8"

@@ -79,25 +79,34 @@ class Residual(nn.Module):
     def has_skip(self) -> bool:
         return self.skip_mult != 0.0
 
-    def is_identity(self) -> bool:
-        """True when the block is exactly ``y = x`` whatever its branch computes: an identity
-        skip, no post-sum norm and a *fixed* gate α = 0 (the frozen-gate controls), with no hook
-        on it or inside it. A :class:`~depthlab.models.common.BlockStack` then skips the branch:
-        the same output, none of the work (its BatchNorm running statistics, which cannot reach
-        the output, are left as they are). Only for a gate on the CPU: reading α from a GPU
-        would wait for it."""
+    def branch_unused(self) -> bool:
+        """True when the branch cannot reach the output: a *fixed* gate α = 0 (the frozen-gate
+        controls) and a constant skip, with no hook on the block or inside it. The block is then
+        ``post(c·shortcut(x))`` and its forward leaves the branch out: the same output and
+        gradients, none of the work (its BatchNorm running statistics, which cannot reach the
+        output, are left as they are). Only for a gate on the CPU: reading α from a GPU would
+        wait for it."""
         gate = self.gate
         if not (
             type(gate) is Gate
             and not gate.learnable
-            and self.skip_mult == 1.0
-            and self.shortcut is None
-            and self.post is None
+            and type(self.skip_scale) is Scale
             and gate.alpha.device.type == "cpu"
             and float(gate.alpha) == 0.0
         ):
             return False
         return not (global_hooks() or any(hooked(m) for m in self.modules()))
+
+    def is_identity(self) -> bool:
+        """True when the block is exactly ``y = x`` whatever its branch computes: an unused
+        branch (:meth:`branch_unused`), an identity skip and no post-sum norm. A
+        :class:`~depthlab.models.common.BlockStack` then skips the block."""
+        return (
+            self.skip_mult == 1.0
+            and self.shortcut is None
+            and self.post is None
+            and (self.branch_unused())
+        )
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The skip path entering the sum (before ``skip_mult``)."""
@@ -105,6 +114,11 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, branch, post = self.gate, self.branch, self.post
+        if type(gate) is Gate and not gate.learnable and self.branch_unused():
+            mult = self.skip_scale.value
+            out = self.skip(x)
+            out = out if mult == 1.0 else out * mult
+            return out if post is None else post(out)
         skip = self.skip_scale
         const = type(skip) is Scale and not hooked(skip)
         mult = skip.value if const else None

@@ -1,0 +1,126 @@
+"""``skipinit-depth``: SkipInit's Tables 1–2 — n-2 Wide-ResNets from 16 to 1,000 layers.
+
+De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+Deep Networks" (arXiv 2002.10444): **Table 1** trains pre-activation n-2 Wide-ResNets (Zagoruyko
+& Komodakis 2016, arXiv 1605.07146: 16 stem channels, then 32/64/128 = 16k/32k/64k with k = 2,
+1×1 projection shortcuts, depth n = 6N+4 counted as WRN counts it) of depth 16 to 1,000 with
+BatchNorm, and without normalization when each residual branch ends in a scalar α initialised
+to 0 (SkipInit, biases in the convolutions); both train at 1,000 layers. **Table 2**: without
+normalization, α = 1 (``plain``) and rescaling each merge by 1/√2 (``scaled``) do not train at
+depth.
+
+The arms are depth-sweep's (:mod:`depthlab.experiments.depth_sweep`) on the Wide-ResNet:
+``batchnorm``, ``skipinit``, ``plain``, ``scaled`` and the control ``frozen`` (SkipInit's net with
+its gates fixed at 0: stem, projection shortcuts and classifier only — a scheme "trains at
+depth" only where it beats it), every arm at the same fixed budget and recipe (SGD momentum 0.9,
+lr 0.1, weight decay 5e-4, batch 64, no clipping, no warm-up). The claims and their rules are
+depth-sweep's, judged at the deepest depth (``judge_depths`` for more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from depthlab.experiments import depth_sweep
+from depthlab.experiments.base import EXPERIMENTS
+from depthlab.registry import DepthlabError
+
+#: SkipInit's Table 1–2 arms (the control last)
+ARMS = ("batchnorm", "skipinit", "plain", "scaled", "frozen")
+#: CIFAR-10's training split (examples), for the setup's epoch count
+CIFAR_TRAIN = 50_000
+VARIANT_NAMES = {"preact": "pre-activation", "postact": "post-activation"}
+
+
+@dataclass(frozen=True)
+class Config(depth_sweep.Config):
+    schemes: tuple[str, ...] = ARMS
+    depths: tuple[int, ...] = (16, 40, 100)  # Wide-ResNet depth n = 6N+4
+    width: int = 2  # the widening factor k of an n-k Wide-ResNet
+    variant: str = "preact"  # SkipInit's pre-activation net
+    steps: int = 100
+    #: constant | step (× step_gamma at the milestones, fractions of the run) | cosine
+    schedule: str = "constant"
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    step_gamma: float = 0.2
+
+
+@EXPERIMENTS.register()
+class SkipInitDepth(depth_sweep.DepthSweep):
+    name = "skipinit-depth"
+    title = "SkipInit Tables 1–2: n-2 Wide-ResNets to 1,000 layers, BN vs α = 0 vs α = 1 vs 1/√2"
+    paper = "De & Smith 2020, arXiv 2002.10444, Tables 1–2"
+    version = 1
+    choices = {
+        **depth_sweep.DepthSweep.choices,
+        "variant": ("preact", "postact"),
+        "schedule": ("constant", "step", "cosine"),
+    }
+    Config = Config
+    presets = {
+        "smoke": Config(depths=(16, 28), steps=20, seeds=(0, 1)),
+        "quick": Config(),
+        # Table 1's depths (16, 100, 1,000) at k = 2, every arm, two digits epochs (45 steps
+        # of 64) at the one recipe
+        "deep": Config(depths=(16, 100, 1000), steps=45, seeds=(0, 1)),
+        # the paper's data and length: CIFAR-10, 200 epochs at batch 64 (156,250 steps); the
+        # step schedule of the Wide-ResNet paper (lr × 0.2 at 30%, 60% and 80% of the run)
+        "full": Config(
+            depths=(16, 100, 1000),
+            steps=200 * CIFAR_TRAIN // 64,
+            schedule="step",
+        ),
+    }
+
+    def check(self, cfg: Config) -> None:
+        bad = [d for d in cfg.depths if not isinstance(d, int) or d < 10 or d % 6 != 4]
+        if bad:
+            raise DepthlabError(
+                f"depths {bad}: a Wide-ResNet depth is n = 6N+4 with N ≥ 1 (e.g. 16, 28, 40, "
+                "100, 1000); for the CIFAR ResNets' 6n+2 use depth-sweep"
+            )
+        if not 0 < cfg.step_gamma <= 1:
+            raise DepthlabError(f"step_gamma must be in (0, 1], got {cfg.step_gamma}")
+        if any(not 0 < m < 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(
+            cfg.milestones
+        ):
+            raise DepthlabError(
+                f"milestones must be increasing fractions of the run in (0, 1), got "
+                f"{list(cfg.milestones)}"
+            )
+        super().check(cfg)
+
+    def _all_cells(self, cfg: Config) -> list[dict]:
+        cells = super()._all_cells(cfg)
+        if cfg.schedule == "constant":
+            return cells
+        extra = {"schedule": cfg.schedule}
+        if cfg.schedule == "step":
+            extra |= {"milestones": list(cfg.milestones), "step_gamma": cfg.step_gamma}
+        return [{**c, **extra} for c in cells]
+
+    def setup(self, cfg: Config, depth: int) -> str:
+        data, n = ("CIFAR-10", CIFAR_TRAIN) if cfg.data_dir else ("digits 1×8×8", 0)
+        epochs = cfg.steps * cfg.batch_size / (n or depth_sweep.DIGITS_TRAIN)
+        k = cfg.width
+        schedule = {
+            "constant": "constant lr",
+            "cosine": "cosine schedule",
+            "step": f"lr × {cfg.step_gamma:g} at "
+            + "/".join(f"{m:.0%}" for m in cfg.milestones)
+            + " of the run",
+        }[cfg.schedule]
+        smaller = "" if cfg.data_dir and epochs >= 200 else "; smaller data and budget than"
+        return (
+            f"{VARIANT_NAMES[cfg.variant]} n-{k} Wide-ResNets (1×1 projection shortcuts; "
+            f"16/{16 * k}/{32 * k}/{64 * k} channels), n = {', '.join(map(str, cfg.depths))} "
+            f"(judged at {depth}), {data}, SGD lr {cfg.lr:g} momentum 0.9 wd "
+            f"{cfg.weight_decay:g} batch {cfg.batch_size}, {schedule}, "
+            f"{'no clipping' if not cfg.grad_clip else f'clip {cfg.grad_clip:g}'}, "
+            f"{cfg.steps} steps ({epochs:.3g} epochs), seeds {', '.join(map(str, cfg.seeds))}"
+            + (
+                f"{smaller} the paper's (n-2, 16–1,000 layers, CIFAR-10, 200 epochs, batch 64)"
+                if smaller
+                else "; the paper's data and length"
+            )
+        )
