@@ -113,7 +113,7 @@ def _cifar_folder(tmp_path):
     ("name", "key"),
     [("depth-sweep", "data_dir"), ("fc-convergence", "data_dir"), ("deep-fc", "data_dir"),
      ("transformer-convergence", "path"), ("skipinit-depth", "data_dir"),
-     ("batch-size", "data_dir")],
+     ("batch-size", "data_dir"), ("fixup-ablation", "data_dir"), ("transformer-jacobian", "path")],
 )  # fmt: skip
 def test_full_needs_the_papers_data_and_says_how(name, key, monkeypatch):
     monkeypatch.delenv("DEPTHLAB_CIFAR10", raising=False)
@@ -149,6 +149,11 @@ def test_full_presets_hold_the_papers_settings(tmp_path, monkeypatch):
     # SkipInit Figs. 5–6: Wide-ResNet-16-4, batch 64 to 4,096, 200 epochs at each, an lr grid
     assert (bs.depth, bs.width, bs.epochs) == (16, 4, 200.0)
     assert bs.batch_sizes == (64, 256, 1024, 4096) and len(bs.lrs) >= 5
+    fa = get_experiment("fixup-ablation").config("full", data)
+    assert fa.depth == 1202 and fa.data_dir == data["data_dir"] and fa.lrs == (0.1, 1.0)
+    tj = get_experiment("transformer-jacobian").config("full", {"path": str(lm)})
+    assert {"postnorm-64", "postnorm-128", "rezero-64", "rezero-128"} <= set(tj.models)
+    assert all(c["path"] == str(lm) for c in get_experiment("transformer-jacobian").grid(tj))
     si = get_experiment("skipinit-depth").config("full", data)
     # SkipInit Table 1: n-2 Wide-ResNets to 1,000 layers, 200 CIFAR-10 epochs at batch 64
     assert si.depths == (16, 100, 1000) and si.width == 2 and si.batch_size == 64
@@ -255,3 +260,23 @@ def test_batch_size_trains_on_cifar_when_given_a_folder(tmp_path):
     assert 0.0 <= rec["test_accuracy"] <= 1.0
     claims = exp.claims(pd.DataFrame([{**cell, **rec}]), cfg)
     assert all("CIFAR-10" in c.setup for c in claims)
+
+
+def test_fixup_ablation_and_transformer_jacobian_read_the_papers_data(tmp_path):
+    """fixup-ablation trains on a CIFAR-10 folder (3-channel net, CIFAR examples), and
+    transformer-jacobian trains on an enwik8 file, when given one."""
+    exp = get_experiment("fixup-ablation")
+    cfg = exp.config("smoke", {"data_dir": _real_cifar(tmp_path), "steps": 2, "batch_size": 4})
+    cell = exp.grid(cfg)[0]
+    assert exp.cell_model(cell)[3] == (3, 32, 32) and "CIFAR-10" in exp.setup(cfg)
+    (rec,) = exp.run_cell(cell)
+    assert 0.0 <= rec["test_accuracy"] <= 1.0
+    text = tmp_path / "enwik8"
+    text.write_bytes(bytes(range(256)) * 40)
+    jac = get_experiment("transformer-jacobian")
+    jcfg = jac.config("smoke", {"path": str(text), "models": ["rezero-2"], "seeds": [0]})
+    (jcell,) = jac.grid(jcfg)
+    rows = jac.run_cell(jcell)
+    assert rows and {r["phase"] for r in rows} == {"init", "trained"}
+    with pytest.raises(DepthlabError, match="not a file"):
+        jac.config("smoke", {"path": str(tmp_path / "missing")})

@@ -37,6 +37,7 @@ class Config:
     batch_size: int = 16
     lr: float = 0.001  # Adam
     seeds: tuple[int, ...] = (0, 1, 2)
+    path: str = ""  # an enwik8 file to train on instead of the stdlib corpus
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
 
 
@@ -50,6 +51,8 @@ class TransformerJacobian(Experiment):
         from depthlab.nn.transformer import check_heads
 
         check_heads(cfg.d_model, cfg.nhead)
+        if cfg.path and not Path(cfg.path).is_file():
+            raise DepthlabError(f"path {cfg.path} is not a file; pass an enwik8 file or path=''")
         from depthlab.schemes import list_schemes
 
         for m in cfg.models:
@@ -76,6 +79,7 @@ class TransformerJacobian(Experiment):
         "log10_sv",
     )
     Config = Config
+    needs = {"full": ("path",)}
     presets = {
         "smoke": Config(
             models=("postnorm-2", "postnorm-8", "rezero-8"),
@@ -94,6 +98,7 @@ class TransformerJacobian(Experiment):
             steps=300,
             seeds=(0, 1),
         ),  # fmt: skip
+        # enwik8 (``--set path=``), d_model 128, trained 2,000 steps before the trained spectrum
         "full": Config(
             models=(
                 "postnorm-4",
@@ -123,6 +128,7 @@ class TransformerJacobian(Experiment):
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "seed": seed,
+                **({"path": cfg.path} if cfg.path else {}),  # stdlib cells keep their hash
             }  # fmt: skip
             for seed in cfg.seeds
             for m in cfg.models
@@ -144,7 +150,7 @@ class TransformerJacobian(Experiment):
         scheme, depth = cell["model"].rsplit("-", 1)
         depth = int(depth)
         torch.manual_seed(cell["seed"])
-        data = create_dataset("bytes", context=cell["context"])
+        data = create_dataset("bytes", path=cell.get("path") or None, context=cell["context"])
         model = dl.create_model(
             "transformer-lm", depth=depth, d_model=cell["d_model"], nhead=cell["nhead"],
             context=cell["context"], scheme=scheme,
@@ -242,7 +248,8 @@ class TransformerJacobian(Experiment):
             f"byte-LM residual stacks, d_model {cfg.d_model}, {cfg.nhead} heads, context "
             f"{cfg.context} (Jacobians {cfg.context * cfg.d_model}×{cfg.context * cfg.d_model}), "
             f"{cfg.examples} examples, {cfg.steps} Adam steps at lr {cfg.lr:g} before the trained "
-            f"spectrum, stdlib byte corpus, seeds {', '.join(map(str, sorted(set(s['seed']))))}"
+            f"spectrum, {'enwik8' if cfg.path else 'stdlib byte corpus'}, seeds "
+            f"{', '.join(map(str, sorted(set(s['seed']))))}"
         )
         deep, shallow = pn[-1], pn[0]
         far = every({k: -v for k, v in get(deep, "init", "share_within_2").items()}, -0.5)
