@@ -108,7 +108,7 @@ def test_list_shows_models_schemes_and_every_experiment(capsys):
         assert section in out
     for name in [*REAL, "mlp", "resnet", "rezero", "fixup"]:
         assert f"  {name} " in out
-    assert len(REAL) == 13
+    assert len(REAL) == 14
 
 
 def test_version_and_list_json(capsys):

@@ -121,7 +121,7 @@ class TransformerConvergence(Experiment):
         if cfg.path and not Path(cfg.path).is_file():
             raise DepthlabError(f"path {cfg.path} is not a file; pass an enwik8 file or path=''")
 
-    title = "12-layer byte LMs: iterations to a target bpb at each variant's best lr"
+    title = "byte LMs: iterations to a target bpb at the best lr; ReZero vs Post-LN at depth"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Table 2"
     columns = (
         "part", "variant", "depth", "lr", "seed", "step", "train_bpb", "smoothed_bpb", "diverged",

@@ -65,7 +65,7 @@ class TransformerJacobian(Experiment):
             if not 1 <= int(depth) <= 10_000:
                 raise DepthlabError(f"models entry {m!r}: depth must be in 1..10,000")
 
-    title = "Jacobian singular values of Post-LN (depth 4/12/64) vs 64-layer ReZero stacks"
+    title = "Jacobian singular values of deep Post-LN vs ReZero Transformer stacks"
     paper = "Bachlechner et al. 2020, arXiv 2003.04887, Fig. 5"
     columns = (
         "model",
