@@ -52,7 +52,9 @@ def test_skipinit_depth_deep_is_tables_1_and_2_on_n2_wide_resnets():
     cfg = exp.config("deep")
     assert cfg.depths == (16, 100, 1000) and cfg.width == 2 and cfg.variant == "preact"
     assert set(cfg.schemes) == {"batchnorm", "skipinit", "plain", "scaled", "frozen"}
-    assert (cfg.lr, cfg.batch_size, cfg.grad_clip, cfg.schedule) == (0.1, 64, 0, "constant")
+    assert (cfg.batch_size, cfg.grad_clip, cfg.schedule) == (64, 0, "constant")
+    assert cfg.lrs == (0.01, 0.03, 0.1)  # every arm at its best lr of one grid fixed in advance
+    assert {c["lr"] for c in exp.grid(cfg)} == set(cfg.lrs)
     assert len(cfg.seeds) >= 2 and not cfg.top_schemes  # every arm at every depth
     assert {c["depth"] for c in exp.grid(cfg)} == {16, 100, 1000}
     # a cell's net is the n-2 Wide-ResNet: 1,000 layers = 166 blocks per stage, 32/64/128 channels

@@ -158,6 +158,21 @@ def test_skipinit_depth_rules_fail_without_the_effect(change, row):
     assert claims[row].verdict != "reproduced" and claims[row].rule
 
 
+def test_skipinit_depth_judges_each_arm_at_its_best_lr_of_the_grid():
+    """With an lr grid, each arm × seed is judged by its best run: SkipInit diverging at 0.1 but
+    training at 0.03 counts as trained; a control that ties BN at its best lr still fails."""
+    rows = []
+    for lr, skipinit, diverged in ((0.03, [0.93, 0.94, 0.93], ()), (0.1, [0.1] * 3, SEEDS)):
+        acc = {**{s: a for s, a in GOOD_SWEEP.items() if s in SKIPINIT_ARMS}, "skipinit": skipinit}
+        div = {("skipinit", k) for k in diverged}
+        rows += [{**r, "lr": lr} for r in _table12(acc, diverged=div)]
+    claims = _claims("skipinit-depth", rows)
+    assert _verdicts(claims) == ["reproduced", "reproduced"]
+    assert "skipinit 0.03/0.03/0.03" in claims[1].measured
+    tie = [{**r, "test_accuracy": 0.95} if r["scheme"] == "frozen" else r for r in rows]
+    assert _verdicts(_claims("skipinit-depth", tie)) == ["not reproduced", "not reproduced"]
+
+
 # -- deep-fc --
 def _fc(curves: dict[str, tuple[float, float, float]], diverged=()) -> list[dict]:
     rows = []
