@@ -48,11 +48,20 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam, AdamW (decoupled decay) or Adagrad over :func:`param_groups`.
 
-    The multi-tensor (``foreach``) implementations are used on every device (torch picks them
-    only for CUDA by default): a 10,000-layer model has 30,000 parameter tensors, and a Python
-    loop over them would cost more than the step's small matmuls."""
+    A 10,000-layer model has 30,000 parameter tensors, and a Python loop over them would cost
+    more than the step's small matmuls. So the optimizer is torch's *fused* implementation (one
+    kernel over all tensors) where this torch has it for the parameters' device (CPU since torch
+    2.4; CUDA), else the multi-tensor (``foreach``) one, on every device (torch picks neither on
+    a CPU by default). Both compute the optimizer's update rule; they differ from the for-loop
+    implementation by float rounding only."""
     groups = param_groups(model, cfg)
-    kw = {"foreach": True}
+    try:
+        return _optimizer(groups, cfg, {"fused": True})
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch
+        return _optimizer(groups, cfg, {"foreach": True})
+
+
+def _optimizer(groups: list[dict], cfg: TrainConfig, kw: dict) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw
