@@ -73,7 +73,7 @@ class SkipInitDepth(depth_sweep.DepthSweep):
         "smoke": Config(depths=(16, 28), steps=20, seeds=(0, 1), lrs=(0.03, 0.1)),
         "quick": Config(),
         # Table 1's depths (16, 100, 1,000) at k = 2, every arm, two digits epochs (45 steps
-        # of 64) at the one recipe
+        # of 64), each arm at its best lr of the grid
         "deep": Config(depths=(16, 100, 1000), steps=45, seeds=(0, 1)),
         # the paper's data and length: CIFAR-10, 200 epochs at batch 64 (156,250 steps); the
         # step schedule of the Wide-ResNet paper (lr × 0.2 at 30%, 60% and 80% of the run)
