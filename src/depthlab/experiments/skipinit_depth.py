@@ -132,21 +132,23 @@ class SkipInitDepth(depth_sweep.DepthSweep):
         return super().figures(self.best(df), cfg, out_dir)
 
     def claims(self, df: pd.DataFrame, cfg: Config) -> list:
-        best = self.best(df)
-        claims = super().claims(best, cfg)
-        if "lr" not in df.columns or df["lr"].nunique() < 2:
+        return super().claims(self.best(df), cfg)
+
+    def _claims_at(self, at: pd.DataFrame, cfg: Config, depth: int) -> list:
+        """depth-sweep's claims on the best runs at ``depth``, each naming the lr chosen per arm
+        and seed where a grid was run."""
+        claims = super()._claims_at(at, cfg, depth)
+        if len(cfg.lrs) < 2 or "lr" not in at.columns:
             return claims
-        out = []
-        for c in claims:
-            depth = int(c.measured.split(",")[0].split()[-1])  # "depth N, ..."
-            at = best[best["depth"] == depth]
-            chosen = "; ".join(
-                f"{s} " + "/".join(f"{x:g}" for x in g.sort_values("seed")["lr"])
-                for s, g in at.groupby("scheme", sort=False)
-            )
-            grid = ", ".join(f"{x:g}" for x in sorted(df["lr"].unique()))
-            out.append(replace(c, measured=f"{c.measured}; best lr of {grid} per seed: {chosen}"))
-        return out
+        chosen = "; ".join(
+            f"{s} " + "/".join(f"{x:g}" for x in g.sort_values("seed")["lr"])
+            for s, g in at.groupby("scheme", sort=False)
+        )
+        grid = ", ".join(f"{x:g}" for x in cfg.lrs)
+        return [
+            replace(c, measured=f"{c.measured}; best lr of {grid} per seed: {chosen}")
+            for c in claims
+        ]
 
     def setup(self, cfg: Config, depth: int) -> str:
         data, n = ("CIFAR-10", CIFAR_TRAIN) if cfg.data_dir else ("digits 1×8×8", 0)

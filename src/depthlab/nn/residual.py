@@ -105,7 +105,7 @@ class Residual(nn.Module):
             self.skip_mult == 1.0
             and self.shortcut is None
             and self.post is None
-            and (self.branch_unused())
+            and self.branch_unused()
         )
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
