@@ -22,6 +22,8 @@ CASES = [
     ("plain", "linear", {}),
     ("scaled", "relu", {}),
     ("noskip", "tanh", {}),
+    ("layernorm", "relu", {}),
+    ("layernorm", "tanh", {}),
 ]
 
 
@@ -450,3 +452,73 @@ def test_mixed_activation_stacks_give_module_by_module_gradients(
         blk.branch[0] = ACT_MODULES[pair[i % 2]]()
     m.blocks.checkpoint_segments = segments
     _assert_fused_equals_modules(m, torch.randn(6, 5, dtype=torch.float64), module_by_module)
+
+
+def _layernorm(width: int, affine: str) -> torch.nn.LayerNorm:
+    """A float64 LayerNorm with γ and β (``both``), γ only (``weight``) or neither (``none``),
+    moved off its init so that every term counts."""
+    ln = torch.nn.LayerNorm(
+        width, eps=1e-3, elementwise_affine=affine != "none", bias=affine == "both"
+    ).double()
+    with torch.no_grad():
+        for p in ln.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return ln
+
+
+@pytest.mark.parametrize("segments", [0, 3])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("scheme", ["rezero", "scaled", "noskip"])  # gate α; skip 1, 1/√2, 0
+def test_pre_layernorm_blocks_give_module_by_module_gradients(
+    scheme, affine, segments, module_by_module
+):
+    """Blocks ``s·x + α·W σ(LayerNorm(x))`` — every other one with the norm, activations
+    alternating ReLU/tanh/identity — run fused (γ, β and α all learnable) and give the
+    module-by-module outputs and gradients in float64."""
+    m = _model(scheme, "relu", {}, depth=8)
+    acts = list(ACT_MODULES.values())
+    for i, blk in enumerate(m.blocks):
+        blk.branch[0] = acts[i % 3]()
+        if i % 2 == 0:
+            blk.branch.insert(0, _layernorm(12, affine))
+    m.blocks.checkpoint_segments = segments
+    _assert_fused_equals_modules(m, torch.randn(6, 5, dtype=torch.float64), module_by_module)
+
+
+def test_layernorm_over_other_features_runs_module_by_module():
+    """A LayerNorm that does not normalize the block's input features alone (here over a
+    wider shape: it would fail) keeps the stack module by module; one of the right shape is
+    fused."""
+    m = _model("rezero", "relu", {}, depth=3)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    m.blocks[1].branch.insert(0, torch.nn.LayerNorm(12, elementwise_affine=False).double())
+    assert fused.count_fused_nodes(m(x)) == 1
+    m.blocks[1].branch[0].normalized_shape = (1, 12)
+    with pytest.raises(RuntimeError):  # module by module: torch's own shape error
+        m(x)
+
+
+@pytest.mark.parametrize("segments", [0, 2])
+def test_layernorm_mlp_gradient_thread_and_sgd_in_backward(segments, two_threads):
+    """The ``layernorm`` MLP on two threads (gradient thread) with SGD in the backward pass:
+    the same parameters after two steps as module by module with the plain optimizer."""
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 10, (8,))
+
+    def train(fuse: bool) -> dict:
+        m = _model("layernorm", "relu", {}, depth=6)
+        m.blocks.checkpoint_segments = segments
+        m.blocks.fuse = fuse
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        if fuse:
+            m.blocks.sgd_in_backward = fused.SGDInBackward(opt)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            out = m(x)
+            assert fused.count_fused_nodes(out) == ((segments or 1) if fuse else 0)
+            torch.nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+        return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    got, ref = train(True), train(False)
+    for name, p in ref.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-12, atol=1e-12, msg=name)

@@ -50,9 +50,11 @@ _ACTS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Identity: "linear"}
 
 
 def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
-    """``(act, W, b or None, α or None, skip_mult)`` when ``block`` is ``s·x + α·Linear(σ(x))``
-    with no hooks anywhere, nothing else in it and its tensors of ``x``'s dtype and device;
-    else None. Reads the module dicts directly (``nn.Module.__getattr__`` is slow)."""
+    """``(act, W, b or None, α or None, skip_mult, norm)`` when ``block`` is
+    ``s·x + α·Linear(σ(x))`` or ``s·x + α·Linear(σ(LayerNorm(x)))`` with no hooks anywhere,
+    nothing else in it and its tensors of ``x``'s dtype and device (``norm``: None, or the
+    LayerNorm's ``(γ or None, β or None, eps)``); else None. Reads the module dicts directly
+    (``nn.Module.__getattr__`` is slow)."""
     if type(block) is not Residual or hooked(block):
         return None
     sub, own = block._modules, block.__dict__  # a None submodule may live in either
@@ -65,15 +67,23 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     skip = sub.get("skip_scale")
     if type(skip) is not Scale or hooked(skip):
         return None
-    if type(branch) not in (Branch, nn.Sequential) or len(branch._modules) != 2:
+    if type(branch) not in (Branch, nn.Sequential) or len(branch._modules) not in (2, 3):
         return None
-    act, linear = branch._modules.values()
+    *ln, act, linear = branch._modules.values()
     kind = _ACTS.get(type(act))
     if kind is None or type(linear) is not nn.Linear:
         return None
     if hooked(branch) or hooked(act) or hooked(linear):
         return None
     w, b = linear._parameters["weight"], linear._parameters["bias"]
+    norm, tensors = None, [w, b]
+    if ln:
+        ln = ln[0]
+        if type(ln) is not nn.LayerNorm or hooked(ln) or ln.normalized_shape != (w.shape[1],):
+            return None
+        g_ln, b_ln = ln._parameters.get("weight"), ln._parameters.get("bias")
+        norm = (g_ln, b_ln, float(ln.eps))
+        tensors += [g_ln, b_ln]
     alpha = None
     if gate is not None:
         if type(gate) is not Gate or hooked(gate):
@@ -82,10 +92,10 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
         if alpha is None:
             alpha = gate._buffers["alpha"]
     dtype, device = x.dtype, x.device
-    for t in (w, b, alpha):
+    for t in (*tensors, alpha):
         if t is not None and (t.dtype != dtype or t.device != device):
             return None
-    return kind, w, b, alpha, skip.value
+    return kind, w, b, alpha, skip.value, norm
 
 
 def _autocast() -> bool:
@@ -142,13 +152,13 @@ def run_stack(
     size = -(-n // min(segments, n)) if segments > 0 else CHUNK
     for start in range(0, n, size):
         spec, params = [], []
-        for act, w, b, alpha, skip in plans[start : start + size]:
-            params.append(w)
-            if b is not None:
-                params.append(b)
-            if alpha is not None:
-                params.append(alpha)
-            spec.append((act, b is not None, alpha is not None, skip))
+        for act, w, b, alpha, skip, norm in plans[start : start + size]:
+            params += [t for t in (w, b, alpha) if t is not None]
+            norm_spec = None
+            if norm is not None:
+                params += [t for t in norm[:2] if t is not None]
+                norm_spec = (norm[0] is not None, norm[1] is not None, norm[2])
+            spec.append((act, b is not None, alpha is not None, skip, norm_spec))
         x = GatedLinearStack.apply(x, tuple(spec), segments > 0, sgd, *params)
     return x
 
@@ -169,9 +179,10 @@ def count_fused_nodes(out: torch.Tensor) -> int:
 
 
 def _unpack(spec: tuple, params: tuple) -> list[tuple]:
-    """Per block ``(act, W, b or None, α tensor or None, skip, index of W in params)``."""
+    """Per block ``(act, W, b or None, α tensor or None, skip, index of W in params, norm)``,
+    ``norm`` None or the LayerNorm's ``(γ or None, β or None, eps, index of its first tensor)``."""
     out, j = [], 0
-    for act, has_b, has_gate, skip in spec:
+    for act, has_b, has_gate, skip, norm_spec in spec:
         w_at = j
         w = params[j]
         j += 1
@@ -179,7 +190,12 @@ def _unpack(spec: tuple, params: tuple) -> list[tuple]:
         j += has_b
         a = params[j] if has_gate else None
         j += has_gate
-        out.append((act, w, b, a, skip, w_at))
+        norm = None
+        if norm_spec is not None:
+            has_g, has_beta, eps = norm_spec
+            norm = (params[j] if has_g else None, params[j + has_g] if has_beta else None, eps, j)
+            j += has_g + has_beta
+        out.append((act, w, b, a, skip, w_at, norm))
     return out
 
 
@@ -200,16 +216,30 @@ def _act_backward(kind: str, grad: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     return grad
 
 
-def _forward(blocks: list[tuple], alphas: list[float], h: torch.Tensor, keep: list | None):
-    """Run ``blocks`` from ``h`` (left unchanged); append each block's ``r`` to ``keep`` when
-    given. The residual stream is updated in place where nothing else holds it."""
-    own, y_buf = False, None  # own: h is this loop's scratch (not the input, not a kept r)
-    for (act, w, b, _, skip, _), a in zip(blocks, alphas):
+def _branch_input(act: str, norm: tuple | None, h: torch.Tensor, keep: list | None):
+    """``r = σ(h)``, or ``σ(LayerNorm(h))`` with ``norm``; appends to ``keep`` what the backward
+    pass reads: ``r``, or ``h, mean, rstd, r`` with a norm."""
+    if norm is None:
         r = _act(act, h)
-        if r is h:  # a linear block's r is h itself, which must now stay as it is
-            own = False
         if keep is not None:
             keep.append(r)
+        return r
+    u, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), norm[0], norm[1], norm[2])
+    r = torch.relu_(u) if act == "relu" else torch.tanh_(u) if act == "tanh" else u
+    if keep is not None:
+        keep += (h, mean, rstd, r)
+    return r
+
+
+def _forward(blocks: list[tuple], alphas: list[float], h: torch.Tensor, keep: list | None):
+    """Run ``blocks`` from ``h`` (left unchanged); append what each block's backward pass reads
+    to ``keep`` when given (:func:`_branch_input`). The residual stream is updated in place
+    where nothing else holds it."""
+    own, y_buf = False, None  # own: h is this loop's scratch (not the input, not a kept r)
+    for (act, w, b, _, skip, _, norm), a in zip(blocks, alphas):
+        r = _branch_input(act, norm, h, keep)
+        if r is h or (norm is not None and keep is not None):
+            own = False  # h itself is kept (a linear block's r, a LayerNorm's input)
         if skip == 1.0:  # y only feeds the add: one scratch buffer serves every block
             if b is None:
                 y_buf = torch.mm(r, w.t(), out=y_buf) if y_buf is not None else torch.mm(r, w.t())
@@ -247,10 +277,10 @@ class GatedLinearStack(torch.autograd.Function):
         *params: torch.Tensor,
     ):
         blocks = _unpack(spec, params)
-        gates = [a for *_, a, _, _ in blocks if a is not None]
+        gates = [blk[3] for blk in blocks if blk[3] is not None]
         values = torch.stack(gates).tolist() if gates else []  # one sync on a GPU, not one each
         it = iter(values)
-        alphas = [next(it) if a is not None else 1.0 for *_, a, _, _ in blocks]
+        alphas = [next(it) if blk[3] is not None else 1.0 for blk in blocks]
         kept: list[torch.Tensor] | None = None if recompute else []
         h = _forward(blocks, alphas, x, kept)
         # saved as autograd saves tensors: freed after the backward pass unless retain_graph
@@ -273,7 +303,7 @@ class GatedLinearStack(torch.autograd.Function):
             rs: list[torch.Tensor] = []
             # the last block's GEMM only makes this node's output: its r needs h_last alone
             h_last = _forward(blocks[:-1], ctx.alphas[:-1], saved[-1], rs)
-            rs.append(_act(blocks[-1][0], h_last))
+            _branch_input(blocks[-1][0], blocks[-1][6], h_last, rs)
         else:
             rs = list(saved[ctx.num_params :])
         del saved
@@ -306,8 +336,10 @@ def _backward_chain(blocks, rs, alphas, needs, grad, grads, sgd, submit) -> torc
     handed to the thread holds its ``g``, so then each block's ``g`` is a new tensor."""
     g, own = grad, False  # own: g is this loop's scratch (grad itself must not change)
     for i in range(len(blocks) - 1, -1, -1):
-        act, w, b, a_t, skip, w_at = blocks[i]
+        act, w, b, a_t, skip, w_at, norm = blocks[i]
         r, a = rs.pop(), alphas[i]
+        if norm is not None:
+            rstd, mean, h_in = rs.pop(), rs.pop(), rs.pop()
         j = w_at + 4  # params start after x, spec, recompute, sgd
         need_w, need_b = needs[j], b is not None and needs[j + 1]
         need_a = a_t is not None and needs[j + 1 + (b is not None)]
@@ -325,6 +357,9 @@ def _backward_chain(blocks, rs, alphas, needs, grad, grads, sgd, submit) -> torc
             submit(job)
         gr = _act_backward(act, gw, r)
         del r, job
+        if norm is not None:
+            gr = _norm_backward(norm, gr, h_in, mean, rstd, a, needs, grads)
+            del h_in, mean, rstd
         if skip == 1.0 and own and submit is None:
             g.add_(gr, alpha=a)
         elif skip == 1.0:
@@ -332,6 +367,22 @@ def _backward_chain(blocks, rs, alphas, needs, grad, grads, sgd, submit) -> torc
         else:
             g, own = (torch.add(gr.mul_(a), g, alpha=skip) if skip else gr.mul_(a)), True
     return g
+
+
+def _norm_backward(norm, gu, h, mean, rstd, a, needs, grads) -> torch.Tensor:
+    """∂L/∂h through ``u = LayerNorm(h)`` from ``gu`` = (∂L/∂u)/α; the LayerNorm's ∂γ, ∂β
+    (× α) go into ``grads``."""
+    g_ln, b_ln, eps, at = norm
+    need_g = g_ln is not None and needs[at + 4]
+    need_b = b_ln is not None and needs[at + 4 + (g_ln is not None)]
+    gh, gg, gb = torch.ops.aten.native_layer_norm_backward(
+        gu, h, (h.shape[-1],), mean, rstd, g_ln, b_ln, [True, need_g, need_b]
+    )
+    if need_g:
+        grads[at] = gg if a == 1.0 else gg.mul_(a)
+    if need_b:
+        grads[at + (g_ln is not None)] = gb if a == 1.0 else gb.mul_(a)
+    return gh
 
 
 def _param_grads(grads, w_at, w, b, a_t, g, r, a, need_w, need_b, need_a, ga, step) -> None:
