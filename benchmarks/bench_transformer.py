@@ -14,6 +14,11 @@ Target (issue 5): ours <= 1.05x torch's step time.
 
 Part 2: ``transformer-lm`` training steps (Adam, cross-entropy over 256 bytes) on random byte
 windows of the same shape: bytes/s = B·T / median step time.
+
+``--attention`` instead times causal attention alone, forward + backward, at 16 to 128 keys
+(batch 16, 4 heads of width 8: the deep byte LMs' shape): depthlab's short-sequence path
+(``short_attention``, two batched GEMMs) beside ``F.scaled_dot_product_attention``, interleaved;
+it writes ``attention.csv``. The model takes the short path up to ``SHORT_KEYS`` keys.
 """
 
 from __future__ import annotations
@@ -108,6 +113,39 @@ def lm_steps(args) -> dict[str, Callable[[], None]]:
     return steps
 
 
+def attention(args) -> int:
+    """Causal attention, forward + backward: the short path against torch's fused kernel."""
+    from depthlab.nn.transformer import SHORT_KEYS, short_attention
+
+    def sdpa(q, k, v) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def short(q, k, v) -> torch.Tensor:
+        return short_attention(q, k, v, True)
+
+    print(f"Causal attention fwd+bwd, batch 16, 4 heads × 8, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} interleaved calls; the model's short path: ≤ {SHORT_KEYS} keys")
+    print(f"{'keys':>5} {'short µs':>9} {'sdpa µs':>9} {'short/sdpa':>11}")
+    rows = []
+    for keys in (16, 32, 64, 128):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(16, 4, keys, 8, generator=g, requires_grad=True) for _ in range(3))
+
+        def step(f=None, q=q, k=k, v=v) -> None:
+            out = f(q, k, v)
+            out.backward(out)
+
+        wall, _ = timed({"short": lambda: step(short), "sdpa": lambda: step(sdpa)},
+                        args.steps, args.warmup)  # fmt: skip
+        ratio = wall["short"] / wall["sdpa"]
+        print(f"{keys:>5} {wall['short'] * 1e6:>9.0f} {wall['sdpa'] * 1e6:>9.0f} {ratio:>11.2f}")
+        rows.append({"keys": keys, "short_us": round(wall["short"] * 1e6, 1),
+                     "sdpa_us": round(wall["sdpa"] * 1e6, 1), "short_vs_sdpa": round(ratio, 3),
+                     "model_path": "short" if keys <= SHORT_KEYS else "sdpa"})  # fmt: skip
+    write_csv("attention.csv", rows, args.csv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--d-model", type=int, default=256)
@@ -119,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lm-depth", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--attention", action="store_true", help="time causal attention alone")
     ap.add_argument("--csv", default=None, help="default benchmarks/results/transformer.csv")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.attention:
+        return attention(args)
 
     shape = f"d_model {args.d_model}, {args.nhead} heads, seq {args.seq}, batch {args.batch}"
     print(

@@ -283,3 +283,39 @@ def test_hooks_on_attention_projections_run():
     assert not torch.allclose(pruned, ref)
     torch.nn.utils.prune.remove(attn.v_proj, "weight")
     torch.testing.assert_close(model(tokens), pruned)  # the pruned weight, now plain
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t,s", [(7, 7), (7, 5), (5, 9)])
+def test_short_attention_equals_sdpa_with_gradients(causal, t, s):
+    """The short-sequence path (two batched GEMMs) is torch's scaled_dot_product_attention —
+    values and gradients in float64, causal top-left aligned also when T ≠ S."""
+    from depthlab.nn.transformer import short_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, t, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, s, 4, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    w = torch.randn(2, 3, t, 4, dtype=torch.float64, generator=g)
+    ours = short_attention(q, k, v, causal)
+    got = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_takes_the_short_path_up_to_short_keys(monkeypatch):
+    """Self-attention without a mask or dropout runs :func:`short_attention` up to
+    ``SHORT_KEYS`` keys on a CPU and torch's kernel beyond; a padding mask always takes torch's."""
+    import depthlab.nn.transformer as tr
+
+    calls = []
+    real = tr.short_attention
+    monkeypatch.setattr(tr, "short_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    attn = MultiHeadAttention(D, H, batch_first=True, causal=True)
+    for length in (tr.SHORT_KEYS, tr.SHORT_KEYS + 1):
+        attn(torch.randn(2, length, D))
+    attn(torch.randn(B, T, D), key_padding_mask=padding_mask())
+    assert calls == [tr.SHORT_KEYS]

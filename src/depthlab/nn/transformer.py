@@ -62,6 +62,29 @@ def causal_mask(
     return torch.ones(size, s, dtype=torch.bool, device=device).triu(1)
 
 
+#: at most this many keys, attention on a CPU runs as two batched matrix products
+#: (:func:`short_attention`); longer, torch's fused kernel
+#: (``benchmarks/bench_transformer.py --attention`` measures both)
+SHORT_KEYS = 32
+
+
+def short_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """``softmax(Q Kᵀ/√hd + M) V`` for (B, h, T, hd) queries and (B, h, S, hd) keys/values
+    without a mask beyond the causal one (``M`` = −∞ above the diagonal, top-left aligned as in
+    ``F.scaled_dot_product_attention(is_causal=True)``) and without dropout, as two batched
+    GEMMs and a softmax: the same function as torch's fused CPU kernel, which on a few dozen
+    keys costs more in its tiling than the products themselves (forward and backward)."""
+    B, h, T, hd = q.shape
+    S = k.shape[2]
+    qs, ks = q.reshape(B * h, T, hd), k.reshape(B * h, S, hd).transpose(1, 2)
+    if causal:
+        blocked = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        scores = torch.baddbmm(blocked, qs, ks, alpha=hd**-0.5)  # (B·h, T, S)
+    else:
+        scores = torch.bmm(qs, ks).mul_(hd**-0.5)
+    return torch.bmm(torch.softmax(scores, -1), v.reshape(B * h, S, hd)).view(B, h, T, hd)
+
+
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """torch's mask conventions -> an additive float mask: bool True = blocked -> -inf."""
     if mask.dtype == torch.bool:
@@ -187,6 +210,8 @@ class MultiHeadAttention(nn.Module):
                 y = F.scaled_dot_product_attention(
                     q, k, v, mask, dropout_p, is_causal=causal and mask is None
                 )
+        elif mask is None and dropout_p == 0.0 and S <= SHORT_KEYS and q.device.type == "cpu":
+            y = short_attention(q, k, v, causal)  # (B, h, T, hd)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, mask, dropout_p, is_causal=causal and mask is None
