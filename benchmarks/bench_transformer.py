@@ -123,8 +123,10 @@ def attention(args) -> int:
     def short(q, k, v) -> torch.Tensor:
         return short_attention(q, k, v, True)
 
-    print(f"Causal attention fwd+bwd, batch 16, 4 heads × 8, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} interleaved calls; the model's short path: ≤ {SHORT_KEYS} keys")
+    print(
+        f"Causal attention fwd+bwd, batch 16, 4 heads × 8, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} interleaved calls; the model's short path: ≤ {SHORT_KEYS} keys"
+    )
     print(f"{'keys':>5} {'short µs':>9} {'sdpa µs':>9} {'short/sdpa':>11}")
     rows = []
     for keys in (16, 32, 64, 128):
