@@ -56,8 +56,9 @@ class BlockStack(nn.Sequential):
     pass. The recomputation restores every buffer of the segment afterwards, so BatchNorm running
     statistics (and ``num_batches_tracked``) are updated once per step, as without checkpointing.
 
-    A stack whose blocks are all ``s·x + α·W σ(x) + α·b`` (the MLP with ``rezero``, ``skipinit``,
-    ``plain``, ``scaled``, ``noskip``) runs fused (:mod:`depthlab.nn.fusion.stack`): a few autograd
+    A stack whose blocks are all ``s·x + α·W σ(x) + α·b`` or ``s·x + α·W σ(LayerNorm(x)) + α·b``
+    (the MLP with ``rezero``, ``skipinit``, ``plain``, ``scaled``, ``noskip``, ``layernorm``) runs
+    fused (:mod:`depthlab.nn.fusion.stack`): a few autograd
     nodes with a hand-written backward, the same function and gradients; checkpointing is then
     done inside those nodes. ``fuse = False`` turns it off (double backward needs that).
     """

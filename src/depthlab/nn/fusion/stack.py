@@ -5,7 +5,10 @@ linear ResNets) is a chain of identical small blocks
 
     r_i = σ(h_i),   y_i = r_i Wᵢᵀ + b_i,   h_{i+1} = s·h_i + α_i·y_i
 
-(σ ∈ {ReLU, tanh, identity}; α_i the block's gate, 1 without one; s the skip multiplier).
+(σ ∈ {ReLU, tanh, identity}; α_i the block's gate, 1 without one; s the skip multiplier), or
+with a pre-norm ``r_i = σ(LayerNorm(h_i))`` (the ``layernorm`` scheme's FC+LayerNorm blocks):
+the LayerNorm then runs as torch's own forward and backward kernels inside the node, which
+keeps ``h_i`` and its per-row mean and 1/σ beside ``r_i``.
 Run module by module, each block is five Python module calls, three autograd nodes and about a
 dozen small tensor ops beside its three GEMMs, which at width 256 cost as much as the GEMMs do.
 :class:`GatedLinearStack` runs a run of such blocks (:data:`CHUNK` of them, or one checkpoint
