@@ -194,6 +194,11 @@ def test_sweep_eta_weights_the_queued_cells_by_their_experiments_cost():
     sweep.jobs = [a, b]
     sweep.handles = {"h1": (a, 1), "h2": (b, 1)}
     assert sweep._eta() == "; ETA 50 s"
+    # an experiment with no finished cell yet is counted at the mean cell (50.5 s), flagged
+    c = _Job(None, None, None, [{}, {}], {}, {0, 1}, 0)
+    sweep.jobs.append(c)
+    sweep.handles |= {"h3": (c, 0), "h4": (c, 1)}
+    assert sweep._eta() == "; ETA 101 s (1 experiment not timed yet, guessed at the mean cell)"
 
 
 def test_bn_smoothness_and_batch_size_deep_are_deeper_than_quick():

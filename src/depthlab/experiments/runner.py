@@ -623,8 +623,9 @@ class _Sweep:
 
     def _eta(self) -> str:
         """The cells still queued, each at its own experiment's mean cell time so far (the
-        sweep's mean for an experiment with none finished yet), spread over the workers; the
-        plain rate of the finished cells where the number of workers is unknown (Ray)."""
+        sweep's mean for an experiment with none finished yet — then the text says how many
+        experiments are such guesses), spread over the workers; the plain rate of the finished
+        cells where the number of workers is unknown (Ray)."""
         workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
         left = [job for job, _ in self.handles.values()]
         if not workers or not left:
@@ -636,7 +637,12 @@ class _Sweep:
             n = len(j.done) - j.n_cached
             return j.cell_time / n if n else overall
 
-        return eta_text(sum(mean(j) for j in left) / workers, 1, 1)
+        eta = eta_text(sum(mean(j) for j in left) / workers, 1, 1)
+        untimed = {id(j) for j in left if len(j.done) == j.n_cached}
+        if untimed:  # a guess until one of their cells is in: say so
+            n = len(untimed)
+            eta += f" ({n} experiment{'s' * (n > 1)} not timed yet, guessed at the mean cell)"
+        return eta
 
     def _error_row(self, job: _Job, error: str) -> None:
         self.log(f"[{job.exp.name}] FAILED: {error}")
