@@ -58,13 +58,14 @@ class BlockStack(nn.Sequential):
 
     A stack whose blocks are all ``s·x + α·W σ(x) + α·b`` or ``s·x + α·W σ(LayerNorm(x)) + α·b``
     (the MLP with ``rezero``, ``skipinit``, ``plain``, ``scaled``, ``noskip``, ``layernorm``) runs
-    fused (:mod:`depthlab.nn.fusion.stack`): a few autograd
-    nodes with a hand-written backward, the same function and gradients; checkpointing is then
-    done inside those nodes. ``fuse = False`` turns it off (double backward needs that).
+    fused (:mod:`depthlab.nn.fusion.stack`): a few autograd nodes with a hand-written backward,
+    the same function and gradients; checkpointing is then done inside those nodes.
+    ``fuse = False`` turns it off (double backward needs that).
     """
 
     checkpoint_segments: int = 0
-    #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``) as fused autograd nodes
+    #: run a stack of gated linear blocks (``s·x + α·W σ(x) + α·b``, optionally with a LayerNorm
+    #: before σ) as fused autograd nodes
     #: (:mod:`depthlab.nn.fusion.stack`); False runs it module by module (double backward
     #: needs that; ``depthlab.nn.fusion(False)`` turns every fused path off)
     fuse: bool = True
