@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from depthlab.nn.conv import Conv2d
 from depthlab.nn.init import fan
 from depthlab.nn.norm import NoisyBatchNorm, create_norm
 from depthlab.nn.residual import Branch, Residual, residual_blocks, weight_layers
@@ -154,8 +155,9 @@ class Scheme:
         bias: bool | None = None,
         act: str | None = None,
     ) -> nn.Module:
-        """A 2-D convolution of a block, stem or shortcut (see :meth:`linear`)."""
-        return nn.Conv2d(
+        """A 2-D convolution of a block, stem or shortcut (see :meth:`linear`): a
+        :class:`depthlab.nn.Conv2d` (``nn.Conv2d`` with a faster CPU path on 2×2 maps)."""
+        return Conv2d(
             in_channels,
             out_channels,
             kernel_size,

@@ -1,7 +1,9 @@
-"""Building blocks: scalar gates, biases and skip scales, the Residual wrapper, normalization
+"""Building blocks: a convolution with a fast path on 2×2 maps, scalar gates, biases and skip
+scales, the Residual wrapper, normalization
 layers, weight-standardized layers."""
 
 from depthlab.nn import fusion
+from depthlab.nn.conv import Conv2d, conv3x3_2x2
 from depthlab.nn.norm import (
     DistributedBatchNorm,
     ReferenceBatchNorm,
@@ -17,6 +19,8 @@ from depthlab.nn.ws import WSConv2d, WSLinear, activation_gain
 __all__ = [
     "Bias",
     "Branch",
+    "Conv2d",
+    "conv3x3_2x2",
     "fusion",
     "FeatureScale",
     "Scale",

@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthlab.nn.conv import Conv2d
 from depthlab.nn.fusion.switch import blocked, hooked, transformed
 from depthlab.nn.scalars import Bias, Gate
 
 #: layer types whose forward is exactly ``F.linear``/``Conv._conv_forward`` (subclasses with their
-#: own forward — e.g. weight-standardized layers — are never fused)
-FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: own forward — e.g. weight-standardized layers — are never fused; :class:`Conv2d` only changes
+#: how ``_conv_forward`` computes the same function)
+FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, Conv2d, nn.Conv3d)
 
 
 class Call(NamedTuple):

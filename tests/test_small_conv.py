@@ -1,0 +1,130 @@
+"""The 3×3 convolution on 2×2 maps as one matrix product: equal to ``F.conv2d`` (values,
+gradients, double backward, every memory layout), taken exactly where it applies, and the layer
+type depthlab's schemes build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import depthlab as dl
+from depthlab.nn import Conv2d, conv3x3_2x2
+
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+def _tensors(n, c_in, c_out, x_fmt, w_fmt, bias, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, 2, 2, generator=g, dtype=dtype).contiguous(memory_format=x_fmt)
+    w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=w_fmt)
+    b = torch.randn(c_out, generator=g, dtype=dtype) if bias else None
+    return x.requires_grad_(), w.requires_grad_(), None if b is None else b.requires_grad_()
+
+
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+@pytest.mark.parametrize("w_fmt", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 1, 1), (2, 7, 3)])
+def test_equals_conv2d_values_and_gradients(x_fmt, w_fmt, bias, shape):
+    x, w, b = _tensors(*shape, x_fmt, w_fmt, bias)
+    y = conv3x3_2x2(x, w, b)
+    ref = F.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    inputs = (x, w) if b is None else (x, w, b)
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+def test_gradcheck_and_double_backward(x_fmt):
+    x, w, b = _tensors(2, 3, 2, x_fmt, torch.contiguous_format, True)
+    assert torch.autograd.gradcheck(conv3x3_2x2, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv3x3_2x2, (x, w, b))
+
+
+def test_output_layout_alternates_and_float32_matches():
+    x, w, b = _tensors(8, 16, 16, torch.contiguous_format, torch.channels_last, True, torch.float32)
+    y1 = conv3x3_2x2(x, w, b)
+    assert y1.is_contiguous(memory_format=torch.channels_last) and not y1.is_contiguous()
+    y2 = conv3x3_2x2(y1, w, b)
+    assert y2.is_contiguous()
+    ref = F.conv2d(F.conv2d(x, w, b, padding=1), w, b, padding=1)
+    torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rejects_other_shapes():
+    with pytest.raises(ValueError, match="F.conv2d"):
+        conv3x3_2x2(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="F.conv2d"):
+        conv3x3_2x2(torch.randn(1, 2, 2, 2), torch.randn(3, 2, 1, 1))
+
+
+def _count_fast(monkeypatch):
+    calls = []
+    real = dl.nn.conv.conv3x3_2x2
+
+    def spy(*a):
+        calls.append(a[0].shape)
+        return real(*a)
+
+    monkeypatch.setattr(dl.nn.conv, "conv3x3_2x2", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "hw", "fast"),
+    [
+        ({}, 2, True),
+        ({"padding": "same"}, 2, True),
+        ({}, 4, False),  # larger maps: oneDNN's kernel
+        ({"stride": 2}, 2, False),
+        ({"dilation": 2, "padding": 2}, 2, False),
+        ({"padding_mode": "reflect"}, 2, False),
+    ],
+)
+def test_layer_takes_the_path_exactly_where_it_applies(monkeypatch, kwargs, hw, fast):
+    torch.manual_seed(0)
+    kw = {"padding": 1, **kwargs}
+    layer = Conv2d(4, 4, 3, **kw)
+    ref = nn.Conv2d(4, 4, 3, **kw)
+    ref.load_state_dict(layer.state_dict())
+    calls = _count_fast(monkeypatch)
+    x = torch.randn(5, 4, hw, hw)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert bool(calls) == fast
+    calls.clear()
+    with dl.nn.fusion(False):
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert not calls
+    layer.to(torch.bfloat16)  # reduced precision: F.conv2d's own kernels
+    torch.testing.assert_close(layer(x.bfloat16()), ref.to(torch.bfloat16)(x.bfloat16()))
+    assert not calls
+
+
+def test_schemes_build_it_and_a_deep_resnet_trains_the_same(monkeypatch):
+    """A CIFAR ResNet on 8×8 inputs reaches 2×2 maps in its last stage: its convolutions there
+    take the matrix-product path, and one SGD step equals the module-by-module one (float64)."""
+    torch.manual_seed(0)
+    for scheme in ("skipinit", "fixup", "batchnorm"):
+        m = dl.create_model("resnet", depth=14, scheme=scheme, in_channels=1).double()
+        convs = [x for x in m.modules() if isinstance(x, nn.Conv2d) and x.kernel_size == (3, 3)]
+        assert convs and all(type(x) is Conv2d for x in convs)
+        ref = dl.create_model("resnet", depth=14, scheme=scheme, in_channels=1).double()
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(6, 1, 8, 8, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last
+        )
+        y = torch.randint(0, 10, (6,))
+        calls = _count_fast(monkeypatch)
+        F.cross_entropy(m(x), y).backward()
+        assert calls and all(tuple(s[2:]) == (2, 2) for s in calls)
+        with dl.nn.fusion(False):
+            F.cross_entropy(ref(x), y).backward()
+        for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=name)
+        monkeypatch.undo()
