@@ -1,6 +1,5 @@
 """Building blocks: a convolution with a fast path on 2×2 maps, scalar gates, biases and skip
-scales, the Residual wrapper, normalization
-layers, weight-standardized layers."""
+scales, the Residual wrapper, normalization layers, weight-standardized layers."""
 
 from depthlab.nn import fusion
 from depthlab.nn.conv import Conv2d, conv3x3_2x2
