@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     ap.add_argument("--max-act-gb", type=float, default=6.0,
                     help="checkpoint a model whose activations would exceed this")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); sweeps run 1 per cell")  # fmt: skip
     ap.add_argument("--csv", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.inputs.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
