@@ -4,6 +4,11 @@ peak memory with and without activation checkpointing.
 
     .venv/bin/python benchmarks/bench_deep_mlp.py                     # depth 10,000
     .venv/bin/python benchmarks/bench_deep_mlp.py --depth 1000 --fit  # + fit 512 random labels
+    .venv/bin/python benchmarks/bench_deep_mlp.py --scheme layernorm --width 64 --batch 64 --no-sgd
+
+``--scheme layernorm`` times the pre-LayerNorm residual MLP instead (``x + W relu(LN(x)) + b``,
+deep-fc's FC+LayerNorm arm), whose fused stack runs torch's LayerNorm kernels inside its nodes;
+its FLOP count leaves out the LayerNorms (≈ 8·B·W per layer, small beside ``6·B·W²``).
 
 Method.
 
@@ -150,7 +155,7 @@ def measure(args: argparse.Namespace) -> dict:
     kept = args.malloc == "keep" and _keep_freed_memory()
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = dl.create_model("mlp", depth=depth, width=width, scheme="rezero", in_dim=64)
+    model = dl.create_model("mlp", depth=depth, width=width, scheme=args.scheme, in_dim=64)
     build_s = time.perf_counter() - t
     opt = make_optimizer(model, dl.TrainConfig(lr=1e-3, momentum=momentum))
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
@@ -235,7 +240,7 @@ def run_child(args: argparse.Namespace, segments: int) -> dict:
     cmd += ["--segments", str(segments), "--momentum", str(args.momentum)]
     cmd += ["--malloc", args.malloc] + (["--no-compare"] if args.no_compare else [])
     cmd += ["--no-sgd"] if args.no_sgd else []
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--scheme", args.scheme]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"child failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -292,7 +297,17 @@ def fit_random_labels(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--depth", type=int, default=10_000)
-    ap.add_argument("--csv", default=None, help="default benchmarks/results/deep_mlp.csv")
+    ap.add_argument(
+        "--scheme",
+        choices=("rezero", "layernorm"),
+        default="rezero",
+        help="layernorm: the pre-LN residual MLP (x + W relu(LN(x)) + b), deep-fc's FC+LayerNorm",
+    )
+    ap.add_argument(
+        "--csv",
+        default=None,
+        help="default benchmarks/results/deep_mlp.csv (--scheme layernorm: deep_mlp_layernorm.csv)",
+    )
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
@@ -348,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run_child(args, segments)
     plain, ckpt = res["configs"]["0"], res["configs"][str(segments)]
     print(
-        f"ReZero MLP depth {args.depth}, width {args.width}, batch {args.batch}, "
+        f"{'ReZero' if args.scheme == 'rezero' else 'pre-LayerNorm'} MLP depth {args.depth}, "
+        f"width {args.width}, batch {args.batch}, "
         f"threads {torch.get_num_threads()}; model built in {res['build_s']:.1f} s; "
         "malloc "
         f"{'keeps freed memory' if res['malloc_kept'] else 'default'}"
@@ -379,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cpu_s'] / plain['cpu_s']:>8.2f}"
             f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):>11.2f}{r['faults']:>9.0f}"
         )
-    write_csv("deep_mlp.csv", _csv_rows(args, rows, flops, plain), args.csv)
+    name = "deep_mlp.csv" if args.scheme == "rezero" else f"deep_mlp_{args.scheme}.csv"
+    write_csv(name, _csv_rows(args, rows, flops, plain), args.csv)
     pairs = [c / p for c, p in zip(ckpt["cpu_all"], plain["cpu_all"])]
     print(
         "checkpointing time ratio per round (CPU): "
