@@ -44,6 +44,14 @@ NETS = (
 )
 
 
+def _row(part: str, what: str, layout: str, ref: float, new: float, digits: int) -> dict:
+    """One CSV row: ``F.conv2d``'s and the matrix product's milliseconds and their ratio."""
+    return {
+        "part": part, "what": what, "layout": layout, "conv2d_ms": round(ref * 1e3, digits),
+        "gemm_ms": round(new * 1e3, digits), "ratio": round(new / ref, 3),
+    }  # fmt: skip
+
+
 def kernel_rows(batches, channels, calls: int) -> list[dict]:
     rows = []
     for n in batches:
@@ -65,16 +73,7 @@ def kernel_rows(batches, channels, calls: int) -> list[dict]:
                         if i >= 5:
                             times[k].append(time.perf_counter() - t0)
                 ref, new = (statistics.median(times[k]) for k in ("conv2d", "gemm"))
-                rows.append(
-                    {
-                        "part": "kernel",
-                        "what": f"C{c} N{n}",
-                        "layout": name,
-                        "conv2d_ms": round(ref * 1e3, 4),
-                        "gemm_ms": round(new * 1e3, 4),
-                        "ratio": round(new / ref, 3),
-                    }  # fmt: skip
-                )
+                rows.append(_row("kernel", f"C{c} N{n}", name, ref, new, 4))
                 print(
                     f"conv {c:3d}→{c:3d} on ({n}, {c}, 2, 2) {name}: F.conv2d "
                     f"{ref * 1e3:6.3f} ms, matrix product {new * 1e3:6.3f} ms ({new / ref:.2f}×)",
@@ -106,16 +105,7 @@ def step_rows(steps: int) -> list[dict]:
                         times[mode].append(time.perf_counter() - t0)
             Conv2d._small_map = real
             on, off = (statistics.median(times[k]) for k in ("on", "off"))
-            rows.append(
-                {
-                    "part": "step",
-                    "what": f"{label} {scheme} batch {batch}",
-                    "layout": "nhwc",
-                    "conv2d_ms": round(off * 1e3, 1),
-                    "gemm_ms": round(on * 1e3, 1),
-                    "ratio": round(on / off, 3),
-                }  # fmt: skip
-            )
+            rows.append(_row("step", f"{label} {scheme} batch {batch}", "nhwc", off, on, 1))
             print(
                 f"{label} {scheme}, batch {batch}: F.conv2d {off:.3f} s/step, with the 2×2 "
                 f"matrix product {on:.3f} s/step ({on / off:.2f}×; ranges "
