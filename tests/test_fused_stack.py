@@ -522,3 +522,18 @@ def test_layernorm_mlp_gradient_thread_and_sgd_in_backward(segments, two_threads
     got, ref = train(True), train(False)
     for name, p in ref.items():
         torch.testing.assert_close(got[name], p, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("segments", [0, 3])
+def test_blocks_without_bias_or_gate_in_one_node(segments, module_by_module):
+    """A node mixing blocks with and without a bias and with and without a gate: the fused
+    outputs and gradients equal module by module in float64."""
+    m = _model("rezero", "relu", {}, depth=8)
+    for i, blk in enumerate(m.blocks):
+        if i % 2:
+            blk.branch[-1].register_parameter("bias", None)
+        if i % 3 == 2:
+            blk.gate = None
+    m.blocks.checkpoint_segments = segments
+    _assert_fused_equals_modules(m, torch.randn(6, 5, dtype=torch.float64), module_by_module)
+    assert sum(b.gate is None for b in m.blocks) == 2
