@@ -402,3 +402,41 @@ def test_frozen_zero_gate_blocks_are_skipped_with_the_same_function(model):
     if kw.get("variant") != "postact":
         assert any(b.is_identity() for b in dl.residual_blocks(m))
     torch.testing.assert_close(m(x), fast_out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "gate,skip,shortcut,post,hook,expected",
+    [
+        ((0.0, False), 1.0, False, False, False, True),  # the frozen-gate control: y = x
+        ((0.0, True), 1.0, False, False, False, False),  # a learnable gate at 0 may move
+        ((0.5, False), 1.0, False, False, False, False),  # a fixed gate that is not 0
+        (None, 1.0, False, False, False, False),  # no gate: the branch counts
+        ((0.0, False), 0.5, False, False, False, False),  # a skip multiplier
+        ((0.0, False), 1.0, True, False, False, False),  # a shortcut module
+        ((0.0, False), 1.0, False, True, False, False),  # a post-sum module
+        ((0.0, False), 1.0, False, False, True, False),  # a hook inside the branch
+    ],
+)
+def test_block_is_identity_exactly_when_nothing_but_the_skip_reaches_the_output(
+    gate, skip, shortcut, post, hook, expected
+):
+    """``Residual.is_identity`` (a BlockStack then skips the block): only a fixed α = 0 gate with
+    an identity skip, no shortcut, no post-sum module and no hook; and then the block is the
+    identity."""
+    from depthlab.nn.residual import Residual
+    from depthlab.nn.scalars import Gate
+
+    branch = nn.Sequential(nn.ReLU(), nn.Linear(4, 4))
+    if hook:
+        branch[1].register_forward_hook(lambda *a: None)
+    block = Residual(
+        branch,
+        gate=None if gate is None else Gate(gate[0], learnable=gate[1]),
+        skip=skip,
+        shortcut=nn.Identity() if shortcut else None,
+        post=nn.Identity() if post else None,
+    )
+    assert block.is_identity() is expected
+    if expected:
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(block(x), x, rtol=0, atol=0)

@@ -101,6 +101,9 @@ class Residual(nn.Module):
         """True when the block is exactly ``y = x`` whatever its branch computes: an unused
         branch (:meth:`branch_unused`), an identity skip and no post-sum norm. A
         :class:`~depthlab.models.common.BlockStack` then skips the block."""
+        gate = self._modules.get("gate")  # (asked of every block per forward: the common
+        if type(gate) is not Gate or gate.learnable:  # case, a learnable gate or none, first)
+            return False
         return (
             self.skip_mult == 1.0
             and self.shortcut is None
