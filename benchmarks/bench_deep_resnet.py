@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {
                     "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
                     "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
+                    "threads": torch.get_num_threads(),
                     "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
                     "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
                     "gflops": round(rate / 1e9, 2),
