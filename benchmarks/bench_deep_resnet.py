@@ -28,6 +28,7 @@ peak; a CSV of every figure is written to ``benchmarks/results/deep_resnet.csv``
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import time
@@ -145,6 +146,66 @@ def _count(model, x, y) -> float:
     return float(fc.get_total_flops())
 
 
+def _key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in ("scheme", "depth", "input", "layout"))
+
+
+def _kept_rows(path: str) -> list[dict]:
+    """The rows of an earlier CSV (``--append``); this run replaces those it measures again."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dict) -> list[dict]:
+    """Build, count and time every scheme × layout at one depth and input; their rows. The
+    models live only inside this call: at 10,004 layers each holds ≈ 2 GB of parameters,
+    gradients and momentum, so a group's models must be freed before the next group's are
+    built."""
+    runs = [
+        Run(s, depth, shape, lay, args.batch, args.max_act_gb)
+        for s in args.schemes.split(",")
+        for lay in args.layouts.split(",")
+    ]
+    for r in runs:
+        r.count()
+        for _ in range(args.warmup):
+            r.step()
+    for k in range(args.steps):
+        for r in runs[k % len(runs) :] + runs[: k % len(runs)]:
+            r.times.append(r.step())
+    rows = []
+    for r in runs:
+        t = statistics.median(r.times)
+        rate = r.flops / t
+        row = {
+            "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
+            "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
+            "threads": torch.get_num_threads(),
+            "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
+            "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
+            "gflops": round(rate / 1e9, 2),
+            "pct_conv_train_peak": round(100 * rate / peak["conv_train"], 1),
+            "pct_conv_fwd_peak": round(100 * rate / peak["conv_fwd"], 1),
+            "conv_train_peak_gflops": round(peak["conv_train"] / 1e9, 1),
+            "conv_fwd_peak_gflops": round(peak["conv_fwd"] / 1e9, 1),
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"{r.label:38s} {t:8.3f} s/step ({min(r.times):.3f}–{max(r.times):.3f})  "
+            f"{row['gflops']:6.1f} GFLOP/s  {row['pct_conv_train_peak']:5.1f}% of conv "
+            f"train peak, {row['pct_conv_fwd_peak']:5.1f}% of conv fwd peak",
+            flush=True,
+        )
+    for r in runs:  # NHWC vs NCHW, side by side
+        base = [q for q in runs if q.scheme == r.scheme and q.layout == "nchw"]
+        if r.layout == "nhwc" and base:
+            ratio = statistics.median(base[0].times) / statistics.median(r.times)
+            print(f"  {r.scheme} {depth} {r.shape}: channels-last {ratio:.2f}× NCHW")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--depths", default="1004,10004")
@@ -159,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); sweeps run 1 per cell")  # fmt: skip
     ap.add_argument("--csv", default=str(RESULTS))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the CSV's other rows (replace those measured again)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,52 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         f"peaks: conv fwd {peak['conv_fwd'] / 1e9:.1f} GFLOP/s, conv train (fwd + bwd) "
         f"{peak['conv_train'] / 1e9:.1f} GFLOP/s"
     )
-    rows = []
+    rows = _kept_rows(args.csv) if args.append else []
     for depth in depths:
         for shape in shapes:
-            runs = [
-                Run(s, depth, shape, lay, args.batch, args.max_act_gb)
-                for s in args.schemes.split(",")
-                for lay in args.layouts.split(",")
-            ]
-            for r in runs:
-                r.count()
-                for _ in range(args.warmup):
-                    r.step()
-            for k in range(args.steps):
-                order = runs[k % len(runs) :] + runs[: k % len(runs)]
-                for r in order:
-                    r.times.append(r.step())
-            for r in runs:
-                t = statistics.median(r.times)
-                rate = r.flops / t
-                row = {
-                    "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
-                    "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
-                    "threads": torch.get_num_threads(),
-                    "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
-                    "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
-                    "gflops": round(rate / 1e9, 2),
-                    "pct_conv_train_peak": round(100 * rate / peak["conv_train"], 1),
-                    "pct_conv_fwd_peak": round(100 * rate / peak["conv_fwd"], 1),
-                    "conv_train_peak_gflops": round(peak["conv_train"] / 1e9, 1),
-                    "conv_fwd_peak_gflops": round(peak["conv_fwd"] / 1e9, 1),
-                }  # fmt: skip
-                rows.append(row)
-                print(
-                    f"{r.label:38s} {t:8.3f} s/step ({min(r.times):.3f}–{max(r.times):.3f})  "
-                    f"{row['gflops']:6.1f} GFLOP/s  {row['pct_conv_train_peak']:5.1f}% of conv "
-                    f"train peak, {row['pct_conv_fwd_peak']:5.1f}% of conv fwd peak",
-                    flush=True,
-                )
-            for r in runs:  # NHWC vs NCHW, side by side
-                if r.layout == "nhwc":
-                    base = [q for q in runs if q.scheme == r.scheme and q.layout == "nchw"]
-                    if base:
-                        ratio = statistics.median(base[0].times) / statistics.median(r.times)
-                        print(f"  {r.scheme} {depth} {r.shape}: channels-last {ratio:.2f}× NCHW")
-            del runs
-    write_csv("deep_resnet.csv", rows, args.csv)
+            group = _measure_group(depth, shape, args, peak)
+            keys = {_key(r) for r in group}
+            rows = [r for r in rows if _key(r) not in keys] + group
+            rows.sort(key=lambda r: (int(r["depth"]), r["input"], r["scheme"], r["layout"]))
+            write_csv("deep_resnet.csv", rows, args.csv)  # after every group: nothing is lost
     return 0
 
 
