@@ -3,6 +3,8 @@ beside the convolution peak measured in the same run.
 
     .venv/bin/python benchmarks/bench_deep_resnet.py                      # the full table
     .venv/bin/python benchmarks/bench_deep_resnet.py --depths 1004 --inputs 1x8x8 --steps 2
+    .venv/bin/python benchmarks/bench_deep_resnet.py --depths 10004 --inputs 3x32x32 \
+        --layouts nhwc --append          # add rows to the CSV, replacing those measured again
 
 The networks are depthlab's CIFAR ResNets (basic blocks, 16/32/64 channels, depth 6n+2: 1,004 and
 10,004 layers) under ``batchnorm``, ``fixup`` (its post-activation network) and ``skipinit``, on
@@ -22,7 +24,9 @@ linear head, forward and backward). The peaks, measured in the same run, best of
   of 32 NHWC 32×32 maps (what a ResNet step's convolutions can reach at best).
 
 The table gives, per model, the median seconds per step, the FLOP rate and its share of each
-peak; a CSV of every figure is written to ``benchmarks/results/deep_resnet.csv``.
+peak; a CSV of every figure (and the thread count) is written to
+``benchmarks/results/deep_resnet.csv`` after every depth × input group. The models of a group
+are built together and freed before the next group's: six 10,004-layer models hold ≈ 12 GB.
 """
 
 from __future__ import annotations
