@@ -9,10 +9,10 @@ beside the convolution peak measured in the same run.
 The networks are depthlab's CIFAR ResNets (basic blocks, 16/32/64 channels, depth 6n+2: 1,004 and
 10,004 layers) under ``batchnorm``, ``fixup`` (its post-activation network) and ``skipinit``, on
 random batches of 32 images of 1×8×8 (digits-sized) and 3×32×32 (CIFAR-sized). One step is the
-training step of the experiments: forward, cross-entropy, backward, SGD with momentum and weight
-decay — torch's default per-parameter SGD loop here, where the experiments use its fused kernel
-(at 30,004 tensors ≈ 0.13 s less per step: ``bench_optimizer.py``). Each model is timed in
-NCHW and in channels-last (NHWC) memory; models take turns, one
+training step of the ``depth-sweep`` experiment: forward, cross-entropy, backward, and its
+optimizer as the experiments build it (``make_optimizer``: torch's fused SGD kernel over the three
+parameter groups, lr 0.1, momentum 0.9, weight decay 5e-4 on the kernels, Fixup's scalars at
+lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory; models take turns, one
 step each per round, so that drift in the machine's load is spread over all of them. Where a
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
 (``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
@@ -47,6 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import depthlab as dl
 from _results import write_csv
 from depthlab.resources import estimate
+from depthlab.train.config import TrainConfig
+from depthlab.train.optim import make_optimizer
 
 SCHEMES = ("batchnorm", "fixup", "skipinit")
 RESULTS = Path(__file__).parent / "results" / "deep_resnet.csv"
@@ -102,7 +104,11 @@ class Run:
         if layout == "nhwc":
             self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        cfg = TrainConfig(
+            optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+            scalar_lr_mult=0.1 if scheme == "fixup" else 1.0,
+        )  # fmt: skip
+        self.opt = make_optimizer(self.model, cfg)
         self.times: list[float] = []
         self.flops = 0.0
 

@@ -4,16 +4,10 @@ from FLOPs and kernel launches, not a measurement.
     .venv/bin/python benchmarks/estimate_full.py             # table, results/full_estimates.csv
     .venv/bin/python benchmarks/estimate_full.py --markdown  # the README table
 
-For every training cell of the ``full`` grid (``Experiment.cell_model``: the network, its sizes
-and batch; the cell's ``steps``, or ``epochs`` of its data set), the work is counted
-analytically:
-
-* FLOPs: 6 × the forward multiply-adds of one example × examples processed (forward 2, backward
-  4), ×4/3 where the cell recomputes activations (``checkpointing``). Multiply-adds: an MLP
-  ``depth·w² + in·w + w·classes``; a CIFAR ResNet ``Σ_stages n · 2 · 9 c² · HW/4^s``; a
-  Transformer LM per token ``depth·(4d² + 2·d·ff + 2·T·d) + d·vocab``.
-* Launches: 3 kernels per module per step (forward, two backward), ``resources.estimate``'s
-  module count: a narrow 10,000-layer network is launch-bound on a GPU, whatever its FLOPs.
+For every training cell of the ``full`` grid, the work is counted analytically by
+:mod:`depthlab.experiments.cost` (FLOPs: 6 × the forward multiply-adds of an example × the
+examples processed, × 4/3 with activation checkpointing; launches: 3 kernels per module per
+step — a narrow 10,000-layer network is launch-bound on a GPU, whatever its FLOPs).
 
 A cell takes ``max(FLOPs / RATE, launches × LAUNCH)``; the cells run one after the other on one
 GPU. ``RATE`` (``--tflops``, default 20: float32 with TF32 convolutions sustained on these small
@@ -31,40 +25,9 @@ import dataclasses
 from pathlib import Path
 
 from depthlab.experiments import get_experiment, list_experiments
-from depthlab.resources import estimate
+from depthlab.experiments.cost import cell_work
 
 RESULTS = Path(__file__).parent / "results" / "full_estimates.csv"
-#: training examples of the data sets a full cell may read
-TRAIN_SIZE = {"cifar10": 50_000, "digits": 1_438}
-
-
-def macs_per_example(model: str, kw: dict, shape: tuple[int, ...] | None) -> float | None:
-    """Forward multiply-adds of one example (see the module docstring); None: unknown model."""
-    depth = int(kw.get("depth", 8))
-    if model in ("mlp", "linear"):
-        w, d_in = int(kw.get("width", 256)), int(kw.get("in_dim", kw.get("width", 64)))
-        return depth * w * w + d_in * w + w * 10
-    if model == "resnet":
-        k = int(kw.get("width", 1))
-        h, w_ = (shape[-2], shape[-1]) if shape else (32, 32)
-        n = max(1, (depth - 2) // 6)
-        return sum(n * 2 * 9 * (16 * k * 2**s) ** 2 * h * w_ / 4**s for s in range(3))
-    if model == "transformer-lm":
-        d, t = int(kw.get("d_model", 128)), int(kw.get("context", 128))
-        ff = int(kw.get("dim_feedforward", 4 * d))
-        return t * (depth * (4 * d * d + 2 * d * ff + 2 * t * d) + d * 256)
-    return None
-
-
-def examples(cell: dict) -> float | None:
-    """Training examples a cell processes (steps × batch, or epochs × the data set's size)."""
-    batch = int(cell.get("batch_size", 64))
-    if "steps" in cell:
-        return float(cell["steps"]) * batch
-    if "epochs" in cell:
-        data = "cifar10" if cell.get("data_dir") else "digits"
-        return float(cell["epochs"]) * TRAIN_SIZE[data]
-    return None
 
 
 def estimate_experiment(name: str, rate: float, launch: float) -> dict:
@@ -76,20 +39,11 @@ def estimate_experiment(name: str, rate: float, launch: float) -> dict:
     flops = seconds = 0.0
     counted = 0
     for cell in cells:
-        spec = exp.cell_model(cell)
-        if spec is None:
+        work = cell_work(exp, cell)
+        if work is None:
             continue
-        model, kw, batch, *shape = spec
-        macs, n = macs_per_example(model, kw, shape[0] if shape else None), examples(cell)
-        est = estimate(model, kw, shape[0] if shape else None)
-        if macs is None or n is None or est is None:
-            continue
-        recompute = 4 / 3 if cell.get("checkpointing") else 1.0
-        f = 6 * macs * n * recompute
-        steps = n / max(1, int(cell.get("batch_size", batch)))
-        launches = 3 * est.modules * steps * recompute
-        flops += f
-        seconds += max(f / rate, launches * launch)
+        flops += work.flops
+        seconds += max(work.flops / rate, work.launches * launch)
         counted += 1
     return {
         "experiment": name,

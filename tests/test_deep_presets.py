@@ -179,26 +179,40 @@ def test_grow_and_nonlinear_degeneracy_deep_reach_1000_blocks_and_layers():
     assert max(nd.spectrum_depths) >= 1000
 
 
-def test_sweep_eta_weights_the_queued_cells_by_their_experiments_cost():
-    """A queued cell costs its own experiment's mean cell time so far, spread over the workers:
-    one finished slow cell of experiment A (100 s) and a fast one of B (1 s), with one cell of
-    each still queued on 2 workers, is (100 + 1) / 2 ≈ 50 s — not the mean rate of all cells."""
+def test_sweep_eta_predicts_the_queued_cells_from_their_work_and_the_measured_rate():
+    """A queued cell with work costs its predicted seconds × its experiment's measured ratio
+    (wall / predicted of the finished cells), a cell without work its experiment's mean cell,
+    spread over the workers: experiment A ran a 10 s cell in 50 s (ratio 5) and has a 20 s one
+    queued (100 s); B ran a cell in 4 s and has one queued (4 s); on 2 workers (100 + 4) / 2 =
+    52 s — where A's mean cell (50 s) would have said (50 + 4) / 2."""
     from types import SimpleNamespace
 
+    from depthlab.experiments.cost import Work
     from depthlab.experiments.runner import _Job, _Sweep
+
+    def s(seconds):  # work of `seconds` at the ETA's prior rate (no launches)
+        return Work(flops=seconds * 100e9, launches=0.0)
 
     backend = SimpleNamespace(pool=SimpleNamespace(_max_workers=2), name="local")
     sweep = _Sweep("deep", lambda s: None, True, backend)
-    a = _Job(None, None, None, [{}, {}], {0: []}, {1}, 0, cell_time=100.0)
-    b = _Job(None, None, None, [{}, {}], {0: []}, {1}, 0, cell_time=1.0)
+    a, b, c = (_Job(SimpleNamespace(name=n), None, None, [{}, {}], {}, {0, 1}, 0) for n in "abc")
+    sweep.eta.add("a", s(10), 50.0)
+    sweep.eta.add("b", None, 4.0)
+    a.works, b.works = {1: s(20)}, {1: None}
     sweep.jobs = [a, b]
     sweep.handles = {"h1": (a, 1), "h2": (b, 1)}
-    assert sweep._eta() == "; ETA 50 s"
-    # an experiment with no finished cell yet is counted at the mean cell (50.5 s), flagged
-    c = _Job(None, None, None, [{}, {}], {}, {0, 1}, 0)
+    assert sweep._eta() == "; ETA 52 s"
+    # an experiment none of whose cells has finished: its cell with work at all finished cells'
+    # ratio shrunk towards 1 by the prior (100 s × (50 + 1000) / (10 + 1000)), its cell without
+    # work at the mean of all finished cells ((50 + 4) / 2); flagged as a guess
+    c.works = {0: s(100), 1: None}
     sweep.jobs.append(c)
     sweep.handles |= {"h3": (c, 0), "h4": (c, 1)}
-    assert sweep._eta() == "; ETA 101 s (1 experiment not timed yet, guessed at the mean cell)"
+    expect = (100 + 4 + 100 * 1050 / 1010 + 27) / 2
+    assert sweep._eta() == (
+        f"; ETA {expect:.0f} s (1 experiment not timed yet: a guess from FLOPs and kernel "
+        "counts, or the mean cell)"
+    )
 
 
 def test_bn_smoothness_and_batch_size_deep_are_deeper_than_quick():

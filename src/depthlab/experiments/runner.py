@@ -40,6 +40,7 @@ from depthlab.experiments.base import (
     get_experiment,
     list_experiments,
 )
+from depthlab.experiments.cost import Eta, Work, cell_work
 from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
 from depthlab.validate import check_out_dir
@@ -179,18 +180,21 @@ def run_cells(
     n_cached = len(results)
     total = len(cells)
     done = n_cached
-    t0 = time.perf_counter()
     if n_cached:
         log(f"  [{exp.name}] {n_cached}/{total} cells cached")
+    works = {i: cell_work(exp, cells[i]) for i in todo}
+    eta, workers = Eta(), max(1, min(jobs, len(todo)))
 
     def finish(i: int, records: list[dict], wall: float) -> None:
         nonlocal done
         _save_cell(_cell_path(out_dir, exp, cells[i]), exp, cells[i], records, wall)
         results[i] = records
         done += 1
+        eta.add(exp.name, works.pop(i), wall)
+        left = sum(eta.seconds(exp.name, w) for w in works.values()) / workers
         label = " ".join(f"{k}={v}" for k, v in cells[i].items() if k != "seed")
-        eta = eta_text(time.perf_counter() - t0, done - n_cached, total - done)
-        log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}{eta}")
+        text = eta_seconds(left) if works else ""
+        log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}{text}")
 
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
@@ -226,8 +230,12 @@ def eta_text(elapsed: float, finished: int, left: int) -> str:
     ``elapsed`` since they started, so parallel workers count); empty when none is left."""
     if left <= 0 or finished <= 0:
         return ""
-    eta = elapsed / finished * left
-    return f"; ETA {eta:.0f} s" if eta < 120 else f"; ETA {eta / 60:.0f} min"
+    return eta_seconds(elapsed / finished * left)
+
+
+def eta_seconds(seconds: float) -> str:
+    """``"; ETA 12 min"`` (``"; ETA 40 s"`` under two minutes)."""
+    return f"; ETA {seconds:.0f} s" if seconds < 120 else f"; ETA {seconds / 60:.0f} min"
 
 
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
@@ -490,6 +498,7 @@ class _Job:
     cell_time: float = 0.0
     finished: bool = False
     failed: list[str] = field(default_factory=list)
+    works: dict[int, Work | None] = field(default_factory=dict)  # the pending cells' work
 
 
 class PoolBackend:
@@ -545,6 +554,7 @@ class _Sweep:
         self.t_prev = time.perf_counter()
         self.bar = None
         self.t0, self.n_run = time.perf_counter(), 0
+        self.eta = Eta()
 
     def add(self, exp: Experiment, cfg: Any, out_dir: Path) -> None:
         """Prepare one experiment's folder and submit its cells that are not cached."""
@@ -555,6 +565,7 @@ class _Sweep:
             if cached is not None:
                 done[i] = cached
         job = _Job(exp, cfg, out_dir, cells, done, set(range(len(cells))) - set(done), len(done))
+        job.works = {i: cell_work(exp, cells[i]) for i in job.todo}
         self.jobs.append(job)
         if job.n_cached:
             self.log(f"  [{exp.name}] {job.n_cached}/{len(cells)} cells cached")
@@ -597,6 +608,7 @@ class _Sweep:
         """A finished cell: cache it (or record its failure), log it, finalize when done."""
         job, i = self.handles.pop(handle)
         cell = job.cells[i]
+        work = job.works.pop(i, None)
         try:
             records, wall = self.backend.result(handle)
         except (KeyboardInterrupt, DepthlabError):
@@ -611,6 +623,7 @@ class _Sweep:
             _save_cell(_cell_path(job.out_dir, job.exp, cell), job.exp, cell, records, wall)
             job.done[i] = records
             job.cell_time += wall
+            self.eta.add(job.exp.name, work, wall)
             n = len(job.done) + len(job.failed)
             label = " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed")
             self.n_run += 1
@@ -622,27 +635,25 @@ class _Sweep:
         self._finish(job)
 
     def _eta(self) -> str:
-        """The cells still queued, each at its own experiment's mean cell time so far (the
-        sweep's mean for an experiment with none finished yet — then the text says how many
-        experiments are such guesses), spread over the workers; the plain rate of the finished
-        cells where the number of workers is unknown (Ray)."""
+        """The cells still queued, each at its predicted time (:class:`~depthlab.experiments.
+        cost.Eta`: its FLOPs and kernel count at the rate its experiment's finished cells ran,
+        or all finished cells' rate for an experiment with none finished yet — then the text
+        says how many experiments are such guesses), spread over the workers; the plain rate of
+        the finished cells where the number of workers is unknown (Ray)."""
         workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
-        left = [job for job, _ in self.handles.values()]
+        left = list(self.handles.values())
         if not workers or not left:
             return eta_text(time.perf_counter() - self.t0, self.n_run, len(left))
-        ran = [j for j in self.jobs if len(j.done) > j.n_cached]
-        overall = sum(j.cell_time for j in ran) / max(1, sum(len(j.done) - j.n_cached for j in ran))
-
-        def mean(j: _Job) -> float:
-            n = len(j.done) - j.n_cached
-            return j.cell_time / n if n else overall
-
-        eta = eta_text(sum(mean(j) for j in left) / workers, 1, 1)
-        untimed = {id(j) for j in left if len(j.done) == j.n_cached}
+        seconds = sum(self.eta.seconds(job.exp.name, job.works.get(i)) for job, i in left)
+        text = eta_seconds(seconds / workers)
+        untimed = {job.exp.name for job, _ in left if not self.eta.timed(job.exp.name)}
         if untimed:  # a guess until one of their cells is in: say so
             n = len(untimed)
-            eta += f" ({n} experiment{'s' * (n > 1)} not timed yet, guessed at the mean cell)"
-        return eta
+            text += (
+                f" ({n} experiment{'s' * (n > 1)} not timed yet: a guess from FLOPs and "
+                "kernel counts, or the mean cell)"
+            )
+        return text
 
     def _error_row(self, job: _Job, error: str) -> None:
         self.log(f"[{job.exp.name}] FAILED: {error}")
