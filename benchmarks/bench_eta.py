@@ -16,8 +16,10 @@ skipped):
   finished cells for an experiment with none — the rule before the cost model.
 
 The error of one ETA is ``|ln(ETA / left)|`` (0.1 ≈ 10% off, 0.69 = 2× off). The table gives,
-per run and rule, the mean, 90th percentile and maximum error over the events, and the first
-ETA (after the first finished cell) beside the time that was left then; the rows go to
+per run and rule, the mean, 90th percentile and maximum error over the events, the first ETA
+(after the first finished cell) beside the time that was left then, and (``before_min``) what
+``run`` says before any cell has run — the counted cells at the prior rate — beside the replay's
+length (``replay_min``); the rows go to
 ``benchmarks/results/eta.csv``.
 """
 
@@ -92,6 +94,7 @@ def replay(cells: list, workers: int) -> list[dict]:
             eta = fn(done, left, cells) / workers
             errors[rule].append(abs(math.log(max(eta, 1.0) / (end - t))))
             first.setdefault(rule, (eta, end - t))
+    before = sum(w.seconds() for _, w, _ in cells if w is not None) / workers
     rows = []
     for rule, e in errors.items():
         e = sorted(e)
@@ -100,6 +103,7 @@ def replay(cells: list, workers: int) -> list[dict]:
             "rule": rule, "events": len(e), "mean_abs_log": round(statistics.mean(e), 3),
             "p90_abs_log": round(e[int(0.9 * (len(e) - 1))], 3), "max_abs_log": round(e[-1], 3),
             "first_eta_min": round(eta / 60, 1), "first_left_min": round(left / 60, 1),
+            "before_min": round(before / 60, 1) if rule == "work" else "",
             "replay_min": round(end / 60, 1),
         })  # fmt: skip
     return rows

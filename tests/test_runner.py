@@ -212,3 +212,60 @@ def test_bad_executor_options_exit_2_before_writing(tmp_path, capsys, argv, matc
     out = tmp_path / "out"
     code = main(["run", "bn-signal", "--preset", "smoke", "--out", str(out), *argv])
     assert code == 2 and match in capsys.readouterr().err and not out.exists()
+
+
+@dataclass(frozen=True)
+class SizedConfig:
+    n: int = 3
+    device: str = "cpu"
+
+
+@EXPERIMENTS.register()
+class SizedCells(Experiment):
+    """Cells that name a network and a budget (their work is counted) but train nothing."""
+
+    name = "test-sized-cells"
+    title = "sized cells"
+    columns = ("i",)
+    Config = SizedConfig
+    presets = {"smoke": SizedConfig()}
+
+    def cells(self, cfg):
+        return [
+            {"i": i, "depth": 10_000 * (i + 1), "width": 64, "steps": 1000, "batch_size": 64}
+            for i in range(cfg.n)
+        ]
+
+    def run_cell(self, cell):
+        return [{"i": cell["i"]}]
+
+    def claims(self, df, cfg):
+        return []
+
+
+def test_run_says_what_the_cells_should_take_before_they_run(tmp_path):
+    """Before the first cell: the cells' work at one CPU core's rate (FLOPs and kernel
+    launches, :mod:`depthlab.experiments.cost`); after each cell but the last, an ETA. On a
+    GPU the CPU rate does not apply, and nothing is said."""
+    from depthlab.experiments import get_experiment
+    from depthlab.experiments.cost import cell_work
+    from depthlab.experiments.runner import estimate_text
+
+    exp = get_experiment("test-sized-cells")
+    cells = exp.grid(exp.config("smoke"))
+    seconds = sum(cell_work(exp, c).seconds() for c in cells)
+    lines: list[str] = []
+    run("test-sized-cells", "smoke", tmp_path / "a", log=lines.append)
+    assert f"[test-sized-cells] 3 cells to run on 1 worker: about {seconds / 60:.0f} min by " in (
+        "\n".join(lines)
+    )
+    cell_lines = [s for s in lines if "] cell " in s]
+    assert len(cell_lines) == 3 and all("; ETA " in s for s in cell_lines[:2])
+    assert "ETA" not in cell_lines[2]
+    works = [cell_work(exp, c) for c in cells]
+    assert estimate_text(works, cells, 1).startswith("3 cells to run on 1 worker: about")
+    assert estimate_text(works, [{**c, "device": "cuda"} for c in cells], 1) == ""
+    assert estimate_text([None, None], cells[:2], 2) == ""  # nothing counted: nothing said
+    assert estimate_text([works[0], None], cells[:2], 2).endswith(
+        "(1 cell without a count left out)"
+    )

@@ -184,6 +184,9 @@ def run_cells(
         log(f"  [{exp.name}] {n_cached}/{total} cells cached")
     works = {i: cell_work(exp, cells[i]) for i in todo}
     eta, workers = Eta(), max(1, min(jobs, len(todo)))
+    before = estimate_text(list(works.values()), [cells[i] for i in todo], workers)
+    if before:
+        log(f"  [{exp.name}] {before}")
 
     def finish(i: int, records: list[dict], wall: float) -> None:
         nonlocal done
@@ -235,7 +238,33 @@ def eta_text(elapsed: float, finished: int, left: int) -> str:
 
 def eta_seconds(seconds: float) -> str:
     """``"; ETA 12 min"`` (``"; ETA 40 s"`` under two minutes)."""
-    return f"; ETA {seconds:.0f} s" if seconds < 120 else f"; ETA {seconds / 60:.0f} min"
+    return f"; ETA {_duration(seconds)}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def estimate_text(works: list[Work | None], cells: list[dict[str, Any]], workers: int) -> str:
+    """What the cells to run should take before any has run — their :class:`Work` at one CPU
+    core's rate per worker (:data:`~depthlab.experiments.cost.CPU_FLOPS`, ``CPU_LAUNCH_S``) —
+    or empty where that rate does not apply (a cell on a GPU) or nothing is to run."""
+    import torch
+
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = {str(c.get("device", "cpu")).replace("auto", auto) for c in cells}
+    known = [w for w in works if w is not None]
+    if not known or devices != {"cpu"}:
+        return ""
+    text = (
+        f"{len(works)} cells to run on {workers} worker{'s' * (workers > 1)}: about "
+        f"{_duration(sum(w.seconds() for w in known) / workers)} by their FLOPs and kernel "
+        "counts at one CPU core's rate per worker"
+    )
+    if len(known) < len(works):
+        k = len(works) - len(known)
+        text += f" ({k} cell{'s' * (k > 1)} without a count left out)"
+    return text
 
 
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
@@ -573,6 +602,13 @@ class _Sweep:
             self.handles[self.backend.submit(exp, cells[i])] = (job, i)
 
     def run(self) -> None:
+        workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
+        if workers:
+            left = list(self.handles.values())
+            works = [job.works.get(i) for job, i in left]
+            before = estimate_text(works, [job.cells[i] for job, i in left], workers)
+            if before:
+                self.log(f"[{self.backend.name}] {before}")
         self._start_bar()
         try:
             for job in self.jobs:
