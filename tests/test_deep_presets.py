@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 
@@ -179,22 +181,26 @@ def test_grow_and_nonlinear_degeneracy_deep_reach_1000_blocks_and_layers():
     assert max(nd.spectrum_depths) >= 1000
 
 
-def test_sweep_eta_predicts_the_queued_cells_from_their_work_and_the_measured_rate():
+@pytest.mark.parametrize(
+    "backend",
+    [
+        {"pool": SimpleNamespace(_max_workers=2), "name": "local"},
+        {"workers": 2, "name": "ray"},  # RayBackend: the cluster's CPUs per cell's CPUs
+    ],
+)
+def test_sweep_eta_predicts_the_queued_cells_from_their_work_and_the_measured_rate(backend):
     """A queued cell with work costs its predicted seconds × its experiment's measured ratio
     (wall / predicted of the finished cells), a cell without work its experiment's mean cell,
     spread over the workers: experiment A ran a 10 s cell in 50 s (ratio 5) and has a 20 s one
     queued (100 s); B ran a cell in 4 s and has one queued (4 s); on 2 workers (100 + 4) / 2 =
     52 s — where A's mean cell (50 s) would have said (50 + 4) / 2."""
-    from types import SimpleNamespace
-
     from depthlab.experiments.cost import Work
     from depthlab.experiments.runner import _Job, _Sweep
 
     def s(seconds):  # work of `seconds` at the ETA's prior rate (no launches)
         return Work(flops=seconds * 100e9, launches=0.0)
 
-    backend = SimpleNamespace(pool=SimpleNamespace(_max_workers=2), name="local")
-    sweep = _Sweep("deep", lambda s: None, True, backend)
+    sweep = _Sweep("deep", lambda s: None, True, SimpleNamespace(**backend))
     a, b, c = (_Job(SimpleNamespace(name=n), None, None, [{}, {}], {}, {0, 1}, 0) for n in "abc")
     sweep.eta.add("a", s(10), 50.0)
     sweep.eta.add("b", None, 4.0)

@@ -75,6 +75,7 @@ class RayBackend:
         self.address = address
         self.cpus = cpus_per_cell
         self.gpus = 0.0
+        self.workers = 0
         self._task = None
 
     def __enter__(self) -> RayBackend:
@@ -97,7 +98,10 @@ class RayBackend:
                 "and pass its address with --address (a cluster with token authentication also "
                 "needs its token in RAY_AUTH_TOKEN), or omit --address to start a local one"
             ) from None
-        self.gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        resources = ray.cluster_resources()
+        self.gpus = float(resources.get("GPU", 0.0))
+        # cells that can run at once, for the sweep's ETA (the cluster as it is now)
+        self.workers = max(1, int(float(resources.get("CPU", 1.0)) // self.cpus))
         self._task = ray.remote(max_retries=MAX_RETRIES)(_ray_cell)
         return self
 

@@ -602,8 +602,8 @@ class _Sweep:
             self.handles[self.backend.submit(exp, cells[i])] = (job, i)
 
     def run(self) -> None:
-        workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
-        if workers:
+        workers = self._workers()
+        if workers and not getattr(self.backend, "gpus", 0):  # a Ray cluster with GPUs: no
             left = list(self.handles.values())
             works = [job.works.get(i) for job, i in left]
             before = estimate_text(works, [job.cells[i] for job, i in left], workers)
@@ -670,13 +670,19 @@ class _Sweep:
             self.bar.update(1)
         self._finish(job)
 
+    def _workers(self) -> int | None:
+        """How many cells run at once: the backend's ``workers`` (Ray: the cluster's CPUs per
+        cell's CPUs), the local pool's size, or None where unknown."""
+        workers = getattr(self.backend, "workers", None)
+        return workers or getattr(getattr(self.backend, "pool", None), "_max_workers", None)
+
     def _eta(self) -> str:
         """The cells still queued, each at its predicted time (:class:`~depthlab.experiments.
         cost.Eta`: its FLOPs and kernel count at the rate its experiment's finished cells ran,
         or all finished cells' rate for an experiment with none finished yet — then the text
         says how many experiments are such guesses), spread over the workers; the plain rate of
-        the finished cells where the number of workers is unknown (Ray)."""
-        workers = getattr(getattr(self.backend, "pool", None), "_max_workers", None)
+        the finished cells where the number of workers is unknown."""
+        workers = self._workers()
         left = list(self.handles.values())
         if not workers or not left:
             return eta_text(time.perf_counter() - self.t0, self.n_run, len(left))
