@@ -603,7 +603,8 @@ class _Sweep:
 
     def run(self) -> None:
         workers = self._workers()
-        if workers and not getattr(self.backend, "gpus", 0):  # a Ray cluster with GPUs: no
+        # the CPU-rate estimate, unless a Ray cluster has GPUs (cells may run on them)
+        if workers and not getattr(self.backend, "gpus", 0):
             left = list(self.handles.values())
             works = [job.works.get(i) for job, i in left]
             before = estimate_text(works, [job.cells[i] for job, i in left], workers)
