@@ -96,6 +96,19 @@ def test_run_writes_every_output_and_report_rerenders_them(tmp_path, capsys):
     assert code == 0 and (out / "report.html").is_file() and (out / "report.md").is_file()
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "deep"
+    code, stdout, _ = run_cli(
+        capsys, "run", "all", "--preset", "deep", "--jobs", "2", "--dry-run", "--out", str(out)
+    )
+    assert code == 0 and not out.exists()
+    assert "[deep-fc] 10 cells, 10 to run; about " in stdout
+    assert "cells to run on 2 workers: about " in stdout
+    code, _, err = run_cli(capsys, "run", "deep-fc", "--preset", "deep", "--dry-run",
+                           "--set", "depthz=3", "--out", str(out))  # fmt: skip
+    assert code == 2 and "valid keys" in err and not out.exists()
+
+
 def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", str(tmp_path))
     assert code == 2 and "no experiment results" in err

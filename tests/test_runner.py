@@ -269,3 +269,29 @@ def test_run_says_what_the_cells_should_take_before_they_run(tmp_path):
     assert estimate_text([works[0], None], cells[:2], 2).endswith(
         "(1 cell without a count left out)"
     )
+
+
+def test_plan_counts_the_cells_to_run_and_their_work_without_writing(tmp_path):
+    """``plan`` (``run --dry-run``): per experiment its cells, those cached under ``out`` and
+    the rest's work at one core's rate; the sweep's estimate on ``jobs`` workers; nothing is
+    written, and a finished run leaves nothing to run."""
+    from depthlab.experiments import get_experiment
+    from depthlab.experiments.cost import cell_work
+    from depthlab.experiments.runner import plan
+
+    exp = get_experiment("test-sized-cells")
+    seconds = sum(cell_work(exp, c).seconds() for c in exp.grid(exp.config("smoke")))
+    out, lines = tmp_path / "out", []
+    assert plan("test-sized-cells", "smoke", jobs=2, out=out, log=lines.append) == seconds / 2
+    assert not out.exists()
+    assert lines[0] == (
+        f"[test-sized-cells] 3 cells, 3 to run; about {seconds / 60:.0f} min on one core"
+    )
+    assert lines[1].startswith(f"3 cells to run on 2 workers: about {seconds / 120:.0f} min")
+    run("test-sized-cells", "smoke", out, log=lambda s: None)
+    lines.clear()
+    assert plan("test-sized-cells", "smoke", out=out, log=lines.append) == 0.0
+    assert lines == [
+        f"[test-sized-cells] 3 cells, 0 to run (3 cached in {out / 'test-sized-cells'})",
+        "nothing to run: every cell is cached",
+    ]

@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --executor ray: the cluster's address (e.g. 127.0.0.1:6379 or auto); "
         "default: start a local Ray for this sweep",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each experiment's cells (those cached in OUT) and what the rest should "
+        "take at one CPU core's rate per --jobs worker; run nothing, write nothing",
+    )
     add_memory_option(p)
     p.set_defaults(func=run_command)
 
@@ -51,6 +57,10 @@ def run_command(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.overrides)
     out = args.out if args.out is not None else f"runs/{args.preset}"
+    if args.dry_run:
+        runner.plan(args.name, args.preset, overrides, jobs=args.jobs, out=out,
+                    log=lambda s: print(s, flush=True))  # fmt: skip
+        return 0
     t0 = time.perf_counter()
     results = runner.run(
         args.name,

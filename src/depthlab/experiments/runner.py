@@ -267,6 +267,50 @@ def estimate_text(works: list[Work | None], cells: list[dict[str, Any]], workers
     return text
 
 
+def plan(
+    names: list[str] | str,
+    preset: str = "quick",
+    overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> float:
+    """What :func:`run` would do, without running or writing anything: per experiment its
+    cells, those already cached in ``out/NAME/cells/`` (a resume), and the rest's work at one
+    CPU core's rate (:mod:`depthlab.experiments.cost`), then the sweep's on ``jobs`` workers.
+    The same checks as :func:`run` refuse bad names, presets and overrides. Returns the
+    estimated seconds (cells without a count left out)."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
+        raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
+    works: list[Work | None] = []
+    todo: list[dict[str, Any]] = []
+    for exp, cfg in resolve(names, preset, overrides or {}):
+        cells = exp.grid(cfg)
+        folder = Path(out, exp.name) if out is not None else None
+        left = [
+            c for c in cells if folder is None or _load_cell(_cell_path(folder, exp, c), c) is None
+        ]
+        mine = [cell_work(exp, c) for c in left]
+        known = [w for w in mine if w is not None]
+        line = f"[{exp.name}] {len(cells)} cells, {len(left)} to run"
+        if len(left) < len(cells):
+            line += f" ({len(cells) - len(left)} cached in {folder})"
+        if known:
+            line += f"; about {_duration(sum(w.seconds() for w in known))} on one core"
+        if len(known) < len(left):
+            line += f" ({len(left) - len(known)} without a count)"
+        log(line)
+        works += mine
+        todo += left
+    workers = max(1, min(jobs, len(todo)))
+    if not todo:
+        log("nothing to run: every cell is cached")
+        return 0.0
+    text = estimate_text(works, todo, workers)
+    log(text or f"{len(todo)} cells to run; no estimate (they run on a GPU or have no count)")
+    return sum(w.seconds() for w in works if w is not None) / workers
+
+
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
     """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
     machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
