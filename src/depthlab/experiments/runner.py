@@ -267,6 +267,11 @@ def estimate_text(works: list[Work | None], cells: list[dict[str, Any]], workers
     return text
 
 
+def _check_jobs(jobs: Any) -> None:
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
+        raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
+
+
 def plan(
     names: list[str] | str,
     preset: str = "quick",
@@ -280,8 +285,7 @@ def plan(
     CPU core's rate (:mod:`depthlab.experiments.cost`), then the sweep's on ``jobs`` workers.
     The same checks as :func:`run` refuse bad names, presets and overrides. Returns the
     estimated seconds (cells without a count left out)."""
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
-        raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
+    _check_jobs(jobs)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
     for exp, cfg in resolve(names, preset, overrides or {}):
@@ -480,8 +484,7 @@ def run(
         raise unknown_choice("executor", executor, list(EXECUTORS))
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
-        raise DepthlabError(f"--jobs must be an integer in 1..{MAX_JOBS}, got {jobs!r}")
+    _check_jobs(jobs)
     if overrides is not None and not isinstance(overrides, dict):
         raise DepthlabError(f"overrides must be a mapping of key: value, got {overrides!r}")
     plan = resolve(names, preset, overrides or {})
