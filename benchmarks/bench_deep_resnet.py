@@ -54,37 +54,44 @@ SCHEMES = ("batchnorm", "fixup", "skipinit")
 RESULTS = Path(__file__).parent / "results" / "deep_resnet.csv"
 
 
-def _best(fn, repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, device: torch.device, repeats: int = 5) -> float:
     fn()
     best = math.inf
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def peaks() -> dict[str, float]:
-    """FLOP/s of the two reference convolutions (see the module docstring)."""
+def peaks(device: torch.device) -> dict[str, float]:
+    """FLOP/s of the two reference convolutions (see the module docstring) on ``device``."""
     cl = torch.channels_last
-    x = torch.randn(16, 256, 32, 32).to(memory_format=cl)
-    w = torch.randn(256, 256, 3, 3).to(memory_format=cl)
-    fwd = 2.0 * 16 * 32 * 32 * 256 * 256 * 9 / _best(lambda: F.conv2d(x, w, padding=1))
-    x = torch.randn(32, 64, 32, 32).to(memory_format=cl).requires_grad_()
-    w = torch.randn(64, 64, 3, 3).to(memory_format=cl).requires_grad_()
-    g = torch.randn(32, 64, 32, 32).to(memory_format=cl)
+    x = torch.randn(16, 256, 32, 32, device=device).to(memory_format=cl)
+    w = torch.randn(256, 256, 3, 3, device=device).to(memory_format=cl)
+    fwd = 2.0 * 16 * 32 * 32 * 256 * 256 * 9 / _best(lambda: F.conv2d(x, w, padding=1), device)
+    x = torch.randn(32, 64, 32, 32, device=device).to(memory_format=cl).requires_grad_()
+    w = torch.randn(64, 64, 3, 3, device=device).to(memory_format=cl).requires_grad_()
+    g = torch.randn(32, 64, 32, 32, device=device).to(memory_format=cl)
 
     def train() -> None:
         torch.autograd.grad(F.conv2d(x, w, padding=1), (x, w), g)
 
     flops = 3 * 2.0 * 32 * 32 * 32 * 64 * 64 * 9
-    return {"conv_fwd": fwd, "conv_train": flops / _best(train)}
+    return {"conv_fwd": fwd, "conv_train": flops / _best(train, device)}
 
 
 class Run:
     """One model (scheme, depth, input, layout) with its optimizer and batch."""
 
-    def __init__(self, scheme, depth, shape, layout, batch, max_act_gb) -> None:
+    def __init__(self, scheme, depth, shape, layout, batch, max_act_gb, device="cpu") -> None:
         self.scheme, self.depth, self.shape, self.layout = scheme, depth, shape, layout
         torch.manual_seed(0)
         opts = {"zero_init_residual": True} if scheme == "batchnorm" else None
@@ -99,8 +106,10 @@ class Run:
             blocks = self.model.blocks
             self.segments = math.ceil(math.sqrt(len(blocks)))
             blocks.checkpoint_segments = self.segments
-        self.x = torch.randn(batch, *shape)
-        self.y = torch.randint(0, 10, (batch,))
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.x = torch.randn(batch, *shape, device=self.device)
+        self.y = torch.randint(0, 10, (batch,), device=self.device)
         if layout == "nhwc":
             self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -118,10 +127,12 @@ class Run:
         return f"{self.scheme} {self.depth} {'x'.join(map(str, self.shape))} {self.layout}{ck}"
 
     def step(self) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(self.x), self.y).backward()
         self.opt.step()
+        _sync(self.device)
         return time.perf_counter() - t0
 
     def count(self) -> None:
@@ -136,7 +147,8 @@ class Run:
             self.opt.zero_grad(set_to_none=True)
             return
         small = [
-            Run(self.scheme, d, self.shape, self.layout, len(self.x), math.inf) for d in (8, 14)
+            Run(self.scheme, d, self.shape, self.layout, len(self.x), math.inf, self.device)
+            for d in (8, 14)
         ]
         f1, f2 = (_count(r.model, r.x, r.y) for r in small)
         self.flops = f1 + ((self.depth - 2) // 6 - 1) * (f2 - f1)
@@ -176,7 +188,7 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
     gradients and momentum, so a group's models must be freed before the next group's are
     built."""
     runs = [
-        Run(s, depth, shape, lay, args.batch, args.max_act_gb)
+        Run(s, depth, shape, lay, args.batch, args.max_act_gb, args.device)
         for s in args.schemes.split(",")
         for lay in args.layouts.split(",")
     ]
@@ -194,7 +206,7 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
         row = {
             "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
             "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "device": args.device_name,
             "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
             "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
             "gflops": round(rate / 1e9, 2),
@@ -231,16 +243,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkpoint a model whose activations would exceed this")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); sweeps run 1 per cell")  # fmt: skip
-    ap.add_argument("--csv", default=str(RESULTS))
+    ap.add_argument("--csv", default=None,
+                    help="default: results/deep_resnet.csv (cuda: …_cuda.csv)")  # fmt: skip
     ap.add_argument("--append", action="store_true",
                     help="keep the CSV's other rows (replace those measured again)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (or cuda:N)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.csv is None:
+        args.csv = str(
+            RESULTS if device.type == "cpu" else RESULTS.with_name("deep_resnet_cuda.csv")
+        )
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.inputs.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    peak = peaks()
+    print(
+        f"torch {torch.__version__}, {args.device_name}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch}"
+    )
+    peak = peaks(device)
     print(
         f"peaks: conv fwd {peak['conv_fwd'] / 1e9:.1f} GFLOP/s, conv train (fwd + bwd) "
         f"{peak['conv_train'] / 1e9:.1f} GFLOP/s"

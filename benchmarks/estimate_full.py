@@ -15,6 +15,15 @@ layers by an A100/H100-class GPU) and ``LAUNCH`` (``--launch-us``, default 10 µ
 PyTorch per kernel) are assumptions, stated beside the table. Cells without a budget the script
 reads (spectra and signal measurements, analytic models, ``grow``'s staged runs) are not
 counted.
+
+``--measure`` (on a GPU machine) times instead: a few training steps of every distinct network
+of the ``full`` grid on ``--device`` (:mod:`depthlab.experiments.timing`; random inputs of the
+cells' shapes, so no data set is needed), and gives each experiment's hours as the sum over its
+cells of steps × the median step time, beside the estimate above; it writes
+``results/full_measured.csv`` after every experiment (so a run stopped by a time limit keeps
+what it measured) and its timed networks to ``results/full_steps.csv``:
+
+    python benchmarks/estimate_full.py --measure --experiments depth-sweep,deep-fc
 """
 
 from __future__ import annotations
@@ -24,18 +33,29 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import cell_work
+from depthlab.experiments.timing import StepTimes
+from depthlab.registry import DepthlabError
 
 RESULTS = Path(__file__).parent / "results" / "full_estimates.csv"
 
 
-def estimate_experiment(name: str, rate: float, launch: float) -> dict:
+def full_cells(name: str, device: str = "auto") -> tuple:
+    """``(experiment, its full grid's cells)``, with a placeholder CIFAR-10 folder where the
+    preset reads one (only the cells' shapes matter here)."""
     exp = get_experiment(name)
     cfg = exp.presets["full"]
     if "data_dir" in exp.needs.get("full", ()):  # a placeholder: the cells' CIFAR-10 shapes
         cfg = dataclasses.replace(cfg, data_dir="CIFAR-10")
-    cells = exp.cells(cfg)
+    if hasattr(cfg, "device"):
+        cfg = dataclasses.replace(cfg, device=device)
+    return exp, exp.grid(cfg)
+
+
+def estimate_experiment(name: str, rate: float, launch: float) -> dict:
+    exp, cells = full_cells(name)
     flops = seconds = 0.0
     counted = 0
     for cell in cells:
@@ -55,12 +75,79 @@ def estimate_experiment(name: str, rate: float, launch: float) -> dict:
     }
 
 
+def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
+    """Time every distinct network of the chosen experiments' ``full`` grids on the device;
+    write the measured hours per experiment and the timed networks."""
+    import torch
+
+    from depthlab.train.loop import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except DepthlabError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    clock = StepTimes(repeats=args.repeats, log=lambda s: print(s, flush=True))
+    rows, steps = [], []
+    names = args.experiments.split(",") if args.experiments else list(estimates)
+    device_name = (
+        torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
+        else "cpu"
+    )  # fmt: skip
+    for name in names:
+        if name not in estimates:
+            raise SystemExit(f"{name!r} has no full preset; choose from {', '.join(estimates)}")
+        exp, cells = full_cells(name, args.device)
+        secs = [clock.seconds(exp, c) for c in cells]
+        known = [s for s in secs if s is not None]
+        est = estimates[name]
+        row = {
+            "experiment": name, "device": device_name, "torch": torch.__version__,
+            "cells": len(cells), "timed_cells": len(known),
+            "measured_hours": round(sum(known) / 3600, 3),
+            "estimated_gpu_hours": est["gpu_hours"],
+            "measured_vs_estimate": round(sum(known) / 3600 / est["gpu_hours"], 2)
+            if est["gpu_hours"] else "",
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"{name:26s} {row['timed_cells']:4d}/{row['cells']:<4d} cells timed: "
+            f"{row['measured_hours']:8.2f} h measured, {est['gpu_hours']:8.2f} h estimated",
+            flush=True,
+        )
+        write_csv("full_measured.csv", rows, args.measured_csv)
+        steps = [
+            {"network": s.label(), "device": s.device, "s_per_step": round(t, 5)}
+            for s, t in clock.times.items()
+        ]
+        write_csv("full_steps.csv", steps, args.steps_csv)
+    if args.markdown:
+        print("| experiment | training cells timed | hours (measured) | GPU hours (estimate) |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| `{r['experiment']}` | {r['timed_cells']}/{r['cells']} | "
+                f"{r['measured_hours']:g} | {r['estimated_gpu_hours']:g} |"
+            )
+        print(f"\nmeasured on {device_name} (torch {torch.__version__}): training steps only")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tflops", type=float, default=20.0, help="sustained TFLOP/s (assumed)")
     ap.add_argument("--launch-us", type=float, default=10.0, help="µs per kernel (assumed)")
     ap.add_argument("--markdown", action="store_true", help="print the README's table")
     ap.add_argument("--csv", default=str(RESULTS))
+    ap.add_argument(
+        "--measure",
+        action="store_true",
+        help="time each distinct network's training step on --device instead",
+    )
+    ap.add_argument("--device", default="auto", help="with --measure: auto | cuda | cpu")
+    ap.add_argument("--experiments", default="", help="with --measure: comma-separated names")
+    ap.add_argument("--repeats", type=int, default=3, help="with --measure: timed steps")
+    ap.add_argument("--measured-csv", default=None)
+    ap.add_argument("--steps-csv", default=None)
     args = ap.parse_args(argv)
     rate, launch = args.tflops * 1e12, args.launch_us * 1e-6
     rows = [
@@ -68,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in list_experiments()
         if "full" in get_experiment(n).presets
     ]
+    if args.measure:
+        return measure(args, {r["experiment"]: r for r in rows})
     note = (
         f"estimate: {args.tflops:g} TFLOP/s sustained, {args.launch_us:g} µs per kernel, cells "
         "in sequence on one GPU; not counted: cells without a budget the script reads "

@@ -110,6 +110,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert code == 2 and "valid keys" in err and not out.exists()
 
 
+def test_dry_run_measure_times_steps_and_measure_alone_exits_2(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    code, stdout, _ = run_cli(
+        capsys, "run", "deep-fc", "--preset", "smoke", "--dry-run", "--measure", "--out",
+        str(out), "--set", "device=cpu",
+    )  # fmt: skip
+    assert code == 0 and not out.exists()
+    assert "  timed mlp " in stdout and "s/step" in stdout
+    assert "of training steps timed on cpu" in stdout
+    code, _, err = run_cli(capsys, "run", "deep-fc", "--preset", "smoke", "--measure",
+                           "--out", str(out))  # fmt: skip
+    assert code == 2 and "--measure goes with --dry-run" in err and not out.exists()
+
+
 def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", str(tmp_path))
     assert code == 2 and "no experiment results" in err

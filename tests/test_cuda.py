@@ -196,3 +196,20 @@ def test_an_experiment_cell_runs_on_cuda(name, monkeypatch):
     cell = exp.grid(exp.config("smoke", {"device": "cuda"}))[0]
     records = exp.run_cell(dict(cell))
     assert records and seen and set(seen) == {"cuda"}
+
+
+def test_timed_steps_run_on_the_cells_gpu():
+    """``run --dry-run --measure`` on a GPU host: a cell on ``auto`` is timed on CUDA, and the
+    timed step trains there (its loss falls on the fixed batch)."""
+    from depthlab.experiments import get_experiment
+    from depthlab.experiments import timing as tm
+
+    exp = get_experiment("depth-sweep")
+    cell = exp.grid(exp.config("smoke", {"device": "auto"}))[0]
+    step = tm.cell_step(exp, cell)
+    assert step.device.startswith("cuda")
+    model, one_step = tm.build_step(step)
+    assert next(model.parameters()).is_cuda
+    losses = [one_step() for _ in range(40)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert 0 < tm.time_step(step, repeats=2) < 60

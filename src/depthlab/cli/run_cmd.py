@@ -8,6 +8,7 @@ import time
 
 from depthlab.cli import add_memory_option, add_set_option
 from depthlab.io import parse_overrides
+from depthlab.registry import DepthlabError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print each experiment's cells (those cached in OUT) and what the rest should "
         "take at one CPU core's rate per --jobs worker; run nothing, write nothing",
     )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --dry-run: estimate from training steps timed on the cells' device (a few "
+        "steps of each distinct network, on random inputs) instead of the CPU rate",
+    )
     add_memory_option(p)
     p.set_defaults(func=run_command)
 
@@ -57,9 +64,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.overrides)
     out = args.out if args.out is not None else f"runs/{args.preset}"
+    if args.measure and not args.dry_run:
+        raise DepthlabError("--measure goes with --dry-run (it times steps instead of running)")
     if args.dry_run:
         runner.plan(args.name, args.preset, overrides, jobs=args.jobs, out=out,
-                    log=lambda s: print(s, flush=True))  # fmt: skip
+                    log=lambda s: print(s, flush=True), measure=args.measure)  # fmt: skip
         return 0
     t0 = time.perf_counter()
     results = runner.run(

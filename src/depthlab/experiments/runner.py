@@ -23,8 +23,9 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from depthlab.experiments.base import (
     list_experiments,
 )
 from depthlab.experiments.cost import Eta, Work, cell_work
+from depthlab.experiments.timing import StepTimes
 from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
 from depthlab.validate import check_out_dir
@@ -279,15 +281,21 @@ def plan(
     jobs: int = 1,
     out: str | Path | None = None,
     log: Callable[[str], None] = print,
+    measure: bool = False,
 ) -> float:
     """What :func:`run` would do, without running or writing anything: per experiment its
     cells, those already cached in ``out/NAME/cells/`` (a resume), and the rest's work at one
     CPU core's rate (:mod:`depthlab.experiments.cost`), then the sweep's on ``jobs`` workers.
-    The same checks as :func:`run` refuse bad names, presets and overrides. Returns the
-    estimated seconds (cells without a count left out)."""
+    With ``measure``, the estimate comes from training steps timed on the cells' device instead
+    (:mod:`depthlab.experiments.timing`: a few steps of each distinct network, with the
+    threads a worker would have). The same checks as :func:`run` refuse bad names, presets and
+    overrides. Returns the estimated seconds (cells without a count left out)."""
     _check_jobs(jobs)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
+    timed: list[float | None] = []
+    timings: list[str] = []  # the networks timed for an experiment, logged after its line
+    clock = StepTimes(log=timings.append) if measure else None
     for exp, cfg in resolve(names, preset, overrides or {}):
         cells = exp.grid(cfg)
         folder = Path(out, exp.name) if out is not None else None
@@ -299,20 +307,74 @@ def plan(
         line = f"[{exp.name}] {len(cells)} cells, {len(left)} to run"
         if len(left) < len(cells):
             line += f" ({len(cells) - len(left)} cached in {folder})"
-        if known:
+        if clock is not None:
+            with _threads(jobs):
+                secs = [clock.seconds(exp, c) for c in left]
+            timed += secs
+            known = [s for s in secs if s is not None]
+            if known:
+                line += f"; about {_duration(sum(known))} of timed training steps"
+        elif known:
             line += f"; about {_duration(sum(w.seconds() for w in known))} on one core"
         if len(known) < len(left):
             line += f" ({len(left) - len(known)} without a count)"
         log(line)
+        for text in timings:
+            log(text)
+        timings.clear()
         works += mine
         todo += left
     workers = max(1, min(jobs, len(todo)))
     if not todo:
         log("nothing to run: every cell is cached")
         return 0.0
+    if clock is not None:
+        return _timed_total(timed, todo, workers, clock, log)
     text = estimate_text(works, todo, workers)
     log(text or f"{len(todo)} cells to run; no estimate (they run on a GPU or have no count)")
     return sum(w.seconds() for w in works if w is not None) / workers
+
+
+@contextmanager
+def _threads(jobs: int) -> Iterator[None]:
+    """torch's CPU threads set to what one of ``jobs`` workers gets (:func:`make_pool`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed_total(
+    timed: list[float | None],
+    cells: list[dict[str, Any]],
+    workers: int,
+    clock: StepTimes,
+    log: Callable[[str], None],
+) -> float:
+    """The sweep's seconds from the cells' timed steps, on ``workers`` workers (cells on a GPU:
+    at most one worker per GPU at a time); logs the line."""
+    import torch
+
+    known = [s for s in timed if s is not None]
+    devices = sorted({s.device for s in clock.times})
+    gpu = any(d.startswith("cuda") for d in devices)
+    lanes = min(workers, max(1, torch.cuda.device_count())) if gpu else workers
+    total = sum(known) / lanes
+    text = (
+        f"{len(cells)} cells to run on {lanes} worker{'s' * (lanes > 1)}: about "
+        f"{_duration(total)} of training steps timed on {', '.join(devices) or 'no device'} "
+        f"({len(clock.times)} network{'s' * (len(clock.times) != 1)} timed; evaluation and "
+        "start-up not counted)"
+    )
+    if len(known) < len(cells):
+        k = len(cells) - len(known)
+        text += f" ({k} cell{'s' * (k > 1)} without a count left out)"
+    log(text)
+    return total
 
 
 def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
