@@ -20,8 +20,9 @@ counted.
 of the ``full`` grid on ``--device`` (:mod:`depthlab.experiments.timing`; random inputs of the
 cells' shapes, so no data set is needed), and gives each experiment's hours as the sum over its
 cells of steps × the median step time, beside the estimate above; it writes
-``results/full_measured.csv`` after every experiment (so a run stopped by a time limit keeps
-what it measured) and its timed networks to ``results/full_steps.csv``:
+``results/full_measured.csv`` after every experiment and each network's step time to
+``results/full_steps.csv`` as soon as it is timed (so a run stopped by a time limit keeps what
+it measured):
 
     python benchmarks/estimate_full.py --measure --experiments depth-sweep,deep-fc
 """
@@ -75,6 +76,26 @@ def estimate_experiment(name: str, rate: float, launch: float) -> dict:
     }
 
 
+class _Clock(StepTimes):
+    """:class:`StepTimes` that writes every network's step time as soon as it is timed (a run
+    stopped by a time limit keeps them)."""
+
+    def __init__(self, path: str | None, **kw) -> None:
+        super().__init__(**kw)
+        self.path = path
+
+    def step_seconds(self, step) -> float:
+        new = step not in self.times
+        seconds = super().step_seconds(step)
+        if new:
+            rows = [
+                {"network": s.label(), "device": s.device, "s_per_step": round(t, 5)}
+                for s, t in self.times.items()
+            ]
+            write_csv("full_steps.csv", rows, self.path)
+        return seconds
+
+
 def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
     """Time every distinct network of the chosen experiments' ``full`` grids on the device;
     write the measured hours per experiment and the timed networks."""
@@ -86,8 +107,8 @@ def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
         resolve_device(args.device)
     except DepthlabError as e:
         raise SystemExit(f"--device {args.device}: {e}") from None
-    clock = StepTimes(repeats=args.repeats, log=lambda s: print(s, flush=True))
-    rows, steps = [], []
+    clock = _Clock(args.steps_csv, repeats=args.repeats, log=lambda s: print(s, flush=True))
+    rows = []
     names = args.experiments.split(",") if args.experiments else list(estimates)
     device_name = (
         torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
@@ -115,11 +136,6 @@ def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
             flush=True,
         )
         write_csv("full_measured.csv", rows, args.measured_csv)
-        steps = [
-            {"network": s.label(), "device": s.device, "s_per_step": round(t, 5)}
-            for s, t in clock.times.items()
-        ]
-        write_csv("full_steps.csv", steps, args.steps_csv)
     if args.markdown:
         print("| experiment | training cells timed | hours (measured) | GPU hours (estimate) |")
         print("|---|---|---|---|")
