@@ -263,10 +263,13 @@ def estimate_text(works: list[Work | None], cells: list[dict[str, Any]], workers
         f"{_duration(sum(w.seconds() for w in known) / workers)} by their FLOPs and kernel "
         "counts at one CPU core's rate per worker"
     )
-    if len(known) < len(works):
-        k = len(works) - len(known)
-        text += f" ({k} cell{'s' * (k > 1)} without a count left out)"
-    return text
+    return text + _left_out(len(works), len(known))
+
+
+def _left_out(cells: int, counted: int) -> str:
+    """`` (k cells without a count left out)`` where some of ``cells`` have no estimate."""
+    k = cells - counted
+    return f" ({k} cell{'s' * (k > 1)} without a count left out)" if k > 0 else ""
 
 
 def _check_jobs(jobs: Any) -> None:
@@ -370,10 +373,7 @@ def _timed_total(
         f"({len(clock.times)} network{'s' * (len(clock.times) != 1)} timed; evaluation and "
         "start-up not counted)"
     )
-    if len(known) < len(cells):
-        k = len(cells) - len(known)
-        text += f" ({k} cell{'s' * (k > 1)} without a count left out)"
-    log(text)
+    log(text + _left_out(len(cells), len(known)))
     return total
 
 
