@@ -88,6 +88,15 @@ def test_the_timed_step_is_a_training_step(step):
     assert len(moved) >= len(before) // 2
 
 
+def test_building_a_step_leaves_the_callers_random_state_alone():
+    step = tm.Step("mlp", (("depth", 2), ("in_dim", 4), ("width", 4)), 4, (4,), "rezero")
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    tm.build_step(step)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_time_step_is_the_median_of_the_timed_steps(monkeypatch):
     ticks = iter([0.0, 1.0, 1.0, 3.0, 3.0, 3.5, 3.5, 7.5])  # warm-up 1 s; steps 2, 0.5, 4 s
     monkeypatch.setattr(tm.time, "perf_counter", lambda: next(ticks))

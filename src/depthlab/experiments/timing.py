@@ -105,7 +105,8 @@ def cell_steps(cell: dict[str, Any]) -> float | None:
 
 def build_step(step: Step, seed: int = 0) -> tuple[Any, Callable[[], float]]:
     """``(model, one_step)``: the network of ``step`` on its device with its optimizer and a
-    fixed random batch; ``one_step()`` runs one training step and returns its loss."""
+    fixed random batch (seeded; the global random state is not touched); ``one_step()`` runs
+    one training step and returns its loss."""
     import torch
     import torch.nn.functional as F
 
@@ -115,8 +116,9 @@ def build_step(step: Step, seed: int = 0) -> tuple[Any, Callable[[], float]]:
 
     device = torch.device(step.device)
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = dl.create_model(step.model, scheme=step.scheme, **dict(step.sizes)).to(device)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = dl.create_model(step.model, scheme=step.scheme, **dict(step.sizes)).to(device)
     if step.checkpointing:
         model.blocks.checkpoint_segments = step.checkpointing
     if step.model == "transformer-lm":
