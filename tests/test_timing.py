@@ -44,14 +44,65 @@ def test_a_cifar_depth_sweep_cell_keeps_its_layout_checkpointing_and_epoch():
     assert tm.cell_steps(cell) == pytest.approx(examples(cell) / cell["batch_size"])
 
 
-def test_arms_that_are_not_schemes_are_timed_under_the_stand_in():
-    exp, cells = _cells("transformer-convergence", "deep", device="cpu")
+class _Built(Exception):
+    """Raised by the recording ``create_model``: the cell's network was named."""
+
+
+@pytest.mark.parametrize(
+    "name", ["deep-fc", "depth-sweep", "skipinit-depth", "fixup-ablation",
+             "transformer-convergence", "transformer-jacobian", "batch-size"],
+)  # fmt: skip
+def test_every_arm_is_timed_as_its_experiment_builds_it(name, monkeypatch):
+    """The scheme and options of each cell's timed step are those ``run_cell`` passes to
+    ``create_model`` (recorded, then the cell stopped): frozen-gate controls, Fixup with a rule
+    left out, Post-LN with warm-up, the post-activation BN net's zero-γ option."""
+    import depthlab
+
+    seen: list[tuple] = []
+
+    def record(model, scheme="plain", scheme_options=None, **kw):
+        seen.append((model, scheme, dict(scheme_options or {})))
+        raise _Built
+
+    monkeypatch.setattr(depthlab, "create_model", record)
+    exp, cells = _cells(name, "deep", device="cpu")
+    checked = set()
     for cell in cells:
         step = tm.cell_step(exp, cell)
-        named = cell["variant"] in ("rezero", "postnorm")  # registered schemes
-        assert step.scheme == (cell["variant"] if named else tm.STAND_IN["transformer-lm"])
-        assert step.shape == (cell["context"],) and dict(step.sizes)["depth"] == cell["depth"]
-    assert {tm.cell_step(exp, c).scheme for c in cells} == {"rezero", "postnorm", "prenorm"}
+        if step is None or step in checked:
+            continue
+        checked.add(step)
+        with pytest.raises(_Built):
+            exp.run_cell({**cell, "steps": 1, "epochs": 0.01} if "epochs" in cell else cell)
+        model, scheme, options = seen[-1]
+        assert (step.model, step.scheme, dict(step.options)) == (model, scheme, options)
+    assert len({(s.scheme, s.options) for s in checked}) >= 2
+
+
+def test_the_optimizer_is_the_cells():
+    for name, want in (("deep-fc", "adam"), ("transformer-convergence", "adam"),
+                       ("depth-sweep", "sgd"), ("fixup-ablation", "sgd")):  # fmt: skip
+        exp, cells = _cells(name, "deep", device="cpu")
+        assert {tm.cell_step(exp, c).optimizer for c in cells} == {want}
+
+
+def test_arms_the_experiment_does_not_name_are_timed_under_the_stand_in():
+    exp, cells = _cells("bn-smoothness", "deep", device="cpu")
+    steps = [tm.cell_step(exp, c) for c in cells]
+    assert steps and all(s.scheme == tm.STAND_IN[s.model] and s.options == () for s in steps)
+
+
+def test_a_frozen_control_is_timed_with_its_gates_fixed():
+    exp, cells = _cells("depth-sweep", "deep", device="cpu")
+    cell = next(c for c in cells if c["scheme"] == "frozen" and c["depth"] == 110)
+    step = tm.cell_step(exp, cell)
+    assert (step.scheme, step.options) == ("skipinit", (("learnable", False),))
+    model, _ = tm.build_step(step)
+    gates = [b for n, b in model.named_buffers() if n.endswith("gate.alpha")]
+    assert len(gates) == len(model.blocks) and all(float(a) == 0.0 for a in gates)
+    assert not [n for n, _ in model.named_parameters() if "gate" in n]
+    # every block but the two that change the stage (a projection shortcut) is skipped
+    assert sum(not b.is_identity() for b in model.blocks) == 2
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,25 @@ class Experiment:
         name = "resnet" if cell.get("data_dir") else "mlp"
         return name, {"depth": cell["depth"], "width": cell["width"]}, batch
 
+    def cell_scheme(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """``(registered scheme, scheme options)`` of the network :meth:`cell_model` names, as
+        :meth:`run_cell` builds it (what :mod:`depthlab.experiments.timing` times); None where
+        the cell does not say. The default reads the cell's ``scheme`` or ``variant`` where
+        depthlab registers that name (no options); experiments whose arms are labels
+        (``frozen``, ``postnorm+warmup``, a Fixup rule left out) map them here."""
+        from depthlab.schemes import list_schemes
+
+        names = list_schemes()
+        for key in ("scheme", "variant"):
+            if cell.get(key) in names:
+                return cell[key], {}
+        return None
+
+    def cell_optimizer(self, cell: dict[str, Any]) -> str:
+        """The optimizer a cell trains with (``TrainConfig.optimizer``): the cell's
+        ``optimizer``, else SGD (the training loop's default)."""
+        return str(cell.get("optimizer", "sgd"))
+
     def check(self, cfg: Any) -> None:
         """Experiment-specific checks (a data folder exists, a depth is valid for the model);
         raise :class:`~depthlab.DepthlabError`. Nothing by default."""

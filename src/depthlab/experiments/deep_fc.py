@@ -104,6 +104,9 @@ class DeepFC(Experiment):
         kw["in_dim"] = 3072 if cell.get("data_dir") else 64
         return "mlp", kw, cell["batch_size"]
 
+    def cell_scheme(self, cell: dict) -> tuple[str, dict]:
+        return BUILD[cell["scheme"]]
+
     def check(self, cfg: Config) -> None:
         if cfg.data_dir:
             from depthlab.data.cifar10 import find_folder
@@ -121,7 +124,7 @@ class DeepFC(Experiment):
             data = create_dataset("cifar10", data_dir=cell["data_dir"])
         else:
             data = create_dataset("digits", flat=True)
-        scheme, options = BUILD[cell["scheme"]]
+        scheme, options = self.cell_scheme(cell)
         model = dl.create_model(
             "mlp", depth=cell["depth"], width=cell["width"], scheme=scheme,
             scheme_options=options or None, in_dim=math.prod(data.input_shape),

@@ -228,6 +228,12 @@ class DepthSweep(Experiment):
             batch = max(1, math.ceil(batch * min(1.0, 1 / segments + segments / blocks)))
         return "resnet", {**kwargs, "in_channels": shape[0]}, batch, shape
 
+    def cell_scheme(self, cell: dict) -> tuple[str, dict]:
+        scheme, options = BUILD[cell["scheme"]]
+        if cell["variant"] == "postact":
+            options = {**options, **POSTACT_OPTIONS.get(cell["scheme"], {})}
+        return scheme, options
+
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
 
@@ -239,9 +245,7 @@ class DepthSweep(Experiment):
             data = create_dataset("cifar10", data_dir=cell["data_dir"])
         else:
             data = create_dataset("digits")
-        scheme, options = BUILD[cell["scheme"]]
-        if cell["variant"] == "postact":
-            options = {**options, **POSTACT_OPTIONS.get(cell["scheme"], {})}
+        scheme, options = self.cell_scheme(cell)
         model = dl.create_model(
             "resnet", depth=cell["depth"], width=cell["width"], scheme=scheme,
             scheme_options=options or None, in_channels=data.input_shape[0],

@@ -136,6 +136,9 @@ class FixupAblation(Experiment):
         kwargs = {"depth": cell["depth"], "variant": cell["variant"], "in_channels": shape[0]}
         return "resnet", kwargs, cell["batch_size"], shape
 
+    def cell_scheme(self, cell: dict) -> tuple[str, dict]:
+        return ARMS[cell["arm"]]
+
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
 
@@ -147,7 +150,7 @@ class FixupAblation(Experiment):
             data = create_dataset("cifar10", data_dir=cell["data_dir"])
         else:
             data = create_dataset("digits")
-        scheme, options = ARMS[cell["arm"]]
+        scheme, options = self.cell_scheme(cell)
         model = dl.create_model(
             "resnet", depth=cell["depth"], scheme=scheme, scheme_options=options,
             in_channels=data.input_shape[0], variant=cell["variant"],

@@ -12,12 +12,14 @@ read. A cell then takes about (its steps) × (that step's median time). Cells th
 same network share one timing (:class:`StepTimes`), so a whole preset costs a few steps per
 distinct network.
 
-A cell's scheme is the one its ``scheme`` (or ``variant``) names where depthlab registers it,
-else a stand-in per model
+A cell's network is built with the scheme and options the experiment builds it with
+(:meth:`Experiment.cell_scheme`: a frozen-gate control is timed frozen, so its skipped blocks
+cost nothing, and a Fixup arm without a rule as that arm) and timed with the cell's optimizer
+(:meth:`Experiment.cell_optimizer`); where an experiment does not say, a stand-in per model
 (:data:`STAND_IN`: BatchNorm for a ResNet, the costliest of the usual arms; ReZero for an MLP;
-Pre-LN for a Transformer): arms of one network differ by their scalar and normalization
-kernels, which the figure does not tell apart. Evaluation passes, data loading and start-up are
-left out, so the figure is a lower bound for small cells.
+Pre-LN for a Transformer). Evaluation passes, data loading, start-up and the early end of a run
+that diverges are left out, so the figure is a lower bound for small cells and an upper bound
+for arms that diverge.
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ class Step:
     checkpointing: int = 0
     channels_last: bool = False
     device: str = "cpu"
+    options: tuple[tuple[str, Any], ...] = ()  # scheme options, sorted (hashable)
+    optimizer: str = "sgd"  # sgd (momentum 0.9, weight decay 5e-4) | adam | adamw | adagrad
 
     def label(self) -> str:
-        """``resnet depth=1004 width=1 (batchnorm), batch 64 of 1×8×8 on cpu``."""
+        """``resnet depth=1004 width=1 (skipinit learnable=False), batch 64 of 1×8×8``."""
         sizes = " ".join(f"{k}={v}" for k, v in self.sizes if k != "in_channels")
         ck = f", {self.checkpointing} checkpoint segments" if self.checkpointing else ""
         shape = "×".join(map(str, self.shape))
-        return f"{self.model} {sizes} ({self.scheme}), batch {self.batch} of {shape}{ck}"
+        scheme = " ".join([self.scheme, *(f"{k}={v}" for k, v in self.options)])
+        return f"{self.model} {sizes} ({scheme}), batch {self.batch} of {shape}{ck}"
 
 
 def _device(name: str) -> str:
@@ -81,10 +86,8 @@ def cell_step(exp: Any, cell: dict[str, Any]) -> Step | None:
         kw["in_dim"] = shape[0]
     else:
         shape = (int(kw.get("context", 128)),)
-    from depthlab.schemes import list_schemes
-
-    named = [cell.get(k) for k in ("scheme", "variant") if cell.get(k) in list_schemes()]
-    scheme = named[0] if named else STAND_IN[model]
+    scheme, options = exp.cell_scheme(cell) or (STAND_IN[model], {})
+    optimizer = exp.cell_optimizer(cell)
     return Step(
         model=model,
         sizes=tuple(sorted(kw.items())),
@@ -94,7 +97,14 @@ def cell_step(exp: Any, cell: dict[str, Any]) -> Step | None:
         checkpointing=int(cell.get("checkpointing", 0) or 0),
         channels_last=bool(cell.get("channels_last", False)) and model == "resnet",
         device=_device(str(cell.get("device", "cpu"))),
+        options=tuple(sorted((k, _frozen(v)) for k, v in options.items())),
+        optimizer=optimizer,
     )
+
+
+def _frozen(value: Any) -> Any:
+    """A scheme option as a hashable value (a list as a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def cell_steps(cell: dict[str, Any]) -> float | None:
@@ -118,17 +128,22 @@ def build_step(step: Step, seed: int = 0) -> tuple[Any, Callable[[], float]]:
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
-        model = dl.create_model(step.model, scheme=step.scheme, **dict(step.sizes)).to(device)
+        model = dl.create_model(
+            step.model, scheme=step.scheme, scheme_options=dict(step.options) or None,
+            **dict(step.sizes),
+        ).to(device)  # fmt: skip
     if step.checkpointing:
         model.blocks.checkpoint_segments = step.checkpointing
     if step.model == "transformer-lm":
         x = torch.randint(0, VOCAB, (step.batch, *step.shape), generator=g).to(device)
         y = torch.randint(0, VOCAB, (step.batch, *step.shape), generator=g).to(device)
-        cfg = TrainConfig(optimizer="adam", lr=1e-3)
     else:
         x = torch.randn(step.batch, *step.shape, generator=g).to(device)
         y = torch.randint(0, 10, (step.batch,), generator=g).to(device)
+    if step.optimizer == "sgd":
         cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
+    else:
+        cfg = TrainConfig(optimizer=step.optimizer, lr=1e-3)
     if step.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -213,6 +213,13 @@ class TransformerConvergence(Experiment):
             ]
         return out
 
+    def cell_scheme(self, cell: dict) -> tuple[str, dict]:
+        scheme, options, _ = VARIANTS[cell["variant"]]
+        return scheme, options
+
+    def cell_optimizer(self, cell: dict) -> str:
+        return "adam"
+
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
 
@@ -220,15 +227,15 @@ class TransformerConvergence(Experiment):
         from depthlab.data import create_dataset
 
         torch.manual_seed(cell["seed"])
-        scheme, options, _ = VARIANTS[cell["variant"]]
+        scheme, options = self.cell_scheme(cell)
         data = create_dataset("bytes", path=cell["path"] or None, context=cell["context"])
         model = dl.create_model(
             "transformer-lm", depth=cell["depth"], d_model=cell["d_model"], nhead=cell["nhead"],
             context=cell["context"], scheme=scheme, scheme_options=options or None,
         )  # fmt: skip
         hist = train(
-            model, data, cell, optimizer="adam", warmup_steps=cell["warmup_steps"],
-            divergence_factor=None,
+            model, data, cell, optimizer=self.cell_optimizer(cell),
+            warmup_steps=cell["warmup_steps"], divergence_factor=None,
         )  # fmt: skip
         frame = hist.frame().dropna(subset=["train_loss"])
         bpb = frame["train_loss"].astype(float) / LN2

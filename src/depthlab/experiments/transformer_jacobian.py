@@ -140,6 +140,12 @@ class TransformerJacobian(Experiment):
               "context": cell["context"]}  # fmt: skip
         return "transformer-lm", kw, cell["batch_size"]
 
+    def cell_scheme(self, cell: dict) -> tuple[str, dict]:
+        return cell["model"].rsplit("-", 1)[0], {}
+
+    def cell_optimizer(self, cell: dict) -> str:
+        return "adam"
+
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
 
@@ -183,7 +189,7 @@ class TransformerJacobian(Experiment):
 
         out = spectrum("init")
         if cell["steps"] > 0:
-            train(model, data, cell, optimizer="adam", divergence_factor=None)
+            train(model, data, cell, optimizer=self.cell_optimizer(cell), divergence_factor=None)
             out += spectrum("trained")
         return out
 
