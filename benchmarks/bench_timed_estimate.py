@@ -8,8 +8,8 @@ every distinct network of the preset's cells is timed on this CPU as ``run --dry
 one of ``--jobs`` workers gets), and each cell's prediction — its steps × its network's step —
 is set beside the wall time the cell took in each folder (``cells/*.json``). Per experiment the
 table gives the predicted and measured cell-seconds, their ratio over all cells and over the
-cells that ran their whole budget (no record says ``diverged``: a diverged run stops at its
-first non-finite loss, which no prediction from a step time can know), and the FLOP-and-kernel
+cells that ran their whole budget (records, none of which says ``diverged``: a diverged run
+stops at its first non-finite loss, which no prediction from a step time can know), and the FLOP-and-kernel
 prediction at one core's rate (:mod:`depthlab.experiments.cost`) for comparison. Rows go to
 ``benchmarks/results/timed_estimate.csv``.
 """
@@ -33,7 +33,8 @@ def _finished(folder: Path, exp, cell) -> tuple[float, bool] | None:
     if not path.is_file():
         return None
     payload = json.loads(path.read_text())
-    whole = not any(bool(r.get("diverged")) for r in payload.get("records", []))
+    records = payload.get("records", [])  # none: stopped before its first logged step
+    whole = bool(records) and not any(bool(r.get("diverged")) for r in records)
     return float(payload["wall_time_s"]), whole
 
 
