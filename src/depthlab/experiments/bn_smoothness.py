@@ -148,6 +148,15 @@ class BNSmoothness(Experiment):
             for m in cfg.norms
         ]
 
+    def cell_model(self, cell: dict) -> tuple[str, dict, int] | None:
+        """An MLP cell's net has the sizes of depthlab's MLP (``depth`` layers of ``width`` on
+        the 64 digits pixels), which the memory check and the estimates count it as; the VGG
+        cells' conv net is none of depthlab's models: not counted (None)."""
+        if cell["net"] != "mlp":
+            return None
+        kw = {"depth": cell["depth"], "width": cell["width"], "in_dim": 64}
+        return "mlp", kw, cell["batch_size"]
+
     def run_cell(self, cell: dict) -> list[dict]:
         import torch
         import torch.nn.functional as F
