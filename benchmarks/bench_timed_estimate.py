@@ -10,8 +10,8 @@ is set beside the wall time the cell took in each folder (``cells/*.json``). Per
 table gives the predicted and measured cell-seconds, their ratio over all cells and over the
 cells that ran their whole budget (records, none of which says ``diverged``: a diverged run
 stops at its first non-finite loss, which no prediction from a step time can know), and the
-FLOP-and-kernel prediction at one core's rate (:mod:`depthlab.experiments.cost`) for comparison. Rows go to
-``benchmarks/results/timed_estimate.csv``.
+FLOP-and-kernel prediction at one core's rate (:mod:`depthlab.experiments.cost`) for
+comparison. Rows go to ``benchmarks/results/timed_estimate.csv``.
 """
 
 from __future__ import annotations
