@@ -5,8 +5,10 @@
 The parameters of a ``depth``-layer ReZero MLP (3 tensors per block: 30,004 at depth 10,000)
 get fixed random gradients; then Adam and SGD with momentum each take ``--rounds`` steps per
 implementation — ``fused=True`` (what :func:`depthlab.train.optim.make_optimizer` picks where
-torch has it), ``foreach=True`` and the per-parameter loop (``foreach=False``) — interleaved in
-rotated order within every round, one thread. The table gives the median step time per
+torch has it), ``foreach=True`` and the per-parameter loop (``foreach=False``), and for Adam
+``kept``: the same fused optimizer stepped by :func:`depthlab.train.optim.optimizer_step` (what
+the training loop calls: the same kernel on the lists kept from the previous step) — interleaved
+in rotated order within every round, one thread. The table gives the median step time per
 implementation and its ratio to the fused one, measured side by side; CSV
 ``benchmarks/results/optimizer.csv``.
 """
@@ -21,8 +23,11 @@ import torch
 
 import depthlab as dl
 from _results import write_csv
+from depthlab.train.optim import optimizer_step
 
 IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+#: the fused optimizer stepped by optimizer_step (Adam only: it is plain step() for the others)
+KEPT = ("kept",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         opts = {impl: make(kw) for impl, kw in IMPLS.items()}
         for opt in opts.values():
             opt.step()  # state allocated, kernels warm
+        if name == "adam":  # the fused optimizer itself, stepped the other way in turn
+            opts["kept"] = opts["fused"]
+            optimizer_step(opts["kept"])  # the lists kept
         times: dict[str, list[float]] = {impl: [] for impl in opts}
         names = list(opts)
         for r in range(args.rounds):
             for impl in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
-                opts[impl].step()
+                if impl in KEPT:
+                    optimizer_step(opts[impl])
+                else:
+                    opts[impl].step()
                 times[impl].append(time.perf_counter() - t0)
         fused = statistics.median(times["fused"])
         for impl, t in times.items():

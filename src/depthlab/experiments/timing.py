@@ -122,7 +122,7 @@ def build_step(step: Step, seed: int = 0) -> tuple[Any, Callable[[], float]]:
 
     import depthlab as dl
     from depthlab.train.config import TrainConfig
-    from depthlab.train.optim import make_optimizer
+    from depthlab.train.optim import make_optimizer, optimizer_step
 
     device = torch.device(step.device)
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +154,7 @@ def build_step(step: Step, seed: int = 0) -> tuple[Any, Callable[[], float]]:
         out = model(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         loss.backward()
-        opt.step()
+        optimizer_step(opt)
         return float(loss.detach())
 
     return model, one_step

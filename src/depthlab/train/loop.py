@@ -38,7 +38,7 @@ from depthlab.train import checkpoint as ckpt
 from depthlab.train import distributed as dd
 from depthlab.train.config import TrainConfig
 from depthlab.train.logger import RunLogger, _clean
-from depthlab.train.optim import lr_factor, make_optimizer, set_lr
+from depthlab.train.optim import lr_factor, make_optimizer, optimizer_step, set_lr
 from depthlab.validate import check_out_dir
 
 LN2 = math.log(2.0)
@@ -536,7 +536,7 @@ class _Run:
             gn = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             rec["grad_norm"] = float(gn)
         try:
-            self.optimizer.step()
+            optimizer_step(self.optimizer)  # step(), without re-walking 40k tensors (fused Adam)
         except RuntimeError as e:
             if "overflow" not in str(e):
                 raise

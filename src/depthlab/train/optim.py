@@ -73,6 +73,121 @@ def _optimizer(groups: list[dict], cfg: TrainConfig, kw: dict) -> torch.optim.Op
     return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, **kw)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, with one shortcut for torch's fused Adam and AdamW.
+
+    Before its one kernel over all tensors, torch's fused Adam walks every parameter in Python
+    (its state, the lists of moments and step counters) and sorts the lists by device and
+    dtype: for a 10,000-layer MLP (40,004 tensors) that is ≈ 0.2 s of a ≈ 0.5 s step. Where
+    that walk would find what it found last time — every parameter has its state and a
+    gradient, all of one device and dtype, real, no AMSGrad, ``capturable``, ``differentiable``,
+    tensor lr, gradient scaler or step hooks — the same kernel (``torch._fused_adam_`` /
+    ``_fused_adamw_``) is called on the lists kept from the previous step, after the same
+    increment of the step counters: the same update, to the bit. Anything else (the first step,
+    a parameter without a gradient, a reloaded state, another optimizer) is ``step()``."""
+    lists = _fused_lists(optimizer)
+    if lists is None:
+        optimizer.step()
+        return
+    grads = [[p.grad for p in params] for params, *_ in lists]
+    if any(g is None for gs in grads for g in gs):  # torch skips those parameters: its own step
+        optimizer.step()
+        return
+    with torch.no_grad():
+        for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(
+            optimizer.param_groups, lists, grads, strict=True
+        ):
+            beta1, beta2 = group["betas"]
+            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+            torch._foreach_add_(steps, 1)
+            kernel(
+                params, gs, exp_avgs, exp_avg_sqs, [], steps,
+                amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                grad_scale=None, found_inf=None,
+            )  # fmt: skip
+
+
+#: what :func:`optimizer_step` keeps on an optimizer between steps
+_LISTS = "_depthlab_fused_lists"
+
+
+def _fused_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, list]] | None:
+    """Per group ``(params, exp_avgs, exp_avg_sqs, steps)`` when :func:`optimizer_step` may
+    call the fused kernel itself (see there); kept on the optimizer and checked each call."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
+        return None
+    from torch.optim import optimizer as tmod
+
+    hooks = (
+        getattr(opt, "_optimizer_step_pre_hooks", None),
+        getattr(opt, "_optimizer_step_post_hooks", None),
+        getattr(tmod, "_global_optimizer_pre_hooks", None),
+        getattr(tmod, "_global_optimizer_post_hooks", None),
+    )
+    if any(h is None or len(h) for h in hooks):
+        return None
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+        return None
+    key = (id(opt.state), len(opt.state), tuple(id(g["params"]) for g in opt.param_groups))
+    kept = getattr(opt, _LISTS, None)
+    if kept is not None and kept[0] == key and (kept[1] is None or _same_state(opt, kept[1])):
+        return kept[1]  # (None: not these groups; a first step adds state and changes the key)
+    lists = _build_lists(opt)
+    setattr(opt, _LISTS, (key, lists))
+    return lists
+
+
+def _same_state(opt: torch.optim.Optimizer, lists: list) -> bool:
+    """The kept lists still hold the optimizer's state tensors and plain settings (spot check:
+    each group's first and last parameter; a reloaded state is a new dict)."""
+    for group, (params, exp_avgs, _, steps) in zip(opt.param_groups, lists, strict=True):
+        if not _plain(group) or len(params) != len(group["params"]):
+            return False
+        for i in (0, -1):
+            st = opt.state.get(params[i])
+            if st is None or st.get("exp_avg") is not exp_avgs[i] or st.get("step") is not steps[i]:
+                return False
+    return True
+
+
+def _plain(group: dict) -> bool:
+    """A group the shortcut handles: fused, no AMSGrad/capturable/differentiable, float lr and
+    betas, this torch's decoupled-decay flag."""
+    return (
+        group.get("fused") is True
+        and not group.get("amsgrad")
+        and not group.get("capturable")
+        and not group.get("differentiable")
+        and "decoupled_weight_decay" in group
+        and not isinstance(group.get("lr"), torch.Tensor)
+        and not any(isinstance(b, torch.Tensor) for b in group.get("betas", ()))
+    )
+
+
+def _build_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, list]] | None:
+    out = []
+    kind = None
+    for group in opt.param_groups:
+        if not _plain(group):
+            return None
+        params, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st or "exp_avg" not in st or p.is_complex():
+                return None
+            if kind is None:
+                kind = (p.device, p.dtype)
+            if (p.device, p.dtype) != kind or st["step"].device != p.device:
+                return None
+            params.append(p)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        out.append((params, exp_avgs, exp_avg_sqs, steps))
+    return out
+
+
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """The multiplier of the peak lr at ``step`` (0-based) of a ``total``-step run.
 
