@@ -16,7 +16,9 @@ lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory; models t
 step each per round, so that drift in the machine's load is spread over all of them. Where a
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
 (``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
-counts only the model's own FLOPs).
+counts only the model's own FLOPs). The process keeps freed memory for reuse
+(:func:`depthlab.heap.keep_freed_memory`, as ``depthlab run``'s workers do; ``--default-malloc``:
+glibc as it comes; the CSV's ``malloc`` column says which).
 
 FLOPs per step are counted by ``torch.utils.flop_counter`` on one step (convolutions and the
 linear head, forward and backward). The peaks, measured in the same run, best of five:
@@ -46,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import depthlab as dl
 from _results import write_csv
+from depthlab.heap import keep_freed_memory
 from depthlab.resources import estimate
 from depthlab.train.config import TrainConfig
 from depthlab.train.optim import make_optimizer
@@ -207,6 +210,7 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
             "scheme": r.scheme, "depth": depth, "input": "x".join(map(str, shape)),
             "layout": r.layout, "checkpoint_segments": r.segments, "batch": args.batch,
             "threads": torch.get_num_threads(), "device": args.device_name,
+            "malloc": args.malloc,
             "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
             "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
             "gflops": round(rate / 1e9, 2),
@@ -248,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true",
                     help="keep the CSV's other rows (replace those measured again)")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu | cuda (or cuda:N)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="glibc's malloc as it comes (default: freed memory kept for reuse, as "
+                         "in depthlab run's workers)")  # fmt: skip
     args = ap.parse_args(argv)
+    kept = not args.default_malloc and keep_freed_memory()
+    args.malloc = "kept" if kept else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = [int(d) for d in args.depths.split(",")]
     print(
         f"torch {torch.__version__}, {args.device_name}, {torch.get_num_threads()} threads, "
-        f"batch {args.batch}"
+        f"batch {args.batch}, malloc {args.malloc}"
     )
     peak = peaks(device)
     print(

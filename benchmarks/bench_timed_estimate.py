@@ -25,6 +25,7 @@ from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import cell_work
 from depthlab.experiments.runner import _cell_path, _threads
 from depthlab.experiments.timing import StepTimes
+from depthlab.heap import keep_freed_memory
 
 
 def _finished(folder: Path, exp, cell) -> tuple[float, bool] | None:
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="the workers the runs had")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as in the sweep's workers and `depthlab run --dry-run --measure`
     specs = [s.rpartition(":") for s in args.runs]
     presets = {p for _, _, p in specs}
     if len(presets) != 1 or any(not f for f, _, _ in specs):

@@ -51,12 +51,17 @@ def _ray_cell(module: str, name: str, cell: dict[str, Any], threads: int):
 
     from depthlab.experiments.base import EXPERIMENTS
     from depthlab.experiments.runner import stamp_node
+    from depthlab.heap import keep_freed_memory, release_freed_memory
 
     torch.set_num_threads(max(1, threads))
+    keep_freed_memory()  # a Ray worker process runs tasks only; released after the cell
     importlib.import_module(module)
     exp = EXPERIMENTS.get(name)()
     t0 = time.perf_counter()
-    records = exp.run_cell(dict(cell))
+    try:
+        records = exp.run_cell(dict(cell))
+    finally:
+        release_freed_memory()
     return stamp_node(records), time.perf_counter() - t0
 
 

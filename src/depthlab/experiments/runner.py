@@ -43,6 +43,7 @@ from depthlab.experiments.base import (
 )
 from depthlab.experiments.cost import Eta, Work, cell_work
 from depthlab.experiments.timing import StepTimes
+from depthlab.heap import release_freed_memory
 from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
 from depthlab.validate import check_out_dir
@@ -86,7 +87,10 @@ def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
 def _worker_init(threads: int, parent: int | None = None, counter: Any = None) -> None:
     import torch
 
+    from depthlab.heap import keep_freed_memory
+
     torch.set_num_threads(threads)
+    keep_freed_memory()  # a worker runs cells only; each cell releases what it held (_run_cell)
     if parent is not None:
         _watch_parent(parent)
     if counter is not None and torch.cuda.is_available():
@@ -117,7 +121,10 @@ def _run_cell(module: str, name: str, cell: dict[str, Any]) -> tuple[list[dict],
     importlib.import_module(module)
     exp = EXPERIMENTS.get(name)()
     t0 = time.perf_counter()
-    records = exp.run_cell(dict(cell))
+    try:
+        records = exp.run_cell(dict(cell))
+    finally:
+        release_freed_memory()  # what this cell held, free for the worker's next cell
     return stamp_node(records), time.perf_counter() - t0
 
 
@@ -204,7 +211,10 @@ def run_cells(
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             t0 = time.perf_counter()
-            records = stamp_node(exp.run_cell(dict(cells[i])))
+            try:
+                records = stamp_node(exp.run_cell(dict(cells[i])))
+            finally:
+                release_freed_memory()
             finish(i, records, time.perf_counter() - t0)
         return _merge(cells, results), n_cached
     own_pool = pool is None

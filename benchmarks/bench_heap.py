@@ -1,0 +1,147 @@
+"""Training steps with glibc's default ``malloc`` settings vs freed memory kept for reuse.
+
+    .venv/bin/python benchmarks/bench_heap.py                 # every network, 2 pairs
+    .venv/bin/python benchmarks/bench_heap.py --nets fixup-1004-b32 --pairs 3 --steps 5
+
+Each network is one training step of a ``deep``-preset cell, as the experiments build it
+(:func:`depthlab.experiments.timing.build_step`: its scheme, options, optimizer, batch and
+layout), run in a fresh process per measurement — ``default`` (glibc as it comes) and ``kept``
+(:func:`depthlab.heap.keep_freed_memory`, what ``depthlab run`` sets in its workers) — the two
+in turn, ``--pairs`` times, so that drift in the machine's load falls on both. A process builds
+the network, takes ``--warmup`` untimed steps, then ``--steps`` timed ones (one thread) and
+reports the median seconds per step, the minor page faults per step and its peak resident
+memory. The table gives the medians over pairs and the ratio kept / default per network; CSV
+``benchmarks/results/heap.csv``. Linux with glibc only (elsewhere ``keep_freed_memory`` does
+nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _results import write_csv
+
+#: name: (model, sizes, batch, example shape, scheme, options, optimizer, channels-last)
+NETS = {
+    "fixup-10004-b64": ("resnet", {"depth": 10004, "width": 1, "variant": "postact"}, 64,
+                        (1, 8, 8), "fixup", {}, "sgd", True),
+    "bn-10004-b64": ("resnet", {"depth": 10004, "width": 1, "variant": "postact"}, 64, (1, 8, 8),
+                     "batchnorm", {"zero_init_residual": True}, "sgd", True),
+    "fixup-1004-b32": ("resnet", {"depth": 1004, "width": 1}, 32, (1, 8, 8), "fixup", {}, "sgd",
+                       True),
+    "wrn-1000-k2-bn-b64": ("resnet", {"depth": 1000, "width": 2, "variant": "preact"}, 64,
+                           (1, 8, 8), "batchnorm", {}, "sgd", True),
+    "mlp-10000-rezero": ("mlp", {"depth": 10000, "width": 64, "in_dim": 64}, 64, (64,), "rezero",
+                         {}, "adam", False),
+    "lm-128-postnorm": ("transformer-lm", {"depth": 128, "d_model": 32, "nhead": 4,
+                                           "context": 32}, 16, (32,), "postnorm", {}, "adam",
+                        False),
+}  # fmt: skip
+MODES = ("default", "kept")
+
+
+def child(net: str, mode: str, steps: int, warmup: int) -> dict:
+    """One measurement in this (fresh) process."""
+    from depthlab.heap import keep_freed_memory
+
+    kept = keep_freed_memory() if mode == "kept" else False
+    import torch
+
+    from depthlab.experiments.timing import Step, build_step
+
+    torch.set_num_threads(1)
+    model, sizes, batch, shape, scheme, options, optimizer, cl = NETS[net]
+    if model != "mlp" and model != "transformer-lm":
+        sizes = {**sizes, "in_channels": shape[0]}
+    step = Step(model=model, sizes=tuple(sorted(sizes.items())), batch=batch, shape=shape,
+                scheme=scheme, options=tuple(sorted(options.items())), optimizer=optimizer,
+                channels_last=cl)  # fmt: skip
+    _, one_step = build_step(step)
+    for _ in range(warmup):
+        one_step()
+    times, faults = [], []
+    for _ in range(steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {
+        "s_per_step": statistics.median(times),
+        "faults_per_step": statistics.median(faults),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "applied": kept,
+    }
+
+
+def measure(net: str, mode: str, steps: int, warmup: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", net, mode,
+         "--steps", str(steps), "--warmup", str(warmup)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nets", default=",".join(NETS), help=f"comma list of: {', '.join(NETS)}")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per process first")
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--child", nargs=2, metavar=("NET", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, args.steps, args.warmup)))
+        return 0
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    bad = [n for n in nets if n not in NETS]
+    if bad:
+        ap.error(f"unknown nets {bad}; choose from {', '.join(NETS)}")
+    rows = []
+    for net in nets:
+        got: dict[str, list[dict]] = {m: [] for m in MODES}
+        for p in range(args.pairs):
+            for mode in MODES if p % 2 == 0 else MODES[::-1]:
+                r = measure(net, mode, args.steps, args.warmup)
+                got[mode].append(r)
+                print(f"{net:20s} pair {p + 1} {mode:8s} {r['s_per_step']:8.3f} s/step "
+                      f"{r['faults_per_step']:9.0f} faults/step  peak {r['peak_rss_mb']:7.0f} MB",
+                      flush=True)  # fmt: skip
+        row = {"net": net, "pairs": args.pairs, "steps": args.steps}
+        for mode in MODES:
+            rs = got[mode]
+            row[f"{mode}_s_per_step"] = round(statistics.median(r["s_per_step"] for r in rs), 4)
+            row[f"{mode}_faults_per_step"] = round(statistics.median(
+                r["faults_per_step"] for r in rs))  # fmt: skip
+            row[f"{mode}_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rs))
+        row["kept_applied"] = all(r["applied"] for r in got["kept"])
+        row["ratio_kept_over_default"] = round(
+            row["kept_s_per_step"] / row["default_s_per_step"], 3
+        )
+        row["pair_ratios"] = " ".join(
+            f"{k['s_per_step'] / d['s_per_step']:.2f}"
+            for d, k in zip(got["default"], got["kept"], strict=True)
+        )
+        rows.append(row)
+    print(f"\n{'net':20s} {'default s':>10s} {'kept s':>8s} {'ratio':>6s} {'pairs':>12s} "
+          f"{'faults d/k':>16s} {'peak MB d/k':>14s}")  # fmt: skip
+    for r in rows:
+        print(f"{r['net']:20s} {r['default_s_per_step']:10.3f} {r['kept_s_per_step']:8.3f} "
+              f"{r['ratio_kept_over_default']:6.2f} {r['pair_ratios']:>12s} "
+              f"{r['default_faults_per_step']:>8d}/{r['kept_faults_per_step']:<7d} "
+              f"{r['default_peak_rss_mb']:>6d}/{r['kept_peak_rss_mb']:<7d}")  # fmt: skip
+    write_csv("heap.csv", rows, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Freed memory kept for reuse (glibc): the page faults it saves, the memory it gives back, and
+the processes that set it (sweep workers, the CLI). Each probe runs in a fresh process, since
+``mallopt`` cannot be undone."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import depthlab.heap as heap
+import heap_probe  # tests/: the sweep worker imports it through the parent's sys.path
+from depthlab.experiments.runner import make_pool
+
+TESTS = Path(__file__).parent
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+#: page faults of heap_probe.refault_pages where the memory was given back: 128 MiB / 4 KiB
+GIVEN_BACK = heap_probe.BLOCKS * heap_probe.BLOCK // 4096
+
+
+def _probe(code: str, env: dict[str, str] | None = None) -> list[str]:
+    """Run ``code`` in a fresh interpreter with tests/ importable and the sweep's modules
+    imported, as in a sweep worker; the words it printed."""
+    full = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+        f"import depthlab.experiments.runner, heap_probe\n{code}"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", full], check=True, capture_output=True, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return out.stdout.split()
+
+
+@needs_glibc
+def test_kept_memory_is_reused_where_glibc_gives_it_back():
+    default, kept, reused = _probe(
+        "from depthlab.heap import keep_freed_memory\nheap_probe.glibc_defaults()\n"
+        "print(heap_probe.refault_pages(), keep_freed_memory(), heap_probe.refault_pages())"
+    )
+    assert int(default) > GIVEN_BACK // 2  # the freed 128 MiB were given back: every page again
+    assert kept == "True"
+    assert int(reused) < GIVEN_BACK // 100
+
+
+@needs_glibc
+def test_environment_variable_turns_it_off():
+    kept, faults = _probe(
+        "from depthlab.heap import keep_freed_memory\nheap_probe.glibc_defaults()\n"
+        "print(keep_freed_memory(), heap_probe.refault_pages())",
+        {heap.ENV_VAR: "0"},
+    )
+    assert kept == "False"
+    assert int(faults) > GIVEN_BACK // 2  # glibc left as it was
+
+
+@needs_glibc
+def test_release_gives_the_kept_memory_back():
+    mib = 1 << 20
+    got = _probe(
+        "from depthlab.heap import keep_freed_memory\nkeep_freed_memory()\n"
+        "print(*heap_probe.resident_after(64 << 20, False), "
+        "*heap_probe.resident_after(64 << 20, True))"
+    )
+    held, kept, held2, released = map(int, got)
+    assert held - kept < 8 * mib  # freed but kept: still resident
+    assert held2 - released > 48 * mib  # malloc_trim handed the 64 MiB back
+
+
+@needs_glibc
+def test_sweep_workers_keep_freed_memory():
+    pool = make_pool(1, 1)
+    try:
+        faults, pid = pool.submit(heap_probe.worker_refaults).result(timeout=120)
+    finally:
+        pool.shutdown()
+    assert pid != os.getpid()
+    assert faults < GIVEN_BACK // 100
+
+
+@needs_glibc
+def test_the_cli_process_keeps_freed_memory():
+    got = _probe(
+        "import contextlib, io\nfrom depthlab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    main(['list'])\n"
+        "print(heap_probe.refault_pages())"
+    )
+    assert int(got[0]) < GIVEN_BACK // 100
+
+
+def test_without_glibc_both_do_nothing(monkeypatch):
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    assert heap.keep_freed_memory() is False
+    assert heap.release_freed_memory() is False
+
+
+@needs_glibc
+@pytest.mark.parametrize("bad", [0, -1, 2**31])
+def test_bad_threshold_is_refused(bad):
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        heap.keep_freed_memory(bad)
