@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -23,3 +26,35 @@ def write_csv(name: str, rows: list[dict], path: str | None = None) -> Path:
     tmp.replace(out)
     print(f"\nwrote {out}")
     return out
+
+
+def child_result(script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh Python process (a measurement that must not share the caller's
+    process state) with ``args``; the JSON object printed on its last output line."""
+    out = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), *args],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """``rows`` as a fixed-width table on stdout: ``columns`` = (key, width) pairs, each value
+    right-aligned in its column (floats to 3 significant digits), after a blank line."""
+
+    def cell(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    widths = [max(int(w), len(k)) for k, w in columns]
+    print("\n" + " ".join(k.rjust(w) for (k, _), w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print(" ".join(cell(r[k]).rjust(w) for (k, _), w in zip(columns, widths, strict=True)))
+
+
+def chosen(parser: object, text: str, choices: dict) -> list[str]:
+    """The names in the comma list ``text``, each one of ``choices`` (else ``parser.error``)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in choices]
+    if bad:
+        parser.error(f"unknown names {bad}; choose from {', '.join(choices)}")
+    return names

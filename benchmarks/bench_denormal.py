@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from _results import write_csv
+from _results import child_result, chosen, print_table, write_csv
 
 #: name: (model, sizes, batch, example shape, scheme, optimizer, channels-last, experiment arm)
 NETS = {
@@ -80,20 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(*args.child, args.steps)))
         return 0
-    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    bad = [n for n in nets if n not in NETS]
-    if bad:
-        ap.error(f"unknown nets {bad}; choose from {', '.join(NETS)}")
+    nets = chosen(ap, args.nets, NETS)
     rows = []
     for net in nets:
         got = {}
         for mode in MODES:
-            out = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--child", net, mode,
-                 "--steps", str(args.steps)],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            got[mode] = child_result(__file__, "--child", net, mode, "--steps", str(args.steps))
             print(f"{net:20s} {mode:6s} {got[mode]['s_per_step']:7.2f} s/step  "
                   f"{got[mode]['denormal_grads']:9d} denormal gradients  losses "
                   f"{' '.join(f'{x:.6g}' for x in got[mode]['losses'])}", flush=True)  # fmt: skip
@@ -107,12 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             "ieee_denormal_grads": ieee["denormal_grads"],
             "max_loss_diff": f"{diff:.3g}",
         })  # fmt: skip
-    print(f"\n{'net':20s} {'ieee s':>8s} {'flush s':>8s} {'ratio':>6s} {'denormals':>10s} "
-          f"{'max loss diff':>14s}")  # fmt: skip
-    for r in rows:
-        print(f"{r['net']:20s} {r['ieee_s_per_step']:8.2f} {r['flush_s_per_step']:8.2f} "
-              f"{r['ratio_flush_over_ieee']:6.2f} {r['ieee_denormal_grads']:10d} "
-              f"{r['max_loss_diff']:>14s}")  # fmt: skip
+    print_table(rows, [("net", "20"), ("ieee_s_per_step", "8"), ("flush_s_per_step", "8"),
+                       ("ratio_flush_over_ieee", "6"), ("ieee_denormal_grads", "10"),
+                       ("max_loss_diff", "10")])  # fmt: skip
     write_csv("denormal.csv", rows, args.csv)
     return 0
 

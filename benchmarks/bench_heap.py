@@ -21,12 +21,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from _results import write_csv
+from _results import child_result, chosen, print_table, write_csv
 
 #: name: (model, sizes, batch, example shape, scheme, options, optimizer, channels-last)
 NETS = {
@@ -82,12 +79,9 @@ def child(net: str, mode: str, steps: int, warmup: int) -> dict:
 
 
 def measure(net: str, mode: str, steps: int, warmup: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", net, mode,
-         "--steps", str(steps), "--warmup", str(warmup)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_result(
+        __file__, "--child", net, mode, "--steps", str(steps), "--warmup", str(warmup)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(*args.child, args.steps, args.warmup)))
         return 0
-    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    bad = [n for n in nets if n not in NETS]
-    if bad:
-        ap.error(f"unknown nets {bad}; choose from {', '.join(NETS)}")
+    nets = chosen(ap, args.nets, NETS)
     rows = []
     for net in nets:
         got: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -132,13 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             for d, k in zip(got["default"], got["kept"], strict=True)
         )
         rows.append(row)
-    print(f"\n{'net':20s} {'default s':>10s} {'kept s':>8s} {'ratio':>6s} {'pairs':>12s} "
-          f"{'faults d/k':>16s} {'peak MB d/k':>14s}")  # fmt: skip
-    for r in rows:
-        print(f"{r['net']:20s} {r['default_s_per_step']:10.3f} {r['kept_s_per_step']:8.3f} "
-              f"{r['ratio_kept_over_default']:6.2f} {r['pair_ratios']:>12s} "
-              f"{r['default_faults_per_step']:>8d}/{r['kept_faults_per_step']:<7d} "
-              f"{r['default_peak_rss_mb']:>6d}/{r['kept_peak_rss_mb']:<7d}")  # fmt: skip
+    print_table(rows, [("net", "20"), ("default_s_per_step", "8"), ("kept_s_per_step", "8"),
+                       ("ratio_kept_over_default", "6"), ("pair_ratios", "12"),
+                       ("default_faults_per_step", "8"), ("kept_faults_per_step", "8"),
+                       ("default_peak_rss_mb", "8"), ("kept_peak_rss_mb", "8")])  # fmt: skip
     write_csv("heap.csv", rows, args.csv)
     return 0
 
