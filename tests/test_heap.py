@@ -104,3 +104,32 @@ def test_without_glibc_both_do_nothing(monkeypatch):
 def test_bad_threshold_is_refused(bad):
     with pytest.raises(ValueError, match="mmap_threshold"):
         heap.keep_freed_memory(bad)
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
+def test_off_values_turn_it_off(monkeypatch, value):
+    monkeypatch.setenv(heap.ENV_VAR, value)
+    assert heap.enabled() is False
+    assert heap.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("value", ["1", "on", "TRUE", ""])
+def test_on_values_and_unset_leave_it_on(monkeypatch, value):
+    monkeypatch.setenv(heap.ENV_VAR, value)
+    assert heap.enabled() is True
+    monkeypatch.delenv(heap.ENV_VAR)
+    assert heap.enabled() is True
+
+
+def test_a_bad_value_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys):
+    from depthlab.cli import main
+    from depthlab.registry import DepthlabError
+
+    monkeypatch.setenv(heap.ENV_VAR, "fasle")
+    out = tmp_path / "runs"
+    assert main(["run", "deep-fc", "--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and heap.ENV_VAR in err[0] and "set it to 0" in err[0]
+    assert not out.exists()
+    with pytest.raises(DepthlabError, match=heap.ENV_VAR):
+        make_pool(1, 2)  # refused in the parent, not as a broken worker

@@ -30,6 +30,8 @@ import sys
 from functools import cache
 from typing import Any
 
+from depthlab.registry import DepthlabError
+
 ENV_VAR = "DEPTHLAB_KEEP_FREED_MEMORY"
 #: ``mallopt`` parameters (glibc's ``malloc.h``)
 M_TRIM_THRESHOLD = -1
@@ -52,17 +54,29 @@ def _glibc() -> Any | None:
     return libc
 
 
+ON, OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    """False where ``DEPTHLAB_KEEP_FREED_MEMORY`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    """False where ``DEPTHLAB_KEEP_FREED_MEMORY`` is ``0``, ``false``, ``no`` or ``off``; True
+    where it is unset, empty, ``1``, ``true``, ``yes`` or ``on``; any other value is refused
+    (:class:`~depthlab.DepthlabError`)."""
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value not in ON + OFF:
+        raise DepthlabError(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is neither on nor off; set it to 0 (glibc's "
+            f"malloc as it comes) or 1 (freed memory kept for reuse, the default), or unset it"
+        )
+    return value in ON
 
 
 def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     """Keep freed memory in this process's heap for reuse (see the module docstring): blocks
     below ``mmap_threshold`` bytes from the heap, no trimming on ``free``. True where it was
     set (Linux with glibc, not turned off by ``DEPTHLAB_KEEP_FREED_MEMORY=0``)."""
+    on = enabled()  # refuses a bad value on every platform
     libc = _glibc()
-    if libc is None or not enabled():
+    if libc is None or not on:
         return False
     if not 0 < mmap_threshold < 2**31:
         raise ValueError(f"mmap_threshold must be in (0, 2**31) bytes, got {mmap_threshold}")

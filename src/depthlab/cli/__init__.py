@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from depthlab.heap import keep_freed_memory
-
-    keep_freed_memory()  # this process is the command's own: freed memory kept for reuse
     try:
+        from depthlab.heap import keep_freed_memory
+
+        keep_freed_memory()  # this process is the command's own: freed memory kept for reuse
         if getattr(args, "max_memory", None) is not None:
             from depthlab.resources import set_max_memory
 

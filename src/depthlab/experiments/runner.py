@@ -43,6 +43,7 @@ from depthlab.experiments.base import (
 )
 from depthlab.experiments.cost import Eta, Work, cell_work
 from depthlab.experiments.timing import StepTimes
+from depthlab.heap import enabled as heap_enabled
 from depthlab.heap import release_freed_memory
 from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
@@ -391,6 +392,7 @@ def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
     """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
     machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
     cell on ``cuda`` runs on its worker's GPU."""
+    heap_enabled()  # a bad DEPTHLAB_KEEP_FREED_MEMORY is refused here, not in the workers
     ctx = mp.get_context("spawn")
     return ProcessPoolExecutor(
         max_workers=workers,
