@@ -204,7 +204,11 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize(
     "argv,match",
-    [(["--executor", "spark"], "executor"), (["--address", "127.0.0.1:6379"], "--executor ray")],
+    [
+        (["--executor", "spark"], "executor"),
+        (["--address", "127.0.0.1:6379"], "--executor ray"),
+        (["--executor", "ray", "--flush-denormal"], "local workers only"),
+    ],
 )
 def test_bad_executor_options_exit_2_before_writing(tmp_path, capsys, argv, match):
     from depthlab.cli import main
@@ -295,3 +299,72 @@ def test_plan_counts_the_cells_to_run_and_their_work_without_writing(tmp_path):
         f"[test-sized-cells] 3 cells, 0 to run (3 cached in {out / 'test-sized-cells'})",
         "nothing to run: every cell is cached",
     ]
+
+
+@dataclass(frozen=True)
+class DenormalConfig:
+    n: int = 2
+    size: int = 1 << 20  # large enough for torch to split the product over its threads
+
+
+@EXPERIMENTS.register()
+class DenormalCells(Experiment):
+    name = "test-denormal-cells"
+    title = "counts the denormal results of a product"
+    columns = ("i", "denormals", "threads", "pid")
+    Config = DenormalConfig
+    presets = {"smoke": DenormalConfig()}
+
+    def cells(self, cfg):
+        return [{"i": i, "size": cfg.size} for i in range(cfg.n)]
+
+    def run_cell(self, cell):
+        return [denormal_products(cell["size"])]
+
+    def claims(self, df, cfg):
+        return [Claim("products", "-", f"{len(df)} records", "reproduced")]
+
+
+def denormal_products(size: int) -> dict:
+    """How many of ``size`` products 2⁻¹²⁷ · 1.0001 (a denormal times a normal number) come out
+    non-zero here, on torch's threads. The denormal is written as its bits: converting a number
+    to it would already flush it to zero on a thread that flushes."""
+    import torch
+
+    x = torch.full((size,), 0x00400000, dtype=torch.int32).view(torch.float32)  # 2⁻¹²⁷
+    return {
+        "denormals": int((x * 1.0001 != 0).sum()),
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_flush_denormal_runs_every_cell_in_workers_that_flush(tmp_path, jobs):
+    """Every cell's products flush on every thread of its worker (with one job the worker has
+    all the cores' threads, which start after the flush is set); this process keeps IEEE
+    arithmetic; the records and each claim's setup say so."""
+    from depthlab.experiments.runner import FLUSH_KEY, FLUSH_NOTE
+
+    size = DenormalConfig.size
+    [res] = run("test-denormal-cells", "smoke", tmp_path / "out", jobs=jobs, flush_denormal=True)
+    df = res.records
+    assert (df["denormals"] == 0).all() and df[FLUSH_KEY].eq(True).all()
+    assert (df["pid"] != os.getpid()).all()
+    assert res.claims[0].setup == FLUSH_NOTE
+    assert denormal_products(size)["denormals"] == size  # IEEE here, before and after
+
+
+def test_an_ieee_run_keeps_its_cells_apart_from_a_flushed_one(tmp_path):
+    """The flushed cells have their own cache entries: an IEEE run into the same folder
+    recomputes them with denormals kept, and a flushed run after it reuses its own."""
+    from depthlab.experiments.runner import FLUSH_KEY
+
+    out, size = tmp_path / "out", DenormalConfig.size
+    [flushed] = run("test-denormal-cells", "smoke", out, jobs=1, flush_denormal=True)
+    [ieee] = run("test-denormal-cells", "smoke", out, jobs=1)
+    assert ieee.cached_cells == 0 and FLUSH_KEY not in ieee.records
+    assert (ieee.records["denormals"] == size).all() and ieee.claims[0].setup == ""
+    [again] = run("test-denormal-cells", "smoke", out, jobs=1, flush_denormal=True)
+    assert again.cached_cells == len(again.records) == len(flushed.records)
+    assert (again.records["denormals"] == 0).all()

@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --dry-run: estimate from training steps timed on the cells' device (a few "
         "steps of each distinct network, on random inputs) instead of the CPU rate",
     )
+    p.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="flush denormal floats to zero in every worker (faster where signals underflow, "
+        "but not IEEE arithmetic: records can differ, and each claim's setup says so; cells "
+        "cached apart from an IEEE run's; local workers only)",
+    )
     add_memory_option(p)
     p.set_defaults(func=run_command)
 
@@ -68,7 +75,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise DepthlabError("--measure goes with --dry-run (it times steps instead of running)")
     if args.dry_run:
         runner.plan(args.name, args.preset, overrides, jobs=args.jobs, out=out,
-                    log=lambda s: print(s, flush=True), measure=args.measure)  # fmt: skip
+                    log=lambda s: print(s, flush=True), measure=args.measure,
+                    flush_denormal=args.flush_denormal)  # fmt: skip
         return 0
     t0 = time.perf_counter()
     results = runner.run(
@@ -80,6 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
         log=lambda s: print(s, flush=True),
         executor=args.executor,
         address=args.address,
+        flush_denormal=args.flush_denormal,
     )
     wall = time.perf_counter() - t0
     print()

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +85,41 @@ def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
     return out_dir / "cells" / f"{cell_hash(exp.name, exp.version, cell)}.json"
 
 
-def _worker_init(threads: int, parent: int | None = None, counter: Any = None) -> None:
+#: the cell key of a sweep run with denormals flushed to zero (``run(flush_denormal=True)``,
+#: ``depthlab run --flush-denormal``); absent in an IEEE run, so its cells keep their cache keys
+FLUSH_KEY = "flush_denormal"
+#: what the setup column of such a run's claims says
+FLUSH_NOTE = "denormals flushed to zero (--flush-denormal; not IEEE arithmetic)"
+
+
+def flush_denormals() -> None:
+    """Flush denormal floats to zero (FTZ and DAZ) for this process's CPU arithmetic, from here
+    on. It holds for the calling thread and for the threads created after it (torch's OpenMP
+    workers inherit it when they start): so it is set in a fresh worker process before its
+    first parallel op, never in a process that already has its workers."""
+    import torch
+
+    if not torch.set_flush_denormal(True):
+        raise DepthlabError(
+            "--flush-denormal: this CPU cannot flush denormals (no SSE3 DAZ); run without it"
+        )
+
+
+def with_flush(cells: list[dict[str, Any]], flush: bool) -> list[dict[str, Any]]:
+    """``cells`` each marked ``flush_denormal: True`` when ``flush`` (their own cache keys and
+    a record column), else as they are."""
+    return [{**c, FLUSH_KEY: True} for c in cells] if flush else cells
+
+
+def _worker_init(
+    threads: int, parent: int | None = None, counter: Any = None, flush: bool = False
+) -> None:
     import torch
 
     from depthlab.heap import keep_freed_memory
 
+    if flush:  # before any torch op starts the worker's threads: they inherit it
+        flush_denormals()
     torch.set_num_threads(threads)
     keep_freed_memory()  # a worker runs cells only; each cell releases what it held (_run_cell)
     if parent is not None:
@@ -209,7 +239,9 @@ def run_cells(
         text = eta_seconds(left) if works else ""
         log(f"  [{exp.name}] cell {done}/{total} ({wall:.1f}s) {label}{text}")
 
-    if jobs <= 1 or len(todo) <= 1:
+    # denormals are flushed in worker processes only (flush_denormals), never in this one
+    flush = any(c.get(FLUSH_KEY) for c in cells)
+    if not todo or ((jobs <= 1 or len(todo) <= 1) and not flush):
         for i in todo:
             t0 = time.perf_counter()
             try:
@@ -220,7 +252,7 @@ def run_cells(
         return _merge(cells, results), n_cached
     own_pool = pool is None
     if own_pool:
-        pool = make_pool(min(jobs, len(todo)), jobs)
+        pool = make_pool(max(1, min(jobs, len(todo))), jobs, flush)
     module = type(exp).__module__
     pending = {pool.submit(_run_cell, module, exp.name, cells[i]): i for i in todo}
     try:
@@ -297,6 +329,7 @@ def plan(
     out: str | Path | None = None,
     log: Callable[[str], None] = print,
     measure: bool = False,
+    flush_denormal: bool = False,
 ) -> float:
     """What :func:`run` would do, without running or writing anything: per experiment its
     cells, those already cached in ``out/NAME/cells/`` (a resume), and the rest's work at one
@@ -304,7 +337,8 @@ def plan(
     With ``measure``, the estimate comes from training steps timed on the cells' device instead
     (:mod:`depthlab.experiments.timing`: a few steps of each distinct network, with the
     threads a worker would have). The same checks as :func:`run` refuse bad names, presets and
-    overrides. Returns the estimated seconds (cells without a count left out)."""
+    overrides. ``flush_denormal``: the cells of such a run (:func:`run`), whose cache entries
+    are their own. Returns the estimated seconds (cells without a count left out)."""
     _check_jobs(jobs)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
@@ -312,7 +346,7 @@ def plan(
     timings: list[str] = []  # the networks timed for an experiment, logged after its line
     clock = StepTimes(log=timings.append) if measure else None
     for exp, cfg in resolve(names, preset, overrides or {}):
-        cells = exp.grid(cfg)
+        cells = with_flush(exp.grid(cfg), flush_denormal)
         folder = Path(out, exp.name) if out is not None else None
         left = [
             c for c in cells if folder is None or _load_cell(_cell_path(folder, exp, c), c) is None
@@ -389,17 +423,18 @@ def _timed_total(
     return total
 
 
-def make_pool(workers: int, jobs: int) -> ProcessPoolExecutor:
+def make_pool(workers: int, jobs: int, flush: bool = False) -> ProcessPoolExecutor:
     """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
     machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
-    cell on ``cuda`` runs on its worker's GPU."""
+    cell on ``cuda`` runs on its worker's GPU. ``flush``: each flushes denormals to zero
+    (:func:`flush_denormals`) before anything else."""
     heap_enabled()  # a bad DEPTHLAB_KEEP_FREED_MEMORY is refused here, not in the workers
     ctx = mp.get_context("spawn")
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid(), ctx.Value("i", 0)),
+        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid(), ctx.Value("i", 0), flush),
     )
 
 
@@ -464,6 +499,9 @@ def finalize(
 
     figures = save_figures(exp, df, cfg, out_dir)
     claims = exp.claims(df, cfg) if len(df) else []
+    if FLUSH_KEY in df and df[FLUSH_KEY].eq(True).any():
+        claims = [replace(c, setup=f"{c.setup}; {FLUSH_NOTE}" if c.setup else FLUSH_NOTE)
+                  for c in claims]  # fmt: skip
     result = ExperimentResult(
         name=exp.name,
         preset=preset,
@@ -500,7 +538,9 @@ def summary_dict(r: ExperimentResult) -> dict[str, Any]:
     }
 
 
-def _prepare(exp: Experiment, cfg: Any, preset: str, out_dir: Path, log) -> list[dict[str, Any]]:
+def _prepare(
+    exp: Experiment, cfg: Any, preset: str, out_dir: Path, log, flush: bool = False
+) -> list[dict[str, Any]]:
     """Create ``out_dir``, sweep half-written files, write ``config.yaml``; return the grid."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out_dir)
@@ -508,8 +548,9 @@ def _prepare(exp: Experiment, cfg: Any, preset: str, out_dir: Path, log) -> list
     write_yaml(
         out_dir / "config.yaml", {"experiment": exp.name, "preset": preset, **config_dict(cfg)}
     )
-    cells = exp.grid(cfg)
-    log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}")
+    cells = with_flush(exp.grid(cfg), flush)
+    note = ", denormals flushed to zero" if flush else ""
+    log(f"[{exp.name}] {exp.title} — {len(cells)} cells, preset {preset}{note}")
     return cells
 
 
@@ -521,11 +562,13 @@ def run_experiment(
     jobs: int = 1,
     log: Callable[[str], None] = print,
     pool: ProcessPoolExecutor | None = None,
+    flush_denormal: bool = False,
 ) -> ExperimentResult:
-    """Run one experiment into ``out_dir`` (resuming from its cached cells)."""
+    """Run one experiment into ``out_dir`` (resuming from its cached cells); ``flush_denormal``
+    as :func:`run`'s."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    cells = _prepare(exp, cfg, preset, out_dir, log)
+    cells = _prepare(exp, cfg, preset, out_dir, log, flush_denormal)
     records, n_cached = run_cells(exp, cells, out_dir, jobs=jobs, log=log, pool=pool)
     df = pd.DataFrame.from_records(records)
     wall = round(time.perf_counter() - t0, 2)  # as summary.json stores it: re-renders agree
@@ -546,6 +589,7 @@ def run(
     keep_going: bool = True,
     executor: str = "local",
     address: str | None = None,
+    flush_denormal: bool = False,
 ) -> list[ExperimentResult]:
     """Run experiments into ``out/NAME/``; with several, also write ``out/report.md|html``.
 
@@ -554,9 +598,22 @@ def run(
     others still run. ``executor="ray"`` runs every cell as a Ray task
     (:mod:`depthlab.experiments.ray_executor`) on the cluster at ``address`` (None: a local Ray
     started and stopped here); ``jobs`` is then ignored (the cluster's CPUs decide).
+
+    ``flush_denormal``: every cell runs in a worker process that flushes denormal floats to
+    zero (:func:`flush_denormals`; a pool of one for ``jobs=1``) — fast where signals underflow
+    (the arms that are there to fail), but not IEEE arithmetic, so the records can differ: the
+    cells carry ``flush_denormal: True`` (their own cache entries and a record column) and each
+    claim's setup says so. Local workers only (not ``executor="ray"``).
     """
     if executor not in EXECUTORS:
         raise unknown_choice("executor", executor, list(EXECUTORS))
+    if not isinstance(flush_denormal, bool):
+        raise DepthlabError(f"flush_denormal must be True or False, got {flush_denormal!r}")
+    if flush_denormal and executor == "ray":
+        raise DepthlabError(
+            "--flush-denormal runs with local workers only (it must be set in each worker "
+            "before its threads start); leave out --executor ray or --flush-denormal"
+        )
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
     _check_jobs(jobs)
@@ -585,13 +642,18 @@ def run(
         return results
     with FolderLock(out, "run"):
         sweep_temp_files(out)
-        pool = make_pool(jobs, jobs) if jobs > 1 and combined else None
+        pool = make_pool(jobs, jobs, flush_denormal) if jobs > 1 and combined else None
         try:
             if pool is not None:
                 backend = PoolBackend(pool)
-                _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results)
+                _run_plan_overlapped(
+                    plan, preset, out, log, keep_going, backend, results, flush_denormal
+                )
             else:
-                _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results)
+                _run_plan(
+                    plan, preset, out, jobs, log, keep_going, combined, pool, results,
+                    flush_denormal,
+                )  # fmt: skip
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -602,14 +664,25 @@ def run(
     return results
 
 
-def _run_plan(plan, preset, out, jobs, log, keep_going, combined, pool, results) -> None:
+def _run_plan(
+    plan, preset, out, jobs, log, keep_going, combined, pool, results, flush=False
+) -> None:
     """Run each (experiment, config) of ``plan`` in turn, appending to ``results``."""
     for k, (exp, cfg) in enumerate(plan, 1):
         if combined:
             log(f"=== experiment {k}/{len(plan)}: {exp.name} ===")
         try:
             results.append(
-                run_experiment(exp, cfg, preset, out / exp.name, jobs=jobs, log=log, pool=pool)
+                run_experiment(
+                    exp,
+                    cfg,
+                    preset,
+                    out / exp.name,
+                    jobs=jobs,
+                    log=log,
+                    pool=pool,
+                    flush_denormal=flush,
+                )  # fmt: skip
             )
         except (KeyboardInterrupt, DepthlabError):
             raise
@@ -678,7 +751,7 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in cell.items() if k != "device")
 
 
-def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -> None:
+def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results, flush=False) -> None:
     """Every experiment's cells go to the backend at once (in plan order, so experiments finish
     roughly in turn); each experiment is finalized (figures, claims, reports) as soon as its last
     cell is in, while the workers go on with the next ones — no worker waits for a slow last
@@ -687,7 +760,7 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
     ``wall_time_s`` of an experiment is the sweep's wall time between the previous experiment's
     finish and its own (they add up to the sweep's); ``cell_time_s`` the sum of its cells' run
     times."""
-    sweep = _Sweep(preset, log, keep_going, backend)
+    sweep = _Sweep(preset, log, keep_going, backend, flush)
     for exp, cfg in plan:
         sweep.add(exp, cfg, out / exp.name)
     sweep.run()
@@ -697,8 +770,11 @@ def _run_plan_overlapped(plan, preset, out, log, keep_going, backend, results) -
 class _Sweep:
     """The state of an overlapped sweep (see :func:`_run_plan_overlapped`)."""
 
-    def __init__(self, preset: str, log: Callable[[str], None], keep_going: bool, backend) -> None:
+    def __init__(
+        self, preset: str, log: Callable[[str], None], keep_going: bool, backend, flush=False
+    ) -> None:
         self.preset, self.log, self.keep_going, self.backend = preset, log, keep_going, backend
+        self.flush = flush
         self.jobs: list[_Job] = []
         self.handles: dict[Any, tuple[_Job, int]] = {}
         self.slots: dict[str, ExperimentResult] = {}
@@ -709,7 +785,7 @@ class _Sweep:
 
     def add(self, exp: Experiment, cfg: Any, out_dir: Path) -> None:
         """Prepare one experiment's folder and submit its cells that are not cached."""
-        cells = _prepare(exp, cfg, self.preset, out_dir, self.log)
+        cells = _prepare(exp, cfg, self.preset, out_dir, self.log, self.flush)
         done = {}
         for i, cell in enumerate(cells):
             cached = _load_cell(_cell_path(out_dir, exp, cell), cell)
