@@ -3,15 +3,14 @@
     .venv/bin/python benchmarks/compare_runs.py runs/deep runs/deep-flush
 
 For two ``depthlab run`` output folders (e.g. the same preset with IEEE arithmetic and with
-``--flush-denormal``), every cell of the first is matched to the cell of the second with the
-same config (``flush_denormal`` left out of the match) and their records are compared field by
-field, leaving out what differs by design (wall time, host, process). Per experiment: the
-cells matched, those whose records are identical, the largest absolute difference of any
-numeric field (NaN and infinities equal to themselves) and the field it was in, the sum of
-the cells' run times in each run and their ratio, and whether every claim's verdict is the
-same. Rows go to ``benchmarks/results/run_compare.csv`` (``--csv`` elsewhere). The run times
-are measured in two different runs, so their ratio is not a side-by-side figure.
-"""
+``--flush-denormal``), every cell of the first is matched to the cell of the second with the same
+config (``flush_denormal`` left out of the match) and their records are compared field by field,
+leaving out what differs by design (wall time, host, process). Per experiment: the cells matched,
+those whose records are identical, the largest absolute difference of any numeric field (NaN and
+infinities equal to themselves) and the field it was in, the sum of the cells' run times in each run
+and their ratio, and whether every claim's verdict is the same ("?" where either run holds only part
+of the other's grid). Rows go to ``benchmarks/results/run_compare.csv`` (``--csv`` elsewhere). The
+run times are measured in two different runs, so their ratio is not a side-by-side figure."""
 
 from __future__ import annotations
 
@@ -87,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [compare(ca[k][1], cb[k][1]) for k in keys]
         worst = max(diffs, key=lambda d: d[0])
         ta, tb = sum(ca[k][2] for k in keys), sum(cb[k][2] for k in keys)
-        va, vb = verdicts(a, name), verdicts(b, name)
+        whole = (
+            len(keys)
+            == sum(k.startswith(name + "/") for k in ca)
+            == sum(k.startswith(name + "/") for k in cb)
+        )  # the same grid in both runs: their verdicts compare
+        va, vb = (verdicts(a, name), verdicts(b, name)) if whole else ([], [])
         rows.append({
             "experiment": name, "cells": len(keys),
             "identical": sum(d[0] == 0 for d in diffs),
