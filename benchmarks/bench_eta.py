@@ -12,9 +12,6 @@ skipped):
 
 * ``work``: the runner's ETA (:class:`depthlab.experiments.cost.Eta`: each queued cell's FLOPs
   and kernel launches, rescaled by its experiment's measured ratio);
-* ``work, controls at full``: the cost model before it recognised frozen-gate controls (a
-  control skips every branch) and counted building the network: the controls as if their
-  blocks ran, no build term;
 * ``mean cell``: each queued cell at its experiment's mean finished cell, or the mean of all
   finished cells for an experiment with none — the rule before the cost model.
 
@@ -36,13 +33,12 @@ from pathlib import Path
 
 from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
-from depthlab.experiments.cost import CPU_BUILD_S, Eta, cell_work
+from depthlab.experiments.cost import Eta, cell_work
 from depthlab.experiments.runner import _cell_path
 
 
-def load(folder: Path, preset: str) -> list[tuple[str, object, float, object]]:
-    """(experiment, work, wall seconds, work with the controls at full) of every cell of
-    ``folder``, in the runner's order."""
+def load(folder: Path, preset: str) -> list[tuple[str, object, float]]:
+    """(experiment, work, wall seconds) of every cell of ``folder``, in the runner's order."""
     cells = []
     for name in list_experiments():
         exp = get_experiment(name)
@@ -52,8 +48,7 @@ def load(folder: Path, preset: str) -> list[tuple[str, object, float, object]]:
             path = _cell_path(folder / name, exp, cell)
             if path.is_file():
                 wall = json.loads(path.read_text())["wall_time_s"]
-                full = cell_work(exp, cell, controls_skip=False)
-                cells.append((name, cell_work(exp, cell), float(wall), full))
+                cells.append((name, cell_work(exp, cell), float(wall)))
     if not cells:
         raise SystemExit(f"{folder}: no cells of preset {preset!r} (a `run all` output folder?)")
     return cells
@@ -67,24 +62,20 @@ def mean_cell(done: list[int], left: list[int], cells: list) -> float:
     return sum(statistics.mean(per[cells[i][0]]) if cells[i][0] in per else overall for i in left)
 
 
-def by_work(done: list[int], left: list[int], cells: list, at: int = 1) -> float:
-    eta = Eta() if at == 1 else Eta(build_s=0.0)
+def by_work(done: list[int], left: list[int], cells: list) -> float:
+    eta = Eta()
     for i in done:
-        eta.add(cells[i][0], cells[i][at], cells[i][2])
-    return sum(eta.seconds(cells[i][0], cells[i][at]) for i in left)
+        eta.add(*cells[i])
+    return sum(eta.seconds(cells[i][0], cells[i][1]) for i in left)
 
 
-def by_work_full(done: list[int], left: list[int], cells: list) -> float:
-    return by_work(done, left, cells, at=3)
-
-
-RULES = {"work": by_work, "work, controls at full": by_work_full, "mean cell": mean_cell}
+RULES = {"work": by_work, "mean cell": mean_cell}
 
 
 def replay(cells: list, workers: int) -> list[dict]:
     free = [0.0] * workers
     events = []
-    for i, (_, _, wall, _) in enumerate(cells):  # each cell to the first free worker
+    for i, (_, _, wall) in enumerate(cells):  # each cell to the first free worker
         k = min(range(workers), key=free.__getitem__)
         free[k] += wall
         events.append((free[k], i))
@@ -103,10 +94,7 @@ def replay(cells: list, workers: int) -> list[dict]:
             eta = fn(done, left, cells) / workers
             errors[rule].append(abs(math.log(max(eta, 1.0) / (end - t))))
             first.setdefault(rule, (eta, end - t))
-    before = {
-        rule: sum(c[at].seconds(build_s=b) for c in cells if c[at] is not None) / workers
-        for rule, at, b in (("work", 1, CPU_BUILD_S), ("work, controls at full", 3, 0.0))
-    }
+    before = sum(w.seconds() for _, w, _ in cells if w is not None) / workers
     rows = []
     for rule, e in errors.items():
         e = sorted(e)
@@ -115,7 +103,7 @@ def replay(cells: list, workers: int) -> list[dict]:
             "rule": rule, "events": len(e), "mean_abs_log": round(statistics.mean(e), 3),
             "p90_abs_log": round(e[int(0.9 * (len(e) - 1))], 3), "max_abs_log": round(e[-1], 3),
             "first_eta_min": round(eta / 60, 1), "first_left_min": round(left / 60, 1),
-            "before_min": round(before[rule] / 60, 1) if rule in before else "",
+            "before_min": round(before / 60, 1) if rule == "work" else "",
             "replay_min": round(end / 60, 1),
         })  # fmt: skip
     return rows
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in replay(cells, args.workers):
             rows.append({"run": folder, "preset": preset, "cells": len(cells), **row})
             print(
-                f"{folder:18s} {preset:6s} {row['rule']:22s} |ln(ETA/left)| mean "
+                f"{folder:18s} {preset:6s} {row['rule']:10s} |ln(ETA/left)| mean "
                 f"{row['mean_abs_log']:.2f}  p90 {row['p90_abs_log']:.2f}  max "
                 f"{row['max_abs_log']:.2f}   first ETA {row['first_eta_min']} min, left "
                 f"{row['first_left_min']} min"

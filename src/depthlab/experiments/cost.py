@@ -11,13 +11,9 @@ or ``epochs``:
 * Launches: 3 kernels per module per step (forward, two backward), with
   :func:`depthlab.resources.estimate`'s module count — what sets the pace of a narrow
   10,000-layer network, whatever its FLOPs.
-* A frozen-gate control (a gated scheme with α fixed at 0) skips its residual branches
-  (:meth:`depthlab.nn.Residual.branch_unused`), so it is counted as the same network at its
-  smallest depth (:data:`SHALLOWEST`): the stem, the shortcuts and the head.
 
-A cell takes about ``FLOPs / rate + launches × launch + modules × build`` seconds (the network
-is built once per cell); the rate and the costs of a launch and of building a module are the
-machine's (:meth:`Work.seconds`). Cells without a network or a budget this module
+A cell takes about ``FLOPs / rate + launches × launch`` seconds; the rate and the cost of a
+launch are the machine's (:func:`seconds`). Cells without a network or a budget this module
 reads (spectra, analytic models, staged growth) have no work (None).
 """
 
@@ -27,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from depthlab.resources import estimate
-from depthlab.schemes import get_scheme
 
 #: training examples of the data sets a cell may read
 TRAIN_SIZE = {"cifar10": 50_000, "digits": 1_438}
@@ -36,30 +31,18 @@ TRAIN_SIZE = {"cifar10": 50_000, "digits": 1_438}
 #: kernel, forward or backward
 CPU_FLOPS = 100e9
 CPU_LAUNCH_S = 15e-6
-#: building a network, per module, once per cell (construction, initialisation, evaluation's
-#: Python): most of what a 10,000-layer frozen-gate control costs — 290–450 µs per module in
-#: the `deep` controls' wall times (deep-fc's and depth-sweep's, 19–30 s), so in-sample
-CPU_BUILD_S = 300e-6
 
 
 @dataclass(frozen=True)
 class Work:
-    """What one cell computes: ``flops`` in all, ``launches`` (kernels) in all, and the
-    ``modules`` of the network it builds."""
+    """What one cell computes: ``flops`` in all, ``launches`` (kernels) in all."""
 
     flops: float
     launches: float
-    modules: float = 0.0
 
-    def seconds(
-        self,
-        flops_per_s: float = CPU_FLOPS,
-        launch_s: float = CPU_LAUNCH_S,
-        build_s: float = CPU_BUILD_S,
-    ) -> float:
-        """The time at ``flops_per_s``, plus ``launch_s`` per kernel and ``build_s`` per module
-        built."""
-        return self.flops / flops_per_s + self.launches * launch_s + self.modules * build_s
+    def seconds(self, flops_per_s: float = CPU_FLOPS, launch_s: float = CPU_LAUNCH_S) -> float:
+        """The time at ``flops_per_s`` plus ``launch_s`` per kernel."""
+        return self.flops / flops_per_s + self.launches * launch_s
 
 
 def macs_per_example(model: str, kw: dict, shape: tuple[int, ...] | None) -> float | None:
@@ -91,41 +74,20 @@ def examples(cell: dict[str, Any]) -> float | None:
     return None
 
 
-#: the depth a frozen-gate control is counted at: no residual block (a CIFAR ResNet's
-#: smallest, 8 layers, has one per stage)
-SHALLOWEST = {"mlp": 0, "linear": 0, "resnet": 8, "transformer-lm": 0}
-
-
-def frozen_control(exp: Any, cell: dict[str, Any]) -> bool:
-    """Whether the cell's network has its gates fixed at 0 (a frozen-gate control), as
-    :meth:`Experiment.cell_scheme` names its scheme: every residual branch is then left out of
-    the forward and backward passes."""
-    picked = exp.cell_scheme(cell)
-    if picked is None:
-        return False
-    scheme = get_scheme(picked[0], **picked[1])
-    return getattr(scheme, "learnable", True) is False and scheme.identity_at_init()
-
-
-def cell_work(exp: Any, cell: dict[str, Any], controls_skip: bool = True) -> Work | None:
-    """The :class:`Work` of one cell of experiment ``exp``; None where it is not counted.
-    ``controls_skip=False`` counts a frozen-gate control's blocks as if they ran (for
-    comparison: ``benchmarks/bench_eta.py``)."""
+def cell_work(exp: Any, cell: dict[str, Any]) -> Work | None:
+    """The :class:`Work` of one cell of experiment ``exp``; None where it is not counted."""
     spec = exp.cell_model(cell)
     if spec is None:
         return None
     model, kw, batch, *shape = spec
     one = shape[0] if shape else None
-    built = estimate(model, kw, one)
-    if controls_skip and model in SHALLOWEST and frozen_control(exp, cell):
-        kw = {**kw, "depth": SHALLOWEST[model]}
     macs, n = macs_per_example(model, kw, one), examples(cell)
     est = estimate(model, kw, one)
-    if macs is None or n is None or est is None or built is None:
+    if macs is None or n is None or est is None:
         return None
     recompute = 4 / 3 if cell.get("checkpointing") else 1.0
     steps = n / max(1, int(cell.get("batch_size", batch)))
-    return Work(6 * macs * n * recompute, 3 * est.modules * steps * recompute, built.modules)
+    return Work(6 * macs * n * recompute, 3 * est.modules * steps * recompute)
 
 
 #: how much predicted work (seconds) the prior rate counts for, beside the measured cells, when
@@ -141,16 +103,11 @@ class Eta:
     experiment's cells has finished, at the ratio of all finished cells, shrunk towards 1 by
     :data:`PRIOR_S` seconds of prior (the machine's rate at :data:`CPU_FLOPS` and
     :data:`CPU_LAUNCH_S`). A cell without work: its experiment's mean cell, else the mean of
-    all finished cells. Cheap cells (a diverged run stops early) pull a ratio down, so the figure
-    is an estimate, not a bound."""
+    all finished cells. Cheap cells (a diverged run stops early; a frozen control skips its
+    blocks) pull a ratio down, so the figure is an estimate, not a bound."""
 
-    def __init__(
-        self,
-        flops_per_s: float = CPU_FLOPS,
-        launch_s: float = CPU_LAUNCH_S,
-        build_s: float = CPU_BUILD_S,
-    ) -> None:
-        self.rate = (flops_per_s, launch_s, build_s)
+    def __init__(self, flops_per_s: float = CPU_FLOPS, launch_s: float = CPU_LAUNCH_S) -> None:
+        self.rate = (flops_per_s, launch_s)
         self.walls: dict[str, list[float]] = {}  # every finished cell's seconds, per experiment
         self.measured: dict[str, float] = {}  # seconds of the finished cells with work
         self.predicted: dict[str, float] = {}  # their predicted seconds

@@ -292,8 +292,7 @@ def _duration(seconds: float) -> str:
 
 def estimate_text(works: list[Work | None], cells: list[dict[str, Any]], workers: int) -> str:
     """What the cells to run should take before any has run — their :class:`Work` at one CPU
-    core's rate per worker (:data:`~depthlab.experiments.cost.CPU_FLOPS`, ``CPU_LAUNCH_S``,
-    ``CPU_BUILD_S``) —
+    core's rate per worker (:data:`~depthlab.experiments.cost.CPU_FLOPS`, ``CPU_LAUNCH_S``) —
     or empty where that rate does not apply (a cell on a GPU) or nothing is to run."""
     import torch
 
