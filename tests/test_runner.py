@@ -339,6 +339,16 @@ def denormal_products(size: int) -> dict:
     }
 
 
+def _can_flush() -> bool:
+    from depthlab.experiments.runner import flush_supported
+
+    return flush_supported()
+
+
+needs_flush = pytest.mark.skipif(not _can_flush(), reason="this CPU cannot flush denormals")
+
+
+@needs_flush
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_flush_denormal_runs_every_cell_in_workers_that_flush(tmp_path, jobs):
     """Every cell's products flush on every thread of its worker (with one job the worker has
@@ -355,6 +365,7 @@ def test_flush_denormal_runs_every_cell_in_workers_that_flush(tmp_path, jobs):
     assert denormal_products(size)["denormals"] == size  # IEEE here, before and after
 
 
+@needs_flush
 def test_an_ieee_run_keeps_its_cells_apart_from_a_flushed_one(tmp_path):
     """The flushed cells have their own cache entries: an IEEE run into the same folder
     recomputes them with denormals kept, and a flushed run after it reuses its own."""
@@ -368,3 +379,27 @@ def test_an_ieee_run_keeps_its_cells_apart_from_a_flushed_one(tmp_path):
     [again] = run("test-denormal-cells", "smoke", out, jobs=1, flush_denormal=True)
     assert again.cached_cells == len(again.records) == len(flushed.records)
     assert (again.records["denormals"] == 0).all()
+
+
+def test_flush_denormal_on_a_cpu_that_cannot_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from depthlab.cli import main
+
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # as on a CPU without it
+    out = tmp_path / "out"
+    code = main(["run", "test-denormal-cells", "--preset", "smoke", "--out", str(out),
+                 "--flush-denormal"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "run without --flush-denormal" in err and not out.exists()
+    code = main(["run", "test-denormal-cells", "--preset", "smoke", "--dry-run",
+                 "--flush-denormal"])  # fmt: skip
+    assert code == 2
+
+
+def test_probing_for_flush_support_keeps_this_threads_arithmetic():
+    """The probe reads this thread's setting and puts it back: IEEE stays IEEE."""
+    from depthlab.experiments.runner import flush_supported
+
+    flush_supported()
+    assert denormal_products(16)["denormals"] == 16

@@ -101,7 +101,29 @@ def flush_denormals() -> None:
 
     if not torch.set_flush_denormal(True):
         raise DepthlabError(
-            "--flush-denormal: this CPU cannot flush denormals (no SSE3 DAZ); run without it"
+            "--flush-denormal: this CPU cannot flush denormals to zero; run without it"
+        )
+
+
+def flush_supported() -> bool:
+    """Whether this CPU can flush denormals (torch's FTZ/DAZ switch works here). Probed on the
+    calling thread, whose own setting is read first (a one-element product, computed on this
+    thread) and put back as it was."""
+    import torch
+
+    denormal = torch.tensor([0x00400000], dtype=torch.int32).view(torch.float32)  # 2⁻¹²⁷
+    was_on = bool((denormal * 1.0001).item() == 0.0)
+    ok = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(was_on)
+    return ok
+
+
+def check_flush(flush: bool) -> None:
+    """Refuse ``flush`` on a CPU that cannot flush denormals, before anything is written."""
+    if flush and not flush_supported():
+        raise DepthlabError(
+            "--flush-denormal: this CPU cannot flush denormals to zero (torch's FTZ/DAZ switch "
+            "is not available here); run without --flush-denormal"
         )
 
 
@@ -339,6 +361,7 @@ def plan(
     overrides. ``flush_denormal``: the cells of such a run (:func:`run`), whose cache entries
     are their own. Returns the estimated seconds (cells without a count left out)."""
     _check_jobs(jobs)
+    check_flush(flush_denormal)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
     timed: list[float | None] = []
@@ -615,6 +638,7 @@ def run(
         )
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
+    check_flush(flush_denormal)
     _check_jobs(jobs)
     if overrides is not None and not isinstance(overrides, dict):
         raise DepthlabError(f"overrides must be a mapping of key: value, got {overrides!r}")
