@@ -12,16 +12,29 @@ random batches of 32 images of 1×8×8 (digits-sized) and 3×32×32 (CIFAR-sized
 training step of the ``depth-sweep`` experiment: forward, cross-entropy, backward, and its
 optimizer as the experiments build it (``make_optimizer``: torch's fused SGD kernel over the three
 parameter groups, lr 0.1, momentum 0.9, weight decay 5e-4 on the kernels, Fixup's scalars at
-lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory; models take turns, one
-step each per round, so that drift in the machine's load is spread over all of them. Where a
+lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory, each in a process of its
+own, as ``depthlab run``'s workers train one cell's model per process: measured here, a
+1,004-layer net stepped in a process where other models had stepped ran 0.71–0.75 s per step
+against 0.64–0.66 s in a process of its own (the heap the other models left behind). Models take
+turns, one process each per round (``--rounds``, ``--steps`` timed steps each after
+``--warmup``), so that drift in the machine's load is spread over all of them. Where a
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
 (``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
-counts only the model's own FLOPs). The process keeps freed memory for reuse
+counts only the model's own FLOPs). The processes keep freed memory for reuse
 (:func:`depthlab.heap.keep_freed_memory`, as ``depthlab run``'s workers do; ``--default-malloc``:
 glibc as it comes; the CSV's ``malloc`` column says which).
 
 FLOPs per step are counted by ``torch.utils.flop_counter`` on one step (convolutions and the
-linear head, forward and backward). The peaks, measured in the same run, best of five:
+linear head, forward and backward) in two ways: the **model's FLOPs** (``gflop_per_step``, the
+rate and the shares of the peaks), counted with ``depthlab.nn.fusion(False)`` so that every 3×3
+convolution counts as ``F.conv2d`` does (9 taps per output, the zero padding included) whatever
+kernel runs it — the convention of model-FLOP utilization, like the recomputation that
+checkpointing adds and that is not counted either; and the **executed FLOPs**
+(``gflop_executed``, ``pct_conv_train_peak_executed``), counted as the step runs, where a 3×3
+convolution on 2×2 maps is one matrix product of 16 of those 36 multiply-adds per output
+(:func:`depthlab.nn.conv3x3_2x2`), so a 1×8×8 net's last stage counts 16/36 of its model FLOPs.
+
+The peaks, measured in the same run, best of five:
 
 * ``conv fwd``: a 3×3 convolution 256→256 channels on 16×32×32 NHWC maps, forward only;
 * ``conv train``: forward and both backward convolutions of a 3×3, 64→64 convolution on a batch
@@ -38,8 +51,10 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -122,7 +137,7 @@ class Run:
         )  # fmt: skip
         self.opt = make_optimizer(self.model, cfg)
         self.times: list[float] = []
-        self.flops = 0.0
+        self.flops = self.flops_executed = 0.0
 
     @property
     def label(self) -> str:
@@ -145,28 +160,35 @@ class Run:
         the same FLOPs, so a step's count is ``F(8) + (n − 1)·(F(14) − F(8))`` for ``n`` blocks
         per stage. (``FlopCounterMode`` tracks every module, and on exit from a step of a
         10,004-layer net its hook removal crashed the interpreter here.)"""
-        if self.depth <= COUNT_DIRECT:
-            self.flops = _count(self.model, self.x, self.y)
-            self.opt.zero_grad(set_to_none=True)
-            return
-        small = [
-            Run(self.scheme, d, self.shape, self.layout, len(self.x), math.inf, self.device)
-            for d in (8, 14)
-        ]
-        f1, f2 = (_count(r.model, r.x, r.y) for r in small)
-        self.flops = f1 + ((self.depth - 2) // 6 - 1) * (f2 - f1)
+        for executed in (False, True):
+            if self.depth <= COUNT_DIRECT:
+                flops = _count(self.model, self.x, self.y, executed)
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                small = [
+                    Run(self.scheme, d, self.shape, self.layout, len(self.x), math.inf, self.device)
+                    for d in (8, 14)
+                ]
+                f1, f2 = (_count(r.model, r.x, r.y, executed) for r in small)
+                flops = f1 + ((self.depth - 2) // 6 - 1) * (f2 - f1)
+            if executed:
+                self.flops_executed = flops
+            else:
+                self.flops = flops
 
 
 #: the deepest net whose FLOPs are counted directly (see :meth:`Run.count`)
 COUNT_DIRECT = 2000
 
 
-def _count(model, x, y) -> float:
-    """FLOPs of one forward and backward pass of ``model`` on ``(x, y)``, without recomputation."""
+def _count(model, x, y, executed: bool = False) -> float:
+    """FLOPs of one forward and backward pass of ``model`` on ``(x, y)``, without recomputation:
+    the model's (every layer module by module, ``fusion(False)``) or, with ``executed``, those
+    of the kernels the step runs (see the module docstring)."""
     blocks = model.blocks
     segments, blocks.checkpoint_segments = blocks.checkpoint_segments, 0
     try:
-        with FlopCounterMode(display=False) as fc:
+        with dl.nn.fusion(executed), FlopCounterMode(display=False) as fc:
             F.cross_entropy(model(x), y).backward()
     finally:
         blocks.checkpoint_segments = segments
@@ -185,23 +207,63 @@ def _kept_rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _time_model(spec: dict) -> dict:
+    """In a process of its own: build one model, count its FLOPs (``spec["count"]``), warm up and
+    time ``spec["steps"]`` steps."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    if spec["keep"]:
+        keep_freed_memory()
+    r = Run(*spec["run"])
+    if spec["count"]:
+        r.count()
+    for _ in range(spec["warmup"]):
+        r.step()
+    times = [r.step() for _ in range(spec["steps"])]
+    return {"times": times, "flops": r.flops, "executed": r.flops_executed, "segments": r.segments}
+
+
+class Timed:
+    """One model's figures, gathered from its processes."""
+
+    def __init__(self, scheme: str, layout: str, shape: tuple, depth: int) -> None:
+        self.scheme, self.layout, self.shape, self.depth = scheme, layout, shape, depth
+        self.times: list[float] = []
+        self.flops = self.flops_executed = 0.0
+        self.segments = 0
+
+    @property
+    def label(self) -> str:
+        ck = f", ckpt {self.segments}" if self.segments else ""
+        return f"{self.scheme} {self.depth} {'x'.join(map(str, self.shape))} {self.layout}{ck}"
+
+
 def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dict) -> list[dict]:
-    """Build, count and time every scheme × layout at one depth and input; their rows. The
-    models live only inside this call: at 10,004 layers each holds ≈ 2 GB of parameters,
-    gradients and momentum, so a group's models must be freed before the next group's are
-    built."""
+    """Count and time every scheme × layout at one depth and input, each model in a process of
+    its own (one at a time: at 10,004 layers a model holds ≈ 2 GB of parameters, gradients and
+    momentum and several GB of activations); their rows."""
     runs = [
-        Run(s, depth, shape, lay, args.batch, args.max_act_gb, args.device)
+        Timed(s, lay, shape, depth)
         for s in args.schemes.split(",")
         for lay in args.layouts.split(",")
     ]
-    for r in runs:
-        r.count()
-        for _ in range(args.warmup):
-            r.step()
-    for k in range(args.steps):
+    ctx = multiprocessing.get_context("spawn")
+    for k in range(args.rounds):
         for r in runs[k % len(runs) :] + runs[: k % len(runs)]:
-            r.times.append(r.step())
+            spec = {
+                "run": (r.scheme, depth, shape, r.layout, args.batch, args.max_act_gb, args.device),
+                "threads": torch.get_num_threads(), "keep": args.malloc == "kept",
+                "count": k == 0, "warmup": args.warmup, "steps": args.steps,
+            }  # fmt: skip
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                got = pool.submit(_time_model, spec).result()
+            r.times += got["times"]
+            if k == 0:
+                r.flops, r.flops_executed, r.segments = (
+                    got["flops"],
+                    got["executed"],
+                    got["segments"],
+                )
     rows = []
     for r in runs:
         t = statistics.median(r.times)
@@ -212,10 +274,15 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
             "threads": torch.get_num_threads(), "device": args.device_name,
             "malloc": args.malloc,
             "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
-            "s_max": round(max(r.times), 4), "gflop_per_step": round(r.flops / 1e9, 2),
+            "s_max": round(max(r.times), 4),
+            "gflop_per_step": round(r.flops / 1e9, 2),
             "gflops": round(rate / 1e9, 2),
             "pct_conv_train_peak": round(100 * rate / peak["conv_train"], 1),
             "pct_conv_fwd_peak": round(100 * rate / peak["conv_fwd"], 1),
+            "gflop_executed": round(r.flops_executed / 1e9, 2),
+            "pct_conv_train_peak_executed": round(
+                100 * r.flops_executed / t / peak["conv_train"], 1
+            ),
             "conv_train_peak_gflops": round(peak["conv_train"] / 1e9, 1),
             "conv_fwd_peak_gflops": round(peak["conv_fwd"] / 1e9, 1),
         }  # fmt: skip
@@ -223,7 +290,8 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
         print(
             f"{r.label:38s} {t:8.3f} s/step ({min(r.times):.3f}–{max(r.times):.3f})  "
             f"{row['gflops']:6.1f} GFLOP/s  {row['pct_conv_train_peak']:5.1f}% of conv "
-            f"train peak, {row['pct_conv_fwd_peak']:5.1f}% of conv fwd peak",
+            f"train peak, {row['pct_conv_fwd_peak']:5.1f}% of conv fwd peak (executed FLOPs: "
+            f"{row['pct_conv_train_peak_executed']:.1f}% of train peak)",
             flush=True,
         )
     for r in runs:  # NHWC vs NCHW, side by side
@@ -241,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--layouts", default="nchw,nhwc")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per model, in turn")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     ap.add_argument("--max-act-gb", type=float, default=6.0,
                     help="checkpoint a model whose activations would exceed this")  # fmt: skip

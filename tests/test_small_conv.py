@@ -47,13 +47,15 @@ def test_gradcheck_and_double_backward(x_fmt):
     assert torch.autograd.gradgradcheck(conv3x3_2x2, (x, w, b))
 
 
-def test_output_layout_alternates_and_float32_matches():
-    x, w, b = _tensors(8, 16, 16, torch.contiguous_format, torch.channels_last, True, torch.float32)
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_output_keeps_input_layout_and_float32_matches(fmt):
+    x, w, b = _tensors(8, 16, 16, fmt, torch.channels_last, True, torch.float32)
     y1 = conv3x3_2x2(x, w, b)
-    assert y1.is_contiguous(memory_format=torch.channels_last) and not y1.is_contiguous()
+    ref1 = F.conv2d(x, w, b, padding=1)
+    assert y1.is_contiguous(memory_format=fmt)
     y2 = conv3x3_2x2(y1, w, b)
-    assert y2.is_contiguous()
-    ref = F.conv2d(F.conv2d(x, w, b, padding=1), w, b, padding=1)
+    assert y2.is_contiguous(memory_format=fmt)
+    ref = F.conv2d(ref1, w, b, padding=1)
     torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -16,11 +16,13 @@ bench_small_conv.py`` measures it against ``F.conv2d``.
 
 The weight gather is an ``index_select`` along the tap axis, ordered so that the gathered matrix
 is a view with no further copy: for a channels-last input the rows are (c_out, o) and the
-columns (i, c_in), and the output comes out NCHW-contiguous; for an NCHW input the rows are
-(c_in, i) and the columns (o, c_out), and the output comes out channels-last. Consecutive
-convolutions thus alternate layouts, which keeps a two-conv residual branch in its input's
-layout. Everything is ordinary autograd (``index_select``, ``addmm``): gradients, double
-backward and ``torch.func`` transforms work as for any op.
+columns (i, c_in), and the product comes out NCHW-contiguous; for an NCHW input the rows are
+(c_in, i) and the columns (o, c_out), and the product comes out channels-last. The output is
+then copied into the input's memory format (one activation-sized copy): in a deep ResNet step
+the norms, activations and adds after the convolution ran slower on alternating layouts than
+that copy costs (``benchmarks/bench_small_conv.py``).
+Everything is ordinary autograd (``index_select``, ``addmm``): gradients, double backward and
+``torch.func`` transforms work as for any op.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ def _taps(out_major: bool, device: torch.device) -> torch.Tensor:
 def conv3x3_2x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``F.conv2d(x, weight, bias, padding=1)`` for ``x`` of shape (N, C_in, 2, 2) and a 3×3
     ``weight`` (C_out, C_in, 3, 3), as one matrix product (see the module docstring). Equal to
-    ``F.conv2d`` up to floating-point rounding; the output is channels-last for an NCHW input
-    and NCHW for a channels-last one."""
+    ``F.conv2d`` up to floating-point rounding, in the input's memory format."""
     n, c_in = x.shape[:2]
     c_out = weight.shape[0]
     if x.shape[2:] != (2, 2) or weight.shape != (c_out, c_in, 3, 3):
@@ -68,13 +69,13 @@ def conv3x3_2x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             y = rows @ m.t()
         else:
             y = torch.addmm(bias.repeat_interleave(4), rows, m.t())
-        return y.view(n, c_out, 2, 2)
+        return y.view(n, c_out, 2, 2).contiguous(memory_format=torch.channels_last)
     # rows (c_in, i), columns (o, c_out): a view of the gathered (C_in, 16, C_out) taps
     taps = weight.reshape(c_out, c_in, 9).permute(1, 2, 0)
     m = taps.index_select(1, _taps(False, x.device)).view(c_in * 4, 4 * c_out)
     rows = x.reshape(n, c_in * 4)
     y = rows @ m if bias is None else torch.addmm(bias.repeat(4), rows, m)
-    return y.view(n, 2, 2, c_out).permute(0, 3, 1, 2)
+    return y.view(n, 2, 2, c_out).permute(0, 3, 1, 2).contiguous()
 
 
 def _compiling() -> bool:
