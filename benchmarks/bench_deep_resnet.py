@@ -13,9 +13,8 @@ training step of the ``depth-sweep`` experiment: forward, cross-entropy, backwar
 optimizer as the experiments build it (``make_optimizer``: torch's fused SGD kernel over the three
 parameter groups, lr 0.1, momentum 0.9, weight decay 5e-4 on the kernels, Fixup's scalars at
 lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory, each in a process of its
-own, as ``depthlab run``'s workers train one cell's model per process: measured here, a
-1,004-layer net stepped in a process where other models had stepped ran 0.71–0.75 s per step
-against 0.64–0.66 s in a process of its own (the heap the other models left behind). Models take
+own, as ``depthlab run``'s workers train one cell's model per process (a net steps more slowly
+in a process where other models have stepped, on the heap they left behind). Models take
 turns, one process each per round (``--rounds``, ``--steps`` timed steps each after
 ``--warmup``), so that drift in the machine's load is spread over all of them. Where a
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing

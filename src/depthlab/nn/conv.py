@@ -86,7 +86,7 @@ def _compiling() -> bool:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state-dict keys and function) whose CPU forward on 2×2
     feature maps — a 3×3 kernel, stride 1, zero padding 1, no dilation, one group — runs as one
-    matrix product (:func:`conv3x3_2x2`), about 0.6–0.75× the time of ``F.conv2d`` forward and
+    matrix product (:func:`conv3x3_2x2`), about 0.5–0.75× the time of ``F.conv2d`` forward and
     backward there. Every other call, and every call with ``depthlab.nn.fusion(False)`` or under
     ``torch.compile``, is ``nn.Conv2d``'s. The layers depthlab's schemes build are of this type."""
 
