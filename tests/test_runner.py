@@ -397,6 +397,20 @@ def test_flush_denormal_on_a_cpu_that_cannot_exits_2_before_writing(tmp_path, mo
     assert code == 2
 
 
+def test_run_experiment_refuses_flush_on_a_cpu_that_cannot_before_writing(tmp_path, monkeypatch):
+    import torch
+
+    from depthlab import DepthlabError
+    from depthlab.experiments.runner import run_experiment
+
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # as on a CPU without it
+    exp = EXPERIMENTS.get("test-denormal-cells")()
+    out = tmp_path / "out"
+    with pytest.raises(DepthlabError, match="run without --flush-denormal"):
+        run_experiment(exp, DenormalConfig(), "smoke", out, flush_denormal=True)
+    assert not out.exists()
+
+
 def test_probing_for_flush_support_keeps_this_threads_arithmetic():
     """The probe reads this thread's setting and puts it back: IEEE stays IEEE."""
     from depthlab.experiments.runner import flush_supported

@@ -587,7 +587,8 @@ def run_experiment(
     flush_denormal: bool = False,
 ) -> ExperimentResult:
     """Run one experiment into ``out_dir`` (resuming from its cached cells); ``flush_denormal``
-    as :func:`run`'s."""
+    as :func:`run`'s (refused before anything is written on a CPU that cannot flush)."""
+    check_flush(flush_denormal)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     cells = _prepare(exp, cfg, preset, out_dir, log, flush_denormal)
