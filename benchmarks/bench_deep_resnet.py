@@ -135,13 +135,7 @@ class Run:
             scalar_lr_mult=0.1 if scheme == "fixup" else 1.0,
         )  # fmt: skip
         self.opt = make_optimizer(self.model, cfg)
-        self.times: list[float] = []
         self.flops = self.flops_executed = 0.0
-
-    @property
-    def label(self) -> str:
-        ck = f", ckpt {self.segments}" if self.segments else ""
-        return f"{self.scheme} {self.depth} {'x'.join(map(str, self.shape))} {self.layout}{ck}"
 
     def step(self) -> float:
         _sync(self.device)

@@ -34,7 +34,7 @@ part tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/t
 part smoke 45 "$PY" -m depthlab run deep-fc --preset smoke --set device=cuda \
     --out "${TMPDIR:-/tmp}/depthlab-gpu-smoke"
 part deep_resnet 90 "$PY" benchmarks/bench_deep_resnet.py --device cuda --layouts nhwc \
-    --depths 1004,10004 --steps 3 --max-act-gb 60 --csv "$OUT/deep_resnet_cuda.csv"
+    --depths 1004,10004 --steps 3 --rounds 1 --max-act-gb 60 --csv "$OUT/deep_resnet_cuda.csv"
 part full 120 "$PY" benchmarks/estimate_full.py --measure --device cuda --repeats 2 \
     --experiments deep-fc,transformer-convergence,depth-sweep \
     --measured-csv "$OUT/full_measured.csv" --steps-csv "$OUT/full_steps.csv"
