@@ -6,6 +6,7 @@ import inspect
 
 from torch import nn
 
+from depthlab.gctools import paused
 from depthlab.models.linear import LinearNet
 from depthlab.models.mlp import MLP
 from depthlab.models.resnet import BottleneckResNet, ResNet
@@ -51,7 +52,8 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     kwargs = check_kwargs(cls.__init__, kwargs, f"model '{name}'")
     need = check_fits(name, kwargs, copies=1)  # before building: huge sizes are refused
     try:
-        model = cls(**kwargs)
+        with paused():  # ~10⁵ new objects: no full collections while they are made
+            model = cls(**kwargs)
     except (RuntimeError, MemoryError) as e:
         err = allocation_error(e, f"building model '{name}'", need)
         if err is None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from depthlab.data import Dataset, as_dataset
 from depthlab.data.base import generator
+from depthlab.gctools import frozen
 from depthlab.io import write_json
 from depthlab.models.common import BlockStack
 from depthlab.nn.fusion import sgd_in_backward
@@ -310,7 +311,8 @@ def _run(
         run.save(
             run.start, run.wall0
         )  # the checkpoint now holds the grown model, as config.yaml says
-    run.loop(net, should_stop)
+    with frozen():  # the model and optimizer state out of the full collections' scans
+        run.loop(net, should_stop)
     return run.finish()
 
 

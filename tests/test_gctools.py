@@ -1,0 +1,91 @@
+"""The cyclic collector kept off model building and the training loop (depthlab.gctools)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import pytest
+
+import depthlab as dl
+from depthlab.gctools import frozen, paused
+from depthlab.train import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _collector_restored():
+    """Each test starts and ends with the collector on and nothing frozen."""
+    gc.enable()
+    gc.unfreeze()
+    yield
+    gc.enable()
+    gc.unfreeze()
+
+
+def test_paused_turns_the_collector_off_and_back_on():
+    with paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_paused_leaves_a_disabled_collector_disabled_and_restores_on_error():
+    gc.disable()
+    with paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()
+    gc.enable()
+    with pytest.raises(ValueError), paused():
+        raise ValueError("boom")
+    assert gc.isenabled()
+
+
+def test_frozen_freezes_what_exists_and_unfreezes_after():
+    before = [object() for _ in range(3)] + [[]]  # a tracked container made before
+    with frozen():
+        assert gc.get_freeze_count() > 0
+        assert not any(before[-1] is o for o in gc.get_objects())  # frozen: not scanned
+    assert gc.get_freeze_count() == 0
+    assert any(before[-1] is o for o in gc.get_objects())
+
+
+def test_frozen_leaves_a_callers_freeze_alone():
+    gc.freeze()
+    count = gc.get_freeze_count()
+    late = [[]]  # made after the caller's freeze: not frozen by the block either
+    with frozen():
+        assert gc.get_freeze_count() == count
+        assert any(late[0] is o for o in gc.get_objects())
+    assert gc.get_freeze_count() == count
+
+
+def test_create_model_builds_with_the_collector_off_and_turns_it_back_on(monkeypatch):
+    seen = []
+    real = dl.models.MODELS.get("mlp").__init__
+
+    @functools.wraps(real)  # keeps the signature create_model checks options against
+    def spy(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(dl.models.MODELS.get("mlp"), "__init__", spy)
+    dl.create_model("mlp", depth=3, width=8, in_dim=64)
+    assert seen == [False]
+    assert gc.isenabled()
+
+
+def test_training_loop_runs_with_the_model_frozen_and_unfreezes_after():
+    model = dl.create_model("mlp", depth=4, width=16, in_dim=64, scheme="rezero")
+    weight = next(model.parameters())
+    seen = []
+
+    def cb(step, m, hist):
+        ids = {id(o) for o in gc.get_objects()}
+        seen.append((gc.get_freeze_count() > 0, id(m) in ids, id(weight) in ids))
+
+    hist = dl.train(
+        model, "digits", TrainConfig(steps=6, eval_every=3, batch_size=16), callbacks=[cb]
+    )
+    assert len(hist.records) > 0 and seen
+    assert all(s == (True, False, False) for s in seen)  # frozen: neither is scanned
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert any(o is model for o in gc.get_objects())
