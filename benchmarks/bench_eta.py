@@ -4,7 +4,8 @@
 
 Each argument is a ``run all`` output folder and its preset (default: ``runs/quick:quick`` and
 ``runs/deep:deep``, those that exist; with neither, it says so and measures nothing). Its
-cells' measured wall times (``cells/*.json``) are replayed in the runner's order (experiments in
+cells' measured wall times (``cells/*.json``; a ``--flush-denormal`` run's cells under their own
+cache keys) are replayed in the runner's order (experiments in
 turn, cells in grid order) on ``--workers`` workers that each take the next queued cell when
 free. After every finished cell, two ETAs are computed from the cells finished so far and
 compared with the time the replay still had to run (events with under a minute left are
@@ -34,7 +35,7 @@ from pathlib import Path
 from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import Eta, cell_work
-from depthlab.experiments.runner import _cell_path
+from depthlab.experiments.runner import _cell_path, with_flush
 
 
 def load(folder: Path, preset: str) -> list[tuple[str, object, float]]:
@@ -44,8 +45,11 @@ def load(folder: Path, preset: str) -> list[tuple[str, object, float]]:
         exp = get_experiment(name)
         if preset not in exp.presets or not (folder / name).is_dir():
             continue
-        for cell in exp.grid(exp.config(preset)):
+        grid = exp.grid(exp.config(preset))
+        for cell, flushed in zip(grid, with_flush(grid, True), strict=True):
             path = _cell_path(folder / name, exp, cell)
+            if not path.is_file():  # a --flush-denormal run's cell
+                cell, path = flushed, _cell_path(folder / name, exp, flushed)
             if path.is_file():
                 wall = json.loads(path.read_text())["wall_time_s"]
                 cells.append((name, cell_work(exp, cell), float(wall)))
