@@ -1,16 +1,17 @@
 """Python's cyclic garbage collector kept off the hot paths of very deep models.
 
 A 10,000-layer model is ~10⁵ Python objects (modules, their dicts, parameters). CPython's
-collector runs a *full* collection — a scan of every tracked object — whenever the objects that
-survived two younger collections since the last full one exceed a quarter of those it scanned
-then. Two places in depthlab cross that line over and over:
+collector runs a *full* collection — a scan of every tracked object — at every tenth collection
+of its middle generation once the objects promoted to the old generation since the last full one
+exceed a quarter of those it scanned then. Two places in depthlab meet that condition over and
+over:
 
-* **building** the model (every new module is a survivor): ≈ 1.3–1.6 s of the ≈ 3.8 s it takes
-  to build a 10,000-layer width-64 MLP here is full collections;
+* **building** the model (every new module is a survivor): building a 10,000-layer width-64 MLP
+  took 3.8 s with the collector on and 2.6 s with it paused (``benchmarks/bench_gc.py``);
 * **training** a fused MLP stack (:mod:`depthlab.nn.fusion.stack`): its forward pass keeps one
   tensor per block for the backward pass, ~10⁴ short-lived objects that outlive the young
-  collections, so a full collection (≈ 0.55 s at 10,000 layers) runs every few steps of
-  ≈ 1.2 s.
+  collections, so a full collection (≈ 0.4–0.5 s at 10,000 layers) runs every few steps of
+  ≈ 1.2–2 s.
 
 :func:`paused` turns the collector off while a model is built (:func:`depthlab.create_model`);
 the cycles made meanwhile are collected once it is back on. :func:`frozen` moves every object
