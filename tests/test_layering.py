@@ -11,8 +11,8 @@ from pathlib import Path
 
 import depthlab
 
-ORDER = ["registry", "validate", "io", "resources", "heap", "gctools", "nn", "schemes", "models", "convert",
-         "data", "train", "diagnostics", "experiments", "report", "cli"]  # fmt: skip
+ORDER = ["registry", "validate", "io", "resources", "heap", "gctools", "nn", "schemes", "models",
+         "convert", "data", "train", "diagnostics", "experiments", "report", "cli"]  # fmt: skip
 #: (importing layer, imported layer) pairs allowed below, inside functions only
 LAZY_BELOW = {
     ("experiments", "report"),  # figures and the combined report
