@@ -38,6 +38,19 @@ def child_result(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def in_turn(modes: tuple[str, ...], pairs: int, measure, show) -> dict[str, list[dict]]:
+    """``measure(mode)`` for every mode, ``pairs`` times, the order reversed every other pair so
+    that drift in the machine's load falls on all modes alike; ``show(pair, mode, result)``
+    after each. The results per mode, in pair order."""
+    got: dict[str, list[dict]] = {m: [] for m in modes}
+    for p in range(pairs):
+        for mode in modes if p % 2 == 0 else modes[::-1]:
+            r = measure(mode)
+            got[mode].append(r)
+            show(p + 1, mode, r)
+    return got
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """``rows`` as a fixed-width table on stdout: ``columns`` = (key, width) pairs, each value
     right-aligned in its column (floats to 3 significant digits), after a blank line."""

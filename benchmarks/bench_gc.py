@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 
-from _results import child_result, chosen, print_table, write_csv
+from _results import child_result, chosen, in_turn, print_table, write_csv
 
 MLP = ("mlp", {"depth": 10000, "width": 64, "in_dim": 64})
 LM = ("transformer-lm", {"depth": 128, "d_model": 32, "nhead": 4, "context": 32})
@@ -111,15 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for name in chosen(ap, args.cases, CASES):
-        got: dict[str, list[dict]] = {m: [] for m in MODES}
-        for p in range(args.pairs):
-            for mode in MODES if p % 2 == 0 else MODES[::-1]:
-                r = child_result(__file__, "--child", name, mode, "--steps", str(args.steps))
-                got[mode].append(r)
-                print(f"{name:20s} pair {p + 1} {mode:8s} build {r['build_s']:6.2f} s"
-                      + (f"  cell {r['cell_s']:7.2f} s  {r['full_collections']:3d} full "
-                         f"collections {r['full_gc_s']:6.2f} s" if "cell_s" in r else ""),
-                      flush=True)  # fmt: skip
+
+        def show(p: int, mode: str, r: dict, name: str = name) -> None:
+            print(f"{name:20s} pair {p} {mode:8s} build {r['build_s']:6.2f} s"
+                  + (f"  cell {r['cell_s']:7.2f} s  {r['full_collections']:3d} full "
+                     f"collections {r['full_gc_s']:6.2f} s" if "cell_s" in r else ""),
+                  flush=True)  # fmt: skip
+
+        def measure(mode: str, name: str = name) -> dict:
+            return child_result(__file__, "--child", name, mode, "--steps", str(args.steps))
+
+        got = in_turn(MODES, args.pairs, measure, show)
         row: dict = {"case": name, "pairs": args.pairs}
         trains = CASES[name][2]
         row["steps"] = args.steps if trains else 0
@@ -133,14 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             lasts = {json.dumps(r["last"], sort_keys=True) for m in MODES for r in got[m]}
             row["same_records"] = len(lasts) == 1
         rows.append(row)
+    columns = [("case", "20"), ("as-is_build_s", "7"), ("kept-off_build_s", "7"),
+               ("ratio_build_s", "6"), ("as-is_cell_s", "7"), ("kept-off_cell_s", "7"),
+               ("ratio_cell_s", "6"), ("as-is_full_collections", "5"), ("as-is_full_gc_s", "6"),
+               ("kept-off_full_collections", "5"), ("kept-off_full_gc_s", "6"),
+               ("same_records", "5")]  # fmt: skip
     for row in rows:  # build-only cases: blank training columns
-        for k in dict.fromkeys(k for r in rows for k in r):
+        for k in dict.fromkeys([k for r in rows for k in r] + [k for k, _ in columns]):
             row.setdefault(k, "")
-    print_table(rows, [("case", "20"), ("as-is_build_s", "7"), ("kept-off_build_s", "7"),
-                       ("ratio_build_s", "6"), ("as-is_cell_s", "7"), ("kept-off_cell_s", "7"),
-                       ("ratio_cell_s", "6"), ("as-is_full_collections", "5"),
-                       ("as-is_full_gc_s", "6"), ("kept-off_full_collections", "5"),
-                       ("kept-off_full_gc_s", "6"), ("same_records", "5")])  # fmt: skip
+    print_table(rows, columns)
     write_csv("gc.csv", rows, args.csv)
     return 0
 

@@ -23,7 +23,7 @@ import resource
 import statistics
 import time
 
-from _results import child_result, chosen, print_table, write_csv
+from _results import child_result, chosen, in_turn, print_table, write_csv
 
 #: name: (model, sizes, batch, example shape, scheme, options, optimizer, channels-last)
 NETS = {
@@ -99,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     nets = chosen(ap, args.nets, NETS)
     rows = []
     for net in nets:
-        got: dict[str, list[dict]] = {m: [] for m in MODES}
-        for p in range(args.pairs):
-            for mode in MODES if p % 2 == 0 else MODES[::-1]:
-                r = measure(net, mode, args.steps, args.warmup)
-                got[mode].append(r)
-                print(f"{net:20s} pair {p + 1} {mode:8s} {r['s_per_step']:8.3f} s/step "
-                      f"{r['faults_per_step']:9.0f} faults/step  peak {r['peak_rss_mb']:7.0f} MB",
-                      flush=True)  # fmt: skip
+
+        def show(p: int, mode: str, r: dict, net: str = net) -> None:
+            print(f"{net:20s} pair {p} {mode:8s} {r['s_per_step']:8.3f} s/step "
+                  f"{r['faults_per_step']:9.0f} faults/step  peak {r['peak_rss_mb']:7.0f} MB",
+                  flush=True)  # fmt: skip
+
+        got = in_turn(
+            MODES, args.pairs, lambda mode, net=net: measure(net, mode, args.steps, args.warmup),
+            show,
+        )  # fmt: skip
         row = {"net": net, "pairs": args.pairs, "steps": args.steps}
         for mode in MODES:
             rs = got[mode]
