@@ -115,3 +115,52 @@ def test_hooks_amsgrad_and_other_optimizers_get_their_own_step():
             optimizer_step(o2)
         assert getattr(o2, _LISTS, (None, None))[1] is None
         _same(p, q, o1, o2)
+
+
+def test_step_counters_are_views_of_one_tensor_per_group(monkeypatch):
+    """Once the lists are kept, each group's ``state[p]["step"]`` are 0-dim views of one tensor,
+    incremented by one ``add_`` (no per-tensor ``_foreach_add_``), and still each its own
+    counter: torch's ``step()`` with one gradient missing advances all but that one."""
+    a, b, opt_a, opt_b = _pair(torch.optim.Adam)
+    for step in range(2):
+        _grads(b, step)
+        optimizer_step(opt_b)
+    for group in opt_b.param_groups:
+        steps = [opt_b.state[p]["step"] for p in group["params"]]
+        assert all(s.dim() == 0 and s.dtype == torch.float32 for s in steps)
+        assert len({s.untyped_storage().data_ptr() for s in steps}) == 1
+        assert len({s.data_ptr() for s in steps}) == len(steps)
+
+    def no_foreach(*args, **kwargs):
+        raise AssertionError("step counters incremented one tensor at a time")
+
+    monkeypatch.setattr(torch, "_foreach_add_", no_foreach)
+    _grads(b, 2)
+    optimizer_step(opt_b)
+    assert all(opt_b.state[p]["step"].item() == 3 for p in b)
+    monkeypatch.undo()
+    _grads(b, 3, skip=4)
+    opt_b.step()  # torch's own step on the views
+    assert [opt_b.state[p]["step"].item() for p in b] == [3.0 if i == 4 else 4.0 for i in range(15)]
+
+
+def test_a_saved_state_with_shared_counters_reloads_and_continues(tmp_path):
+    """``state_dict()`` of the view-backed counters goes through ``torch.save`` and
+    ``torch.load(weights_only=True)``; a fresh optimizer loaded from it steps as torch's."""
+    a, b, opt_a, opt_b = _pair(torch.optim.Adam)
+    for step in range(3):
+        _grads(a, step)
+        _grads(b, step)
+        opt_a.step()
+        optimizer_step(opt_b)
+    torch.save(opt_b.state_dict(), tmp_path / "opt.pt")
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    opt_c = torch.optim.Adam(_groups(c, 0.1), lr=1e-3, fused=True)
+    opt_c.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for step in range(3, 6):
+        _grads(a, step)
+        _grads(c, step)
+        opt_a.step()
+        optimizer_step(opt_c)
+        _same(a, c, opt_a, opt_c)
+    assert all(opt_c.state[p]["step"].item() == 6 for p in c)

@@ -84,7 +84,14 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     tensor lr, gradient scaler or step hooks — the same kernel (``torch._fused_adam_`` /
     ``_fused_adamw_``) is called on the lists kept from the previous step, after the same
     increment of the step counters: the same update, to the bit. Anything else (the first step,
-    a parameter without a gradient, a reloaded state, another optimizer) is ``step()``."""
+    a parameter without a gradient, a reloaded state, another optimizer) is ``step()``.
+
+    The step counters are one 0-dim tensor per parameter, and incrementing 30,004 of them
+    (``torch._foreach_add_``) took ≈ 55 ms of a ≈ 185 ms optimizer step of a 10,000-layer MLP.
+    So when the lists are built, each group's counters are replaced, in the optimizer's state,
+    by views of one tensor holding their values: one ``add_`` then increments them all. Every
+    ``state[p]["step"]`` stays a 0-dim float tensor with its own value; torch's own ``step()``
+    and ``state_dict()`` work on the views as on the tensors they replace."""
     lists = _fused_lists(optimizer)
     if lists is None:
         optimizer.step()
@@ -94,12 +101,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
         return
     with torch.no_grad():
-        for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(
+        for group, (params, exp_avgs, exp_avg_sqs, steps, counters), gs in zip(
             optimizer.param_groups, lists, grads, strict=True
         ):
             beta1, beta2 = group["betas"]
             kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-            torch._foreach_add_(steps, 1)
+            counters.add_(1)  # every element of `steps` at once (they are views of it)
             kernel(
                 params, gs, exp_avgs, exp_avg_sqs, [], steps,
                 amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
@@ -112,8 +119,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
 _LISTS = "_depthlab_fused_lists"
 
 
-def _fused_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, list]] | None:
-    """Per group ``(params, exp_avgs, exp_avg_sqs, steps)`` when :func:`optimizer_step` may
+def _fused_lists(opt: torch.optim.Optimizer) -> list[tuple] | None:
+    """Per group ``(params, exp_avgs, exp_avg_sqs, steps, counters)`` (``steps`` views of the
+    1-D ``counters``) when :func:`optimizer_step` may
     call the fused kernel itself (see there); kept on the optimizer and checked each call."""
     if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
         return None
@@ -141,7 +149,7 @@ def _fused_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, lis
 def _same_state(opt: torch.optim.Optimizer, lists: list) -> bool:
     """The kept lists still hold the optimizer's state tensors and plain settings (spot check:
     each group's first and last parameter; a reloaded state is a new dict)."""
-    for group, (params, exp_avgs, _, steps) in zip(opt.param_groups, lists, strict=True):
+    for group, (params, exp_avgs, _, steps, _) in zip(opt.param_groups, lists, strict=True):
         if not _plain(group) or len(params) != len(group["params"]):
             return False
         for i in (0, -1):
@@ -165,9 +173,10 @@ def _plain(group: dict) -> bool:
     )
 
 
-def _build_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, list]] | None:
+def _build_lists(opt: torch.optim.Optimizer) -> list[tuple] | None:
     out = []
     kind = None
+    steps_dtype = torch.float32  # torch's fused kernels' step counters (0-dim)
     for group in opt.param_groups:
         if not _plain(group):
             return None
@@ -178,14 +187,27 @@ def _build_lists(opt: torch.optim.Optimizer) -> list[tuple[list, list, list, lis
                 return None
             if kind is None:
                 kind = (p.device, p.dtype)
-            if (p.device, p.dtype) != kind or st["step"].device != p.device:
+            step = st["step"]
+            if (p.device, p.dtype) != kind or (step.device, step.dtype) != (p.device, steps_dtype):
+                return None
+            if step.dim() != 0:
                 return None
             params.append(p)
             exp_avgs.append(st["exp_avg"])
             exp_avg_sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
+            steps.append(step)
         out.append((params, exp_avgs, exp_avg_sqs, steps))
-    return out
+    return [_shared_counters(opt, *group) for group in out]
+
+
+def _shared_counters(opt, params: list, exp_avgs: list, exp_avg_sqs: list, steps: list) -> tuple:
+    """The group's step counters copied into one 1-D tensor, and each parameter's
+    ``state["step"]`` replaced by the view of its element (values and dtype unchanged)."""
+    counters = torch.stack(steps)
+    views = list(counters.unbind(0))
+    for p, v in zip(params, views, strict=True):
+        opt.state[p]["step"] = v
+    return params, exp_avgs, exp_avg_sqs, views, counters
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
