@@ -7,9 +7,10 @@ Each case is a ``deep``-preset cell, run as the sweep runs it (the experiment's 
 with ``--steps`` training steps instead of the preset's), in a fresh process per measurement —
 ``as-is`` (:mod:`depthlab.gctools`' two context managers replaced by no-ops: CPython's collector
 as it comes) and ``kept-off`` (depthlab as shipped: the collector paused while
-:func:`depthlab.create_model` builds, every object of the run frozen for the training loop) — the
-two in turn, ``--pairs`` times, so that drift in the machine's load falls on both. A process
-first builds the cell's model once on its own (``build_s``; then dropped), then runs the cell
+:func:`depthlab.create_model` builds, every object of the run frozen for the training loop and
+full collections rare in it) — the two in turn, ``--pairs`` times, so that drift in the
+machine's load falls on both. A process first builds the cell's model once on its own
+(``build_s``; then dropped), then runs the cell
 (``cell_s``: building again, training, the test evaluation), counting the collector's full
 (generation-2) collections and the time spent in them (``gc.callbacks``). ``build-only`` cases
 only build. One thread, freed memory kept (:func:`depthlab.heap.keep_freed_memory`, as in the
