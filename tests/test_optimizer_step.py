@@ -46,6 +46,17 @@ def _pair(cls, **kw):
     )
 
 
+def _in_step(a, b, opt_a, opt_b, steps: range, check: bool = False) -> None:
+    """Torch's ``step()`` on ``a``, :func:`optimizer_step` on ``b``, the same gradients."""
+    for step in steps:
+        _grads(a, step)
+        _grads(b, step)
+        opt_a.step()
+        optimizer_step(opt_b)
+        if check:
+            _same(a, b, opt_a, opt_b)
+
+
 def _same(a, b, opt_a, opt_b) -> None:
     for p, q in zip(a, b, strict=True):
         assert torch.equal(p, q)
@@ -79,20 +90,11 @@ def test_equals_torchs_step_to_the_bit(cls, maximize):
 
 def test_a_reloaded_state_is_not_stepped_through_stale_lists():
     a, b, opt_a, opt_b = _pair(torch.optim.Adam)
-    for step in range(3):
-        _grads(a, step)
-        _grads(b, step)
-        opt_a.step()
-        optimizer_step(opt_b)
+    _in_step(a, b, opt_a, opt_b, range(3))
     saved = opt_a.state_dict()  # (references to opt_a's tensors: each load gets a copy)
     opt_b.load_state_dict(copy.deepcopy(saved))  # new state tensors; the kept lists: the old
     opt_a.load_state_dict(copy.deepcopy(saved))
-    for step in range(3, 6):
-        _grads(a, step)
-        _grads(b, step)
-        opt_a.step()
-        optimizer_step(opt_b)
-        _same(a, b, opt_a, opt_b)
+    _in_step(a, b, opt_a, opt_b, range(3, 6), check=True)
     assert all(opt_b.state[p]["step"].item() == 6 for p in b)
 
 
@@ -108,11 +110,7 @@ def test_hooks_amsgrad_and_other_optimizers_get_their_own_step():
         p, q = _params(1), _params(1)
         o1 = cls(_groups(p, 0.0), lr=1e-3, fused=True, **kw)
         o2 = cls(_groups(q, 0.0), lr=1e-3, fused=True, **kw)
-        for step in range(3):
-            _grads(p, step)
-            _grads(q, step)
-            o1.step()
-            optimizer_step(o2)
+        _in_step(p, q, o1, o2, range(3))
         assert getattr(o2, _LISTS, (None, None))[1] is None
         _same(p, q, o1, o2)
 
@@ -148,19 +146,10 @@ def test_a_saved_state_with_shared_counters_reloads_and_continues(tmp_path):
     """``state_dict()`` of the view-backed counters goes through ``torch.save`` and
     ``torch.load(weights_only=True)``; a fresh optimizer loaded from it steps as torch's."""
     a, b, opt_a, opt_b = _pair(torch.optim.Adam)
-    for step in range(3):
-        _grads(a, step)
-        _grads(b, step)
-        opt_a.step()
-        optimizer_step(opt_b)
+    _in_step(a, b, opt_a, opt_b, range(3))
     torch.save(opt_b.state_dict(), tmp_path / "opt.pt")
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
     opt_c = torch.optim.Adam(_groups(c, 0.1), lr=1e-3, fused=True)
     opt_c.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
-    for step in range(3, 6):
-        _grads(a, step)
-        _grads(c, step)
-        opt_a.step()
-        optimizer_step(opt_c)
-        _same(a, c, opt_a, opt_c)
+    _in_step(a, c, opt_a, opt_c, range(3, 6), check=True)
     assert all(opt_c.state[p]["step"].item() == 6 for p in c)
