@@ -121,8 +121,8 @@ _LISTS = "_depthlab_fused_lists"
 
 def _fused_lists(opt: torch.optim.Optimizer) -> list[tuple] | None:
     """Per group ``(params, exp_avgs, exp_avg_sqs, steps, counters)`` (``steps`` views of the
-    1-D ``counters``) when :func:`optimizer_step` may
-    call the fused kernel itself (see there); kept on the optimizer and checked each call."""
+    1-D ``counters``) when :func:`optimizer_step` may call the fused kernel itself (see there);
+    kept on the optimizer and checked each call."""
     if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
         return None
     from torch.optim import optimizer as tmod
@@ -188,9 +188,8 @@ def _build_lists(opt: torch.optim.Optimizer) -> list[tuple] | None:
             if kind is None:
                 kind = (p.device, p.dtype)
             step = st["step"]
-            if (p.device, p.dtype) != kind or (step.device, step.dtype) != (p.device, steps_dtype):
-                return None
-            if step.dim() != 0:
+            counter = step.device == p.device and step.dtype == steps_dtype and step.dim() == 0
+            if (p.device, p.dtype) != kind or not counter:
                 return None
             params.append(p)
             exp_avgs.append(st["exp_avg"])
