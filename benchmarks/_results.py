@@ -28,12 +28,13 @@ def write_csv(name: str, rows: list[dict], path: str | None = None) -> Path:
     return out
 
 
-def child_result(script: str, *args: str) -> dict:
+def child_result(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """Run ``script`` in a fresh Python process (a measurement that must not share the caller's
-    process state) with ``args``; the JSON object printed on its last output line."""
+    process state) with ``args`` (and ``env``, default this process's); the JSON object printed
+    on its last output line."""
     out = subprocess.run(
         [sys.executable, str(Path(script).resolve()), *args],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,24 +1,29 @@
-"""Training steps with glibc's default ``malloc`` settings vs freed memory kept for reuse.
+"""Training steps with glibc's default ``malloc`` settings, with freed memory kept for reuse, and
+kept with huge pages.
 
     .venv/bin/python benchmarks/bench_heap.py                 # every network, 2 pairs
     .venv/bin/python benchmarks/bench_heap.py --nets fixup-1004-b32 --pairs 3 --steps 5
 
 Each network is one training step of a ``deep``-preset cell, as the experiments build it
 (:func:`depthlab.experiments.timing.build_step`: its scheme, options, optimizer, batch and
-layout), run in a fresh process per measurement — ``default`` (glibc as it comes) and ``kept``
-(:func:`depthlab.heap.keep_freed_memory`, what ``depthlab run`` sets in its workers) — the two
-in turn, ``--pairs`` times, so that drift in the machine's load falls on both. A process builds
-the network, takes ``--warmup`` untimed steps, then ``--steps`` timed ones (one thread) and
-reports the median seconds per step, the minor page faults per step and its peak resident
-memory. The table gives the medians over pairs and the ratio kept / default per network; CSV
+layout), run in a fresh process per measurement — ``default`` (glibc as it comes), ``kept``
+(:func:`depthlab.heap.keep_freed_memory`) and ``huge`` (kept, in a process started with
+:func:`depthlab.heap.worker_environment`: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, transparent
+huge pages for ``malloc``; both are what ``depthlab run`` sets in its workers) — in turn,
+``--pairs`` times (the order reversed every other round), so that drift in the machine's load
+falls on all. A process builds the network, takes ``--warmup`` untimed steps, then ``--steps``
+timed ones (one thread) and reports the median seconds per step, the minor page faults per step,
+its peak resident memory and its memory in huge pages at the end. The table gives the medians
+over rounds and the ratios kept / default and huge / kept per network; CSV
 ``benchmarks/results/heap.csv``. Linux with glibc only (elsewhere ``keep_freed_memory`` does
-nothing).
+nothing and the tunable is not set).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -41,14 +46,26 @@ NETS = {
                                            "context": 32}, 16, (32,), "postnorm", {}, "adam",
                         False),
 }  # fmt: skip
-MODES = ("default", "kept")
+MODES = ("default", "kept", "huge")
+
+
+def huge_pages_kb() -> int:
+    """This process's anonymous memory in transparent huge pages, in KiB (0 where unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def child(net: str, mode: str, steps: int, warmup: int) -> dict:
     """One measurement in this (fresh) process."""
     from depthlab.heap import keep_freed_memory
 
-    kept = keep_freed_memory() if mode == "kept" else False
+    kept = keep_freed_memory() if mode != "default" else False
     import torch
 
     from depthlab.experiments.timing import Step, build_step
@@ -75,13 +92,19 @@ def child(net: str, mode: str, steps: int, warmup: int) -> dict:
         "faults_per_step": statistics.median(faults),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "applied": kept,
+        "huge_mb": huge_pages_kb() / 1024,
     }
 
 
 def measure(net: str, mode: str, steps: int, warmup: int) -> dict:
+    from depthlab.heap import worker_environment
+
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
     return child_result(
-        __file__, "--child", net, mode, "--steps", str(steps), "--warmup", str(warmup)
-    )
+        __file__, "--child", net, mode, "--steps", str(steps), "--warmup", str(warmup),
+        env=worker_environment(env) if mode == "huge" else env,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,19 +139,21 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{mode}_faults_per_step"] = round(statistics.median(
                 r["faults_per_step"] for r in rs))  # fmt: skip
             row[f"{mode}_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rs))
-        row["kept_applied"] = all(r["applied"] for r in got["kept"])
-        row["ratio_kept_over_default"] = round(
-            row["kept_s_per_step"] / row["default_s_per_step"], 3
-        )
-        row["pair_ratios"] = " ".join(
-            f"{k['s_per_step'] / d['s_per_step']:.2f}"
-            for d, k in zip(got["default"], got["kept"], strict=True)
-        )
+        row["huge_mb"] = round(statistics.median(r["huge_mb"] for r in got["huge"]))
+        row["kept_applied"] = all(r["applied"] for m in ("kept", "huge") for r in got[m])
+        for a, b in (("kept", "default"), ("huge", "kept")):
+            row[f"ratio_{a}_over_{b}"] = round(row[f"{a}_s_per_step"] / row[f"{b}_s_per_step"], 3)
+            row[f"{a}_{b}_pair_ratios"] = " ".join(
+                f"{x['s_per_step'] / y['s_per_step']:.2f}"
+                for y, x in zip(got[b], got[a], strict=True)
+            )
         rows.append(row)
     print_table(rows, [("net", "20"), ("default_s_per_step", "8"), ("kept_s_per_step", "8"),
-                       ("ratio_kept_over_default", "6"), ("pair_ratios", "12"),
+                       ("huge_s_per_step", "8"), ("ratio_kept_over_default", "6"),
+                       ("ratio_huge_over_kept", "6"), ("huge_kept_pair_ratios", "12"),
                        ("default_faults_per_step", "8"), ("kept_faults_per_step", "8"),
-                       ("default_peak_rss_mb", "8"), ("kept_peak_rss_mb", "8")])  # fmt: skip
+                       ("kept_peak_rss_mb", "8"), ("huge_peak_rss_mb", "8"),
+                       ("huge_mb", "8")])  # fmt: skip
     write_csv("heap.csv", rows, args.csv)
     return 0
 

@@ -69,3 +69,19 @@ def worker_refaults() -> tuple[int, int]:
     import os
 
     return refault_pages(), os.getpid()
+
+
+def huge_pages_after_touching(nbytes: int = 64 << 20) -> tuple[int, str]:
+    """This process's anonymous memory in transparent huge pages (KiB) while ``nbytes`` of
+    buffers from ``malloc`` are held and touched (freed memory kept, as in a sweep worker), and
+    its ``GLIBC_TUNABLES``."""
+    import os
+
+    from depthlab.heap import keep_freed_memory
+
+    keep_freed_memory()
+    bufs = [torch.empty(BLOCK // 4).fill_(1.0) for _ in range(nbytes // BLOCK)]
+    with open("/proc/self/smaps_rollup") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+    del bufs
+    return kb, os.environ.get("GLIBC_TUNABLES", "")

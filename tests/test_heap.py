@@ -133,3 +133,70 @@ def test_a_bad_value_is_refused_before_anything_runs(monkeypatch, tmp_path, caps
     assert not out.exists()
     with pytest.raises(DepthlabError, match=heap.ENV_VAR):
         make_pool(1, 2)  # refused in the parent, not as a broken worker
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``; "" unknown)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else ""
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (None, "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's own setting kept
+        ("glibc.malloc.hugetlb = 2:glibc.pthread.rseq=0", None),  # kept as it is
+    ],
+)
+def test_worker_environment_adds_the_huge_page_tunable(monkeypatch, given, expected):
+    monkeypatch.setattr(heap, "_glibc", lambda: object())
+    env = {"PATH": "/bin"} if given is None else {"PATH": "/bin", heap.TUNABLES_VAR: given}
+    got = heap.worker_environment(env)
+    assert got[heap.TUNABLES_VAR] == (given if expected is None else expected)
+    assert got["PATH"] == "/bin" and env.get(heap.TUNABLES_VAR) == given  # a copy
+
+
+@pytest.mark.parametrize("var", [heap.HUGE_PAGES_VAR, heap.ENV_VAR])
+def test_worker_environment_off_or_without_glibc(monkeypatch, var):
+    monkeypatch.setattr(heap, "_glibc", lambda: object())
+    monkeypatch.setenv(var, "0")
+    assert heap.TUNABLES_VAR not in heap.worker_environment({"PATH": "/bin"})
+    monkeypatch.delenv(var)
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    assert heap.worker_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_a_bad_huge_pages_value_is_refused(monkeypatch):
+    from depthlab.registry import DepthlabError
+
+    monkeypatch.setenv(heap.HUGE_PAGES_VAR, "maybe")
+    with pytest.raises(DepthlabError, match=f"{heap.HUGE_PAGES_VAR}=.*set it to 0"):
+        heap.worker_environment()
+    with pytest.raises(DepthlabError, match=heap.HUGE_PAGES_VAR):
+        make_pool(1, 2)
+
+
+@needs_glibc
+def test_sweep_workers_start_with_huge_pages_and_the_parent_is_restored(monkeypatch):
+    monkeypatch.delenv(heap.TUNABLES_VAR, raising=False)
+    pool = make_pool(2, 2)
+    try:
+        assert len(pool._processes) == 2  # both started in make_pool, with its environment
+        got = [pool.submit(heap_probe.huge_pages_after_touching).result(timeout=120)
+               for _ in range(2)]  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert heap.TUNABLES_VAR not in os.environ
+    glibc = tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2])
+    asks = _thp_mode() in ("always", "madvise") and glibc >= (2, 35)  # glibc madvises its heap
+    for kb, tunables in got:
+        assert tunables == "glibc.malloc.hugetlb=1"
+        if asks:
+            assert kb > 0  # some of the 64 MiB held in 2 MiB pages
+    if _thp_mode() == "madvise":  # without the tunable nothing asks for huge pages
+        assert _probe("print(heap_probe.huge_pages_after_touching()[0])") == ["0"]

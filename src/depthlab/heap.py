@@ -19,6 +19,17 @@ when it ends, so that the memory a finished cell held is free for the next one. 
 caller's own process is left as it is unless it calls :func:`keep_freed_memory` itself.
 ``DEPTHLAB_KEEP_FREED_MEMORY=0`` turns it off. Elsewhere (macOS, Windows, musl) both functions
 do nothing and return False.
+
+A sweep's worker processes also start with glibc's ``glibc.malloc.hugetlb=1`` tunable
+(glibc ≥ 2.35; :func:`worker_environment`): ``malloc`` then asks the kernel for transparent huge
+pages (``madvise(MADV_HUGEPAGE)``) on the memory it takes from the system, so a step that walks
+gigabytes of activations takes fewer TLB misses. Tunables are read when a process starts, so only
+processes started afterwards (the workers) get it, not the command's own process. Where the
+kernel's THP setting is ``never`` it does nothing; older glibc ignores the tunable. Measured side
+by side (``benchmarks/bench_heap.py``): 0.92–0.93 of the step time of a 10,004-layer ResNet on
+8×8 inputs, 0.93–0.96 of a 10,000-layer MLP, 0.95–0.97 of a 128-layer LM; no gain on a 1,000-layer
+Wide-ResNet. The arithmetic is the same. ``DEPTHLAB_HUGE_PAGES=0`` turns it off; a
+``GLIBC_TUNABLES`` that already sets ``glibc.malloc.hugetlb`` is left as it is.
 """
 
 from __future__ import annotations
@@ -27,12 +38,18 @@ import ctypes
 import os
 import platform
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
 from depthlab.registry import DepthlabError
 
 ENV_VAR = "DEPTHLAB_KEEP_FREED_MEMORY"
+HUGE_PAGES_VAR = "DEPTHLAB_HUGE_PAGES"
+#: glibc's tunable (glibc >= 2.35): malloc madvises transparent huge pages on what it maps
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+TUNABLES_VAR = "GLIBC_TUNABLES"
 #: ``mallopt`` parameters (glibc's ``malloc.h``)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -57,17 +74,57 @@ def _glibc() -> Any | None:
 ON, OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
 
+def _switch(var: str, off_means: str, on_means: str) -> bool:
+    value = os.environ.get(var, "1").strip().lower()
+    if value not in ON + OFF:
+        raise DepthlabError(
+            f"{var}={os.environ[var]!r} is neither on nor off; set it to 0 ({off_means}) or 1 "
+            f"({on_means}, the default), or unset it"
+        )
+    return value in ON
+
+
 def enabled() -> bool:
     """False where ``DEPTHLAB_KEEP_FREED_MEMORY`` is ``0``, ``false``, ``no`` or ``off``; True
     where it is unset, empty, ``1``, ``true``, ``yes`` or ``on``; any other value is refused
     (:class:`~depthlab.DepthlabError`)."""
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    if value not in ON + OFF:
-        raise DepthlabError(
-            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is neither on nor off; set it to 0 (glibc's "
-            f"malloc as it comes) or 1 (freed memory kept for reuse, the default), or unset it"
-        )
-    return value in ON
+    return _switch(ENV_VAR, "glibc's malloc as it comes", "freed memory kept for reuse")
+
+
+def huge_pages_enabled() -> bool:
+    """``DEPTHLAB_HUGE_PAGES`` read as :func:`enabled` reads its variable (on when unset)."""
+    return _switch(HUGE_PAGES_VAR, "workers start with glibc's malloc pages", "huge pages")
+
+
+def worker_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a sweep's worker process starts with: ``environ`` (default
+    ``os.environ``) with ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES`` (see the module
+    docstring) — on Linux with glibc, unless ``DEPTHLAB_HUGE_PAGES`` or
+    ``DEPTHLAB_KEEP_FREED_MEMORY`` is off or ``GLIBC_TUNABLES`` already sets that tunable."""
+    env = dict(os.environ if environ is None else environ)
+    on = huge_pages_enabled() and enabled()  # refuses a bad value on every platform
+    tunables = env.get(TUNABLES_VAR, "")
+    names = {t.split("=", 1)[0].strip() for t in tunables.split(":")}
+    if on and _glibc() is not None and HUGE_PAGES_TUNABLE not in names:
+        env[TUNABLES_VAR] = ":".join(t for t in (tunables, f"{HUGE_PAGES_TUNABLE}=1") if t)
+    return env
+
+
+@contextmanager
+def starting_workers() -> Iterator[None]:
+    """``os.environ`` set to :func:`worker_environment` while the block starts worker
+    processes (which copy the environment when they start), restored after."""
+    before = os.environ.get(TUNABLES_VAR)
+    after = worker_environment().get(TUNABLES_VAR)
+    if after is not None:
+        os.environ[TUNABLES_VAR] = after
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TUNABLES_VAR, None)
+        else:
+            os.environ[TUNABLES_VAR] = before
 
 
 def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD) -> bool:

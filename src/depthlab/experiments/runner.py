@@ -44,7 +44,7 @@ from depthlab.experiments.base import (
 from depthlab.experiments.cost import Eta, Work, cell_work
 from depthlab.experiments.timing import StepTimes
 from depthlab.heap import enabled as heap_enabled
-from depthlab.heap import release_freed_memory
+from depthlab.heap import release_freed_memory, starting_workers
 from depthlab.io import FolderLock, atomic_write_text, sweep_temp_files, write_json, write_yaml
 from depthlab.registry import DepthlabError, unknown_choice
 from depthlab.validate import check_out_dir
@@ -449,15 +449,24 @@ def make_pool(workers: int, jobs: int, flush: bool = False) -> ProcessPoolExecut
     """``workers`` spawned processes, each with ``max(1, cores // jobs)`` torch threads; on a
     machine with G GPUs worker k is pinned to GPU k mod G (``torch.cuda.set_device``), so that a
     cell on ``cuda`` runs on its worker's GPU. ``flush``: each flushes denormals to zero
-    (:func:`flush_denormals`) before anything else."""
+    (:func:`flush_denormals`) before anything else. All workers start here, with
+    :func:`depthlab.heap.worker_environment` (huge pages for ``malloc``)."""
     heap_enabled()  # a bad DEPTHLAB_KEEP_FREED_MEMORY is refused here, not in the workers
     ctx = mp.get_context("spawn")
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid(), ctx.Value("i", 0), flush),
-    )
+    with starting_workers():
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid(), ctx.Value("i", 0), flush),
+        )
+        try:  # a pool spawns a worker per task submitted while none is idle: one each, now
+            for f in [pool.submit(os.getpid) for _ in range(workers)]:
+                f.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return pool
 
 
 def _merge(cells: list[dict], results: dict[int, list[dict]]) -> list[dict]:
