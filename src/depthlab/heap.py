@@ -8,7 +8,7 @@ allocated before (the imports of depthlab's dependencies included). The next
 forward pass then touches new pages: each first touch is a page fault and a page of zeros. A
 10,004-layer ResNet on 8×8 inputs took 135,000–220,000 minor page faults per step this way;
 measured side by side in separate processes (``benchmarks/bench_heap.py``), keeping the freed
-memory removes them and takes 0.82–0.90 of the step time there (0.96–0.98 at 1,000 layers).
+memory removes them and takes 0.85–0.87 of the step time there (0.96–0.97 at 1,000 layers).
 
 :func:`keep_freed_memory` sets two ``mallopt`` parameters for the process: blocks below
 ``mmap_threshold`` come from the heap (and go back to it when freed), and the heap is never
@@ -26,10 +26,11 @@ pages (``madvise(MADV_HUGEPAGE)``) on the memory it takes from the system, so a 
 gigabytes of activations takes fewer TLB misses. Tunables are read when a process starts, so only
 processes started afterwards (the workers) get it, not the command's own process. Where the
 kernel's THP setting is ``never`` it does nothing; older glibc ignores the tunable. Measured side
-by side (``benchmarks/bench_heap.py``): 0.92–0.93 of the step time of a 10,004-layer ResNet on
-8×8 inputs, 0.93–0.96 of a 10,000-layer MLP, 0.95–0.97 of a 128-layer LM; no gain on a 1,000-layer
-Wide-ResNet. The arithmetic is the same. ``DEPTHLAB_HUGE_PAGES=0`` turns it off; a
-``GLIBC_TUNABLES`` that already sets ``glibc.malloc.hugetlb`` is left as it is.
+by side (``benchmarks/bench_heap.py``), against freed memory kept alone: 0.94 of the step time
+of 10,004-layer ResNets on 8×8 inputs, 0.93 of a 1,000-layer Wide-ResNet, 0.95 of a 10,000-layer
+MLP, 0.97 of a 1,004-layer ResNet and of a 128-layer LM. The arithmetic is the same.
+``DEPTHLAB_HUGE_PAGES=0`` turns it off; a ``GLIBC_TUNABLES`` that already sets
+``glibc.malloc.hugetlb`` is left as it is.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def enabled() -> bool:
 
 def huge_pages_enabled() -> bool:
     """``DEPTHLAB_HUGE_PAGES`` read as :func:`enabled` reads its variable (on when unset)."""
-    return _switch(HUGE_PAGES_VAR, "workers start with glibc's malloc pages", "huge pages")
+    return _switch(HUGE_PAGES_VAR, "no huge pages for the workers' malloc", "huge pages")
 
 
 def worker_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
