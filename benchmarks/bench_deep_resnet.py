@@ -20,8 +20,9 @@ turns, one process each per round (``--rounds``, ``--steps`` timed steps each af
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
 (``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
 counts only the model's own FLOPs). The processes keep freed memory for reuse
-(:func:`depthlab.heap.keep_freed_memory`, as ``depthlab run``'s workers do; ``--default-malloc``:
-glibc as it comes; the CSV's ``malloc`` column says which).
+(:func:`depthlab.heap.keep_freed_memory`) and start with huge pages for ``malloc``
+(:func:`depthlab.heap.worker_environment`), as ``depthlab run``'s workers do (``--default-malloc``:
+glibc as it comes; the CSV's ``malloc`` column says which: ``default``, ``kept``, ``kept+huge``).
 
 FLOPs per step are counted by ``torch.utils.flop_counter`` on one step (convolutions and the
 linear head, forward and backward) in two ways: the **model's FLOPs** (``gflop_per_step``, the
@@ -54,6 +55,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,7 +64,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import depthlab as dl
 from _results import write_csv
-from depthlab.heap import keep_freed_memory
+from depthlab.heap import (
+    HUGE_PAGES_TUNABLE,
+    keep_freed_memory,
+    starting_workers,
+    worker_environment,
+)
 from depthlab.resources import estimate
 from depthlab.train.config import TrainConfig
 from depthlab.train.optim import make_optimizer
@@ -248,7 +255,8 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
                 "threads": torch.get_num_threads(), "keep": args.malloc == "kept",
                 "count": k == 0, "warmup": args.warmup, "steps": args.steps,
             }  # fmt: skip
-            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            huge = starting_workers() if args.malloc == "kept+huge" else nullcontext()
+            with huge, ProcessPoolExecutor(1, mp_context=ctx) as pool:
                 got = pool.submit(_time_model, spec).result()
             r.times += got["times"]
             if k == 0:
@@ -319,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                          "in depthlab run's workers)")  # fmt: skip
     args = ap.parse_args(argv)
     kept = not args.default_malloc and keep_freed_memory()
-    args.malloc = "kept" if kept else "default"
+    huge = kept and HUGE_PAGES_TUNABLE in worker_environment().get("GLIBC_TUNABLES", "")
+    args.malloc = ("kept+huge" if huge else "kept") if kept else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
