@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                          "in depthlab run's workers)")  # fmt: skip
     args = ap.parse_args(argv)
     kept = not args.default_malloc and keep_freed_memory()
-    huge = kept and HUGE_PAGES_TUNABLE in worker_environment().get("GLIBC_TUNABLES", "")
+    huge = kept and f"{HUGE_PAGES_TUNABLE}=1" in worker_environment().get("GLIBC_TUNABLES", "")
     args.malloc = ("kept+huge" if huge else "kept") if kept else "default"
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -171,10 +171,16 @@ def test_worker_environment_off_or_without_glibc(monkeypatch, var):
     assert heap.worker_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
 
 
-def test_a_bad_huge_pages_value_is_refused(monkeypatch):
+def test_a_bad_huge_pages_value_is_refused(monkeypatch, tmp_path, capsys):
+    from depthlab.cli import main
     from depthlab.registry import DepthlabError
 
     monkeypatch.setenv(heap.HUGE_PAGES_VAR, "maybe")
+    out = tmp_path / "runs"
+    assert main(["run", "deep-fc", "--preset", "smoke", "--out", str(out)]) == 2  # --jobs 1 too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and heap.HUGE_PAGES_VAR in err[0] and "set it to 0" in err[0]
+    assert not out.exists()
     with pytest.raises(DepthlabError, match=f"{heap.HUGE_PAGES_VAR}=.*set it to 0"):
         heap.worker_environment()
     with pytest.raises(DepthlabError, match=heap.HUGE_PAGES_VAR):

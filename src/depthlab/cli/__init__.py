@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from depthlab.heap import keep_freed_memory
+        from depthlab.heap import huge_pages_enabled, keep_freed_memory
 
         keep_freed_memory()  # this process is the command's own: freed memory kept for reuse
+        huge_pages_enabled()  # a bad DEPTHLAB_HUGE_PAGES is refused before anything is written
         if getattr(args, "max_memory", None) is not None:
             from depthlab.resources import set_max_memory
 
