@@ -417,3 +417,57 @@ def test_probing_for_flush_support_keeps_this_threads_arithmetic():
 
     flush_supported()
     assert denormal_products(16)["denormals"] == 16
+
+
+def test_the_deep_preset_flushes_by_default_and_the_others_keep_ieee():
+    """``flush_denormal=None`` is the preset's default: on for ``deep`` only (where this CPU
+    can flush, with local workers), and an explicit True or False always wins."""
+    from depthlab import DepthlabError
+    from depthlab.experiments.runner import FLUSH_PRESETS, flush_supported, resolve_flush
+
+    assert FLUSH_PRESETS == {"deep"}
+    for preset in ("smoke", "quick", "full"):
+        assert resolve_flush(None, preset) is False
+        assert resolve_flush(True, preset) is True
+    assert resolve_flush(None, "deep", log=lambda s: None) is flush_supported()
+    assert resolve_flush(False, "deep") is False
+    with pytest.raises(DepthlabError, match="True, False or None"):
+        resolve_flush("yes", "deep")
+
+
+def test_where_the_deep_default_cannot_flush_the_sweep_keeps_ieee_and_says_why(monkeypatch):
+    """Ray's workers and a CPU without FTZ/DAZ: the default falls back to IEEE arithmetic with
+    a line that says why (an explicit --flush-denormal is refused there instead)."""
+    import torch
+
+    from depthlab.experiments.runner import resolve_flush
+
+    lines: list[str] = []
+    assert resolve_flush(None, "deep", "ray", lines.append) is False
+    assert lines == ["(--preset deep: IEEE arithmetic — Ray's workers cannot flush denormals)"]
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # as on a CPU without it
+    lines.clear()
+    assert resolve_flush(None, "deep", "local", lines.append) is False
+    assert lines == ["(--preset deep: IEEE arithmetic — this CPU cannot flush denormals)"]
+
+
+@needs_flush
+def test_a_flushing_preset_flushes_unless_told_not_to(tmp_path, monkeypatch):
+    """A preset of ``FLUSH_PRESETS`` (``deep``; here the test experiment's ``smoke``) runs its
+    cells in workers that flush without the flag; ``--no-flush-denormal`` (or
+    ``flush_denormal=False``) keeps IEEE arithmetic, in cells cached apart."""
+    from depthlab.cli import main
+    from depthlab.experiments import runner
+
+    monkeypatch.setattr(runner, "FLUSH_PRESETS", frozenset({"smoke"}))
+    size, out = DenormalConfig.size, tmp_path / "out"
+    [flushed] = run("test-denormal-cells", "smoke", out, log=lambda s: None)
+    assert (flushed.records["denormals"] == 0).all()
+    assert flushed.records[runner.FLUSH_KEY].eq(True).all()
+    assert flushed.claims[0].setup == runner.FLUSH_NOTE
+    assert main(["run", "test-denormal-cells", "--preset", "smoke", "--out", str(out),
+                 "--no-flush-denormal"]) == 0  # fmt: skip
+    ieee = pd.read_csv(out / "test-denormal-cells" / "records.csv")
+    assert (ieee["denormals"] == size).all() and runner.FLUSH_KEY not in ieee
+    [again] = run("test-denormal-cells", "smoke", out, log=lambda s: None)
+    assert again.cached_cells == len(again.records) and (again.records["denormals"] == 0).all()

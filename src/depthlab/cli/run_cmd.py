@@ -56,10 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--flush-denormal",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="flush denormal floats to zero in every worker (faster where signals underflow, "
         "but not IEEE arithmetic: records can differ, and each claim's setup says so; cells "
-        "cached apart from an IEEE run's; local workers only)",
+        "cached apart from an IEEE run's; local workers only). Default: on for --preset deep "
+        "where this CPU can, off otherwise; --no-flush-denormal keeps IEEE arithmetic",
     )
     add_memory_option(p)
     p.set_defaults(func=run_command)

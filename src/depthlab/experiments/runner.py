@@ -89,7 +89,11 @@ def _cell_path(out_dir: Path, exp: Experiment, cell: dict[str, Any]) -> Path:
 #: ``depthlab run --flush-denormal``); absent in an IEEE run, so its cells keep their cache keys
 FLUSH_KEY = "flush_denormal"
 #: what the setup column of such a run's claims says
-FLUSH_NOTE = "denormals flushed to zero (--flush-denormal; not IEEE arithmetic)"
+FLUSH_NOTE = "denormals flushed to zero (not IEEE arithmetic; --no-flush-denormal keeps IEEE)"
+#: presets whose sweeps flush denormals unless told otherwise (``flush_denormal=None``): the
+#: CPU-sized paper depths, whose arms that are there to fail underflow into denormal numbers
+#: and would take most of the sweep's time on a CPU (docs/benchmarks.md, denormals)
+FLUSH_PRESETS = frozenset({"deep"})
 
 
 def flush_denormals() -> None:
@@ -116,6 +120,26 @@ def flush_supported() -> bool:
     ok = torch.set_flush_denormal(True)
     torch.set_flush_denormal(was_on)
     return ok
+
+
+def resolve_flush(
+    flush: bool | None, preset: str, executor: str = "local", log: Callable[[str], None] = print
+) -> bool:
+    """Whether a sweep flushes denormals: ``flush`` when given (True or False), else the
+    preset's default — on for :data:`FLUSH_PRESETS` with local workers on a CPU that can flush;
+    where that default cannot hold (Ray's workers, such a CPU) the sweep keeps IEEE arithmetic
+    and ``log`` says why. Anything but True, False or None is refused."""
+    if flush is not None and not isinstance(flush, bool):
+        raise DepthlabError(f"flush_denormal must be True, False or None, got {flush!r}")
+    if flush is not None or preset not in FLUSH_PRESETS:
+        return bool(flush)
+    if executor != "local":
+        log(f"(--preset {preset}: IEEE arithmetic — Ray's workers cannot flush denormals)")
+        return False
+    if not flush_supported():
+        log(f"(--preset {preset}: IEEE arithmetic — this CPU cannot flush denormals)")
+        return False
+    return True
 
 
 def check_flush(flush: bool) -> None:
@@ -350,7 +374,7 @@ def plan(
     out: str | Path | None = None,
     log: Callable[[str], None] = print,
     measure: bool = False,
-    flush_denormal: bool = False,
+    flush_denormal: bool | None = None,
 ) -> float:
     """What :func:`run` would do, without running or writing anything: per experiment its
     cells, those already cached in ``out/NAME/cells/`` (a resume), and the rest's work at one
@@ -358,9 +382,11 @@ def plan(
     With ``measure``, the estimate comes from training steps timed on the cells' device instead
     (:mod:`depthlab.experiments.timing`: a few steps of each distinct network, with the
     threads a worker would have). The same checks as :func:`run` refuse bad names, presets and
-    overrides. ``flush_denormal``: the cells of such a run (:func:`run`), whose cache entries
-    are their own. Returns the estimated seconds (cells without a count left out)."""
+    overrides. ``flush_denormal``: the cells of such a run (:func:`run`; None: the preset's
+    default), whose cache entries are their own. Returns the estimated seconds (cells without
+    a count left out)."""
     _check_jobs(jobs)
+    flush_denormal = resolve_flush(flush_denormal, preset, log=log)
     check_flush(flush_denormal)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
@@ -593,10 +619,12 @@ def run_experiment(
     jobs: int = 1,
     log: Callable[[str], None] = print,
     pool: ProcessPoolExecutor | None = None,
-    flush_denormal: bool = False,
+    flush_denormal: bool | None = None,
 ) -> ExperimentResult:
     """Run one experiment into ``out_dir`` (resuming from its cached cells); ``flush_denormal``
-    as :func:`run`'s (refused before anything is written on a CPU that cannot flush)."""
+    as :func:`run`'s (None: the preset's default; True is refused before anything is written
+    on a CPU that cannot flush)."""
+    flush_denormal = resolve_flush(flush_denormal, preset, log=log)
     check_flush(flush_denormal)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -621,7 +649,7 @@ def run(
     keep_going: bool = True,
     executor: str = "local",
     address: str | None = None,
-    flush_denormal: bool = False,
+    flush_denormal: bool | None = None,
 ) -> list[ExperimentResult]:
     """Run experiments into ``out/NAME/``; with several, also write ``out/report.md|html``.
 
@@ -635,19 +663,20 @@ def run(
     zero (:func:`flush_denormals`; a pool of one for ``jobs=1``) — fast where signals underflow
     (the arms that are there to fail), but not IEEE arithmetic, so the records can differ: the
     cells carry ``flush_denormal: True`` (their own cache entries and a record column) and each
-    claim's setup says so. Local workers only (not ``executor="ray"``).
+    claim's setup says so. Local workers only (not ``executor="ray"``). None (the default):
+    on for the ``deep`` preset (:data:`FLUSH_PRESETS`) where local workers on this CPU can
+    flush, off otherwise (:func:`resolve_flush`); False keeps IEEE arithmetic everywhere.
     """
     if executor not in EXECUTORS:
         raise unknown_choice("executor", executor, list(EXECUTORS))
-    if not isinstance(flush_denormal, bool):
-        raise DepthlabError(f"flush_denormal must be True or False, got {flush_denormal!r}")
-    if flush_denormal and executor == "ray":
+    if flush_denormal is True and executor == "ray":
         raise DepthlabError(
             "--flush-denormal runs with local workers only (it must be set in each worker "
             "before its threads start); leave out --executor ray or --flush-denormal"
         )
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
+    flush_denormal = resolve_flush(flush_denormal, preset, executor, log)
     check_flush(flush_denormal)
     _check_jobs(jobs)
     if overrides is not None and not isinstance(overrides, dict):
