@@ -9,11 +9,12 @@ CPU does arithmetic on denormals many times slower than on normal numbers. ``tor
 denormal(True)`` (flush-to-zero and denormals-are-zero) removes the penalty but changes the
 arithmetic: a denormal becomes 0. This script measures both sides of that trade for each
 network, as the experiments build it (:func:`depthlab.experiments.timing.build_step`, one
-thread), in a fresh process per mode — ``ieee`` (as the experiments run) and ``flush``: seconds
+thread), in a fresh process per mode — ``ieee`` (``--no-flush-denormal``) and ``flush`` (the
+``deep`` preset's default): seconds
 per step (median of ``--steps`` steps from the same initialisation and batch), the number of
 denormal gradient entries after the last step and the loss of each step, so that a change in the
-training itself is visible (``max_loss_diff``). It decides nothing: the experiments keep IEEE
-arithmetic; CSV ``benchmarks/results/denormal.csv``.
+training itself is visible (``max_loss_diff``). It decides nothing; CSV
+``benchmarks/results/denormal.csv``.
 """
 
 from __future__ import annotations

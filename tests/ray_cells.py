@@ -54,3 +54,35 @@ class RayFaults(Experiment):
         return [
             Claim("values", "i", f"{len(df)} records", "reproduced", setup="-", paper_setup="-")
         ]
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    n: int = 2
+    size: int = 1 << 20  # large enough for torch to split the product over its threads
+
+
+@EXPERIMENTS.register()
+class RayWorkerEnv(Experiment):
+    """What a Ray worker's arithmetic and environment are: the denormal products that come out
+    non-zero on two torch threads, and the glibc tunables it started with."""
+
+    name = "test-ray-env"
+    title = "a Ray worker's denormals and tunables"
+    columns = ("i", "denormals", "tunables")
+    Config = EnvConfig
+    presets = {"smoke": EnvConfig()}
+
+    def cells(self, cfg):
+        return [{"i": i, "size": cfg.size} for i in range(cfg.n)]
+
+    def run_cell(self, cell):
+        import torch
+
+        torch.set_num_threads(2)  # threads started from the task's thread, after its setup
+        x = torch.full((cell["size"],), 0x00400000, dtype=torch.int32).view(torch.float32)
+        return [{"denormals": int((x * 1.0001 != 0).sum()),
+                 "tunables": os.environ.get("GLIBC_TUNABLES", "")}]  # fmt: skip
+
+    def claims(self, df, cfg):
+        return [Claim("env", "-", f"{len(df)} records", "reproduced", setup="-", paper_setup="-")]

@@ -164,3 +164,25 @@ def test_a_raising_cell_is_named_and_the_others_finish(cluster, tmp_path, capsys
     assert "i=1" in err and "breaks on purpose" in err and "test-ray-faults" in err
     assert sorted(_markers(log)) == [0, 1, 2, 3]
     assert len(list((out / "test-ray-faults" / "cells").glob("*.json"))) == 3  # the others
+
+
+def test_ray_workers_flush_when_the_sweep_does_and_start_with_huge_pages(cluster, tmp_path):
+    """A flushed sweep's Ray workers flush denormals on the task's threads (set up before their
+    first torch operation), an IEEE sweep's do not, and both start with glibc's huge-page
+    tunable for malloc where the driver would give it to local workers."""
+    from depthlab.experiments.runner import FLUSH_KEY, FLUSH_NOTE
+    from depthlab.heap import TUNABLES_VAR, worker_environment
+
+    size = 1 << 20
+    (flushed,) = run("test-ray-env", "smoke", tmp_path / "flush", executor="ray",
+                     address=cluster, flush_denormal=True, log=lambda s: None)  # fmt: skip
+    assert flushed.error is None and (flushed.records["denormals"] == 0).all()
+    assert flushed.records[FLUSH_KEY].eq(True).all() and flushed.claims[0].setup.endswith(
+        FLUSH_NOTE
+    )
+    (ieee,) = run("test-ray-env", "smoke", tmp_path / "ieee", executor="ray", address=cluster,
+                  log=lambda s: None)  # fmt: skip
+    assert ieee.error is None and (ieee.records["denormals"] == size).all()
+    want = worker_environment().get(TUNABLES_VAR) or ""
+    for r in (flushed, ieee):
+        assert r.records["tunables"].fillna("").eq(want).all()

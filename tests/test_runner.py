@@ -207,7 +207,6 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch, cap
     [
         (["--executor", "spark"], "executor"),
         (["--address", "127.0.0.1:6379"], "--executor ray"),
-        (["--executor", "ray", "--flush-denormal"], "local workers only"),
     ],
 )
 def test_bad_executor_options_exit_2_before_writing(tmp_path, capsys, argv, match):
@@ -436,19 +435,33 @@ def test_the_deep_preset_flushes_by_default_and_the_others_keep_ieee():
 
 
 def test_where_the_deep_default_cannot_flush_the_sweep_keeps_ieee_and_says_why(monkeypatch):
-    """Ray's workers and a CPU without FTZ/DAZ: the default falls back to IEEE arithmetic with
-    a line that says why (an explicit --flush-denormal is refused there instead)."""
+    """On a CPU without FTZ/DAZ the default falls back to IEEE arithmetic with a line that says
+    why (an explicit --flush-denormal is refused there instead)."""
     import torch
 
     from depthlab.experiments.runner import resolve_flush
 
     lines: list[str] = []
-    assert resolve_flush(None, "deep", "ray", lines.append) is False
-    assert lines == ["(--preset deep: IEEE arithmetic — Ray's workers cannot flush denormals)"]
     monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # as on a CPU without it
-    lines.clear()
-    assert resolve_flush(None, "deep", "local", lines.append) is False
+    assert resolve_flush(None, "deep", lines.append) is False
     assert lines == ["(--preset deep: IEEE arithmetic — this CPU cannot flush denormals)"]
+
+
+def test_the_deep_default_flushes_only_cells_that_run_on_the_cpu(monkeypatch):
+    """Flushing is CPU arithmetic: cells on a GPU (``device`` cuda, or auto where CUDA is
+    there) keep the IEEE default and their claims no denormal note; ``--set device=cpu`` on such
+    a machine flushes."""
+    import torch
+
+    from depthlab.experiments.runner import flush_supported, resolve_flush
+
+    lines: list[str] = []
+    assert resolve_flush(None, "deep", lines.append, "cuda") is False
+    assert lines == ["(--preset deep on device cuda: IEEE arithmetic — the flush is for CPUs)"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_flush(None, "deep", lambda s: None, "auto") is False
+    assert resolve_flush(None, "deep", lambda s: None, "cpu") is flush_supported()
+    assert resolve_flush(True, "deep", lambda s: None, "cuda") is True  # asked for: as given
 
 
 @needs_flush

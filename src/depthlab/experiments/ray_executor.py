@@ -14,6 +14,12 @@ Without ``address`` a local Ray instance is started and stopped with the sweep. 
 ``sys.path`` is passed to the workers (``PYTHONPATH`` in the job's runtime environment), which is
 what a laptop or a cluster with a shared filesystem needs to import depthlab and any module that
 registers an experiment; elsewhere install depthlab on every node.
+
+The job's workers start as the local executor's do: with glibc's huge-page tunable for
+``malloc`` (:func:`depthlab.heap.worker_environment`, in the runtime environment's
+``env_vars``) and, for a sweep that flushes denormals (``flush=True``), with FTZ/DAZ set by the
+runtime environment's ``worker_process_setup_hook`` before the worker's first torch operation
+(:func:`flush_worker`); each task checks that its thread flushes before it runs the cell.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from depthlab.experiments.base import Experiment
+from depthlab.heap import TUNABLES_VAR, worker_environment
 from depthlab.registry import DepthlabError
 
 INSTALL = "pip install 'depthlab[ray]'"
@@ -42,6 +49,15 @@ def require_ray() -> Any:
     return ray
 
 
+def flush_worker() -> None:
+    """The ``worker_process_setup_hook`` of a sweep that flushes denormals: FTZ/DAZ on the
+    worker's main thread (which runs its tasks) before any torch operation starts the threads
+    that inherit it (:func:`depthlab.experiments.runner.flush_denormals`)."""
+    from depthlab.experiments.runner import flush_denormals
+
+    flush_denormals()
+
+
 def _ray_cell(module: str, name: str, cell: dict[str, Any], threads: int):
     """The task: import the experiment's module (registers it), run one cell on this node."""
     import importlib
@@ -50,9 +66,14 @@ def _ray_cell(module: str, name: str, cell: dict[str, Any], threads: int):
     import torch
 
     from depthlab.experiments.base import EXPERIMENTS
-    from depthlab.experiments.runner import stamp_node
+    from depthlab.experiments.runner import FLUSH_KEY, flushing, stamp_node
     from depthlab.heap import keep_freed_memory, release_freed_memory
 
+    if cell.get(FLUSH_KEY) and not flushing():
+        raise DepthlabError(
+            "this Ray worker does not flush denormals (its setup hook did not run, or its CPU "
+            "cannot): run with --no-flush-denormal"
+        )
     torch.set_num_threads(max(1, threads))
     keep_freed_memory()  # a Ray worker process runs tasks only; released after the cell
     importlib.import_module(module)
@@ -71,13 +92,16 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus_per_cell: int = 1) -> None:
+    def __init__(
+        self, address: str | None = None, cpus_per_cell: int = 1, flush: bool = False
+    ) -> None:
         self.ray = require_ray()
         if isinstance(cpus_per_cell, bool) or not isinstance(cpus_per_cell, int):
             raise DepthlabError(f"cpus_per_cell must be a positive integer, got {cpus_per_cell!r}")
         if cpus_per_cell < 1:
             raise DepthlabError(f"cpus_per_cell must be a positive integer, got {cpus_per_cell}")
         self.address = address
+        self.flush = flush
         self.cpus = cpus_per_cell
         self.gpus = 0.0
         self.workers = 0
@@ -87,12 +111,18 @@ class RayBackend:
         ray = self.ray
         paths = [p for p in sys.path if p and Path(p).is_dir()]
         env = {"PYTHONPATH": os.pathsep.join(paths)}
+        tunables = worker_environment().get(TUNABLES_VAR)
+        if tunables:
+            env[TUNABLES_VAR] = tunables
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if self.flush:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.{flush_worker.__name__}"
         try:
             ray.init(
                 address=self.address,
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env={"env_vars": env},
+                runtime_env=runtime_env,
                 configure_logging=False,
             )
         except (ConnectionError, RuntimeError, ValueError) as e:

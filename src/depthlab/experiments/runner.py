@@ -109,37 +109,52 @@ def flush_denormals() -> None:
         )
 
 
+def flushing() -> bool:
+    """Whether the calling thread flushes denormals now (a denormal times 1.0001, computed on
+    this thread, comes out 0)."""
+    import torch
+
+    denormal = torch.tensor([0x00400000], dtype=torch.int32).view(torch.float32)  # 2⁻¹²⁷
+    return bool((denormal * 1.0001).item() == 0.0)
+
+
 def flush_supported() -> bool:
     """Whether this CPU can flush denormals (torch's FTZ/DAZ switch works here). Probed on the
     calling thread, whose own setting is read first (a one-element product, computed on this
     thread) and put back as it was."""
     import torch
 
-    denormal = torch.tensor([0x00400000], dtype=torch.int32).view(torch.float32)  # 2⁻¹²⁷
-    was_on = bool((denormal * 1.0001).item() == 0.0)
+    was_on = flushing()
     ok = torch.set_flush_denormal(True)
     torch.set_flush_denormal(was_on)
     return ok
 
 
 def resolve_flush(
-    flush: bool | None, preset: str, executor: str = "local", log: Callable[[str], None] = print
+    flush: bool | None, preset: str, log: Callable[[str], None] = print, device: Any = "auto"
 ) -> bool:
     """Whether a sweep flushes denormals: ``flush`` when given (True or False), else the
-    preset's default — on for :data:`FLUSH_PRESETS` with local workers on a CPU that can flush;
-    where that default cannot hold (Ray's workers, such a CPU) the sweep keeps IEEE arithmetic
-    and ``log`` says why. Anything but True, False or None is refused."""
+    preset's default — on for :data:`FLUSH_PRESETS` where the cells run on this machine's CPU
+    (``device`` ``cpu``, or ``auto`` without CUDA) and it can flush; elsewhere the sweep keeps
+    IEEE arithmetic and ``log`` says why. Anything but True, False or None is refused."""
     if flush is not None and not isinstance(flush, bool):
         raise DepthlabError(f"flush_denormal must be True, False or None, got {flush!r}")
     if flush is not None or preset not in FLUSH_PRESETS:
         return bool(flush)
-    if executor != "local":
-        log(f"(--preset {preset}: IEEE arithmetic — Ray's workers cannot flush denormals)")
+    import torch
+
+    if device != "cpu" and not (device == "auto" and not torch.cuda.is_available()):
+        log(f"(--preset {preset} on device {device}: IEEE arithmetic — the flush is for CPUs)")
         return False
     if not flush_supported():
         log(f"(--preset {preset}: IEEE arithmetic — this CPU cannot flush denormals)")
         return False
     return True
+
+
+def _device(overrides: Any) -> Any:
+    """The device a sweep's ``--set`` overrides ask for (``auto`` when they do not)."""
+    return overrides.get("device", "auto") if isinstance(overrides, dict) else "auto"
 
 
 def check_flush(flush: bool) -> None:
@@ -386,7 +401,7 @@ def plan(
     default), whose cache entries are their own. Returns the estimated seconds (cells without
     a count left out)."""
     _check_jobs(jobs)
-    flush_denormal = resolve_flush(flush_denormal, preset, log=log)
+    flush_denormal = resolve_flush(flush_denormal, preset, log, _device(overrides))
     check_flush(flush_denormal)
     works: list[Work | None] = []
     todo: list[dict[str, Any]] = []
@@ -624,7 +639,7 @@ def run_experiment(
     """Run one experiment into ``out_dir`` (resuming from its cached cells); ``flush_denormal``
     as :func:`run`'s (None: the preset's default; True is refused before anything is written
     on a CPU that cannot flush)."""
-    flush_denormal = resolve_flush(flush_denormal, preset, log=log)
+    flush_denormal = resolve_flush(flush_denormal, preset, log, getattr(cfg, "device", "auto"))
     check_flush(flush_denormal)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -663,20 +678,16 @@ def run(
     zero (:func:`flush_denormals`; a pool of one for ``jobs=1``) — fast where signals underflow
     (the arms that are there to fail), but not IEEE arithmetic, so the records can differ: the
     cells carry ``flush_denormal: True`` (their own cache entries and a record column) and each
-    claim's setup says so. Local workers only (not ``executor="ray"``). None (the default):
-    on for the ``deep`` preset (:data:`FLUSH_PRESETS`) where local workers on this CPU can
-    flush, off otherwise (:func:`resolve_flush`); False keeps IEEE arithmetic everywhere.
+    claim's setup says so; with ``executor="ray"`` the job's workers flush from their start
+    (:func:`depthlab.experiments.ray_executor.flush_worker`). None (the default): on for the
+    ``deep`` preset (:data:`FLUSH_PRESETS`) where this CPU can flush, off otherwise
+    (:func:`resolve_flush`); False keeps IEEE arithmetic everywhere.
     """
     if executor not in EXECUTORS:
         raise unknown_choice("executor", executor, list(EXECUTORS))
-    if flush_denormal is True and executor == "ray":
-        raise DepthlabError(
-            "--flush-denormal runs with local workers only (it must be set in each worker "
-            "before its threads start); leave out --executor ray or --flush-denormal"
-        )
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
-    flush_denormal = resolve_flush(flush_denormal, preset, executor, log)
+    flush_denormal = resolve_flush(flush_denormal, preset, log, _device(overrides))
     check_flush(flush_denormal)
     _check_jobs(jobs)
     if overrides is not None and not isinstance(overrides, dict):
@@ -692,11 +703,12 @@ def run(
     if executor == "ray":
         from depthlab.experiments.ray_executor import RayBackend
 
-        backend = RayBackend(address)  # refuses before anything is written when Ray is missing
+        # refuses before anything is written when Ray is missing
+        backend = RayBackend(address, flush=flush_denormal)
         with FolderLock(out, "run"):
             sweep_temp_files(out)
             with backend:
-                _run_plan_overlapped(plan, preset, out, log, True, backend, results)
+                _run_plan_overlapped(plan, preset, out, log, True, backend, results, flush_denormal)
             if combined:
                 from depthlab.report.render import write_combined
 
