@@ -35,7 +35,7 @@ from pathlib import Path
 from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import Eta, cell_work
-from depthlab.experiments.runner import _cell_path, with_flush
+from depthlab.experiments.runner import finished_cell_path
 
 
 def load(folder: Path, preset: str) -> list[tuple[str, object, float]]:
@@ -46,11 +46,9 @@ def load(folder: Path, preset: str) -> list[tuple[str, object, float]]:
         if preset not in exp.presets or not (folder / name).is_dir():
             continue
         grid = exp.grid(exp.config(preset))
-        for cell, flushed in zip(grid, with_flush(grid, True), strict=True):
-            path = _cell_path(folder / name, exp, cell)
-            if not path.is_file():  # a --flush-denormal run's cell
-                cell, path = flushed, _cell_path(folder / name, exp, flushed)
-            if path.is_file():
+        for cell in grid:
+            path = finished_cell_path(folder / name, exp, cell)  # IEEE or flushed
+            if path is not None:
                 wall = json.loads(path.read_text())["wall_time_s"]
                 cells.append((name, cell_work(exp, cell), float(wall)))
     if not cells:

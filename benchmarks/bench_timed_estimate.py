@@ -23,15 +23,15 @@ from pathlib import Path
 from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import cell_work
-from depthlab.experiments.runner import _cell_path, _threads
+from depthlab.experiments.runner import _threads, finished_cell_path
 from depthlab.experiments.timing import StepTimes
 from depthlab.heap import keep_freed_memory
 
 
 def _finished(folder: Path, exp, cell) -> tuple[float, bool] | None:
     """(wall seconds, ran its whole budget) of a cell of ``folder``; None if it is not there."""
-    path = _cell_path(folder / exp.name, exp, cell)
-    if not path.is_file():
+    path = finished_cell_path(folder / exp.name, exp, cell)  # IEEE or flushed
+    if path is None:
         return None
     payload = json.loads(path.read_text())
     records = payload.get("records", [])  # none: stopped before its first logged step

@@ -484,3 +484,21 @@ def test_a_flushing_preset_flushes_unless_told_not_to(tmp_path, monkeypatch):
     assert (ieee["denormals"] == size).all() and runner.FLUSH_KEY not in ieee
     [again] = run("test-denormal-cells", "smoke", out, log=lambda s: None)
     assert again.cached_cells == len(again.records) and (again.records["denormals"] == 0).all()
+
+
+@needs_flush
+def test_finished_cell_path_finds_an_ieee_or_a_flushed_runs_cell(tmp_path):
+    """Tools reading finished runs find a grid cell's cache file whichever arithmetic the run
+    used: the IEEE one first, else the flushed one, else None."""
+    from depthlab.experiments.runner import FLUSH_KEY, _cell_path, finished_cell_path
+
+    exp = EXPERIMENTS.get("test-denormal-cells")()
+    cell = exp.grid(DenormalConfig())[0]
+    folder = tmp_path / "out" / exp.name
+    assert finished_cell_path(folder, exp, cell) is None
+    run("test-denormal-cells", "smoke", tmp_path / "out", flush_denormal=True, log=lambda s: None)
+    flushed = _cell_path(folder, exp, {**cell, FLUSH_KEY: True})
+    assert finished_cell_path(folder, exp, cell) == flushed and flushed.is_file()
+    run("test-denormal-cells", "smoke", tmp_path / "out", flush_denormal=False, log=lambda s: None)
+    ieee = finished_cell_path(folder, exp, cell)
+    assert ieee == _cell_path(folder, exp, cell) and ieee != flushed and ieee.is_file()

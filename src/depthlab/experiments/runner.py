@@ -220,6 +220,17 @@ def _run_cell(module: str, name: str, cell: dict[str, Any]) -> tuple[list[dict],
     return stamp_node(records), time.perf_counter() - t0
 
 
+def finished_cell_path(folder: Path, exp: Experiment, cell: dict[str, Any]) -> Path | None:
+    """The cache file of a grid ``cell`` in an experiment's output ``folder``: an IEEE run's,
+    else a flushed run's (the cell with ``flush_denormal: True``); None when neither is there.
+    For tools that read finished runs of either kind (benchmarks/bench_eta.py, ...)."""
+    for c in (cell, {**cell, FLUSH_KEY: True}):
+        path = _cell_path(Path(folder), exp, c)
+        if path.is_file():
+            return path
+    return None
+
+
 def stamp_node(records: list[dict]) -> list[dict]:
     """Each record with ``node``: the host name of the machine that ran its cell."""
     import socket
