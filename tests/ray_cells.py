@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from denormal_cells import DenormalConfig, denormal_products
 from depthlab.experiments import EXPERIMENTS, Claim, Experiment
 
 
@@ -56,12 +57,6 @@ class RayFaults(Experiment):
         ]
 
 
-@dataclass(frozen=True)
-class EnvConfig:
-    n: int = 2
-    size: int = 1 << 20  # large enough for torch to split the product over its threads
-
-
 @EXPERIMENTS.register()
 class RayWorkerEnv(Experiment):
     """What a Ray worker's arithmetic and environment are: the denormal products that come out
@@ -70,8 +65,8 @@ class RayWorkerEnv(Experiment):
     name = "test-ray-env"
     title = "a Ray worker's denormals and tunables"
     columns = ("i", "denormals", "tunables")
-    Config = EnvConfig
-    presets = {"smoke": EnvConfig()}
+    Config = DenormalConfig
+    presets = {"smoke": DenormalConfig()}
 
     def cells(self, cfg):
         return [{"i": i, "size": cfg.size} for i in range(cfg.n)]
@@ -80,8 +75,8 @@ class RayWorkerEnv(Experiment):
         import torch
 
         torch.set_num_threads(2)  # threads started from the task's thread, after its setup
-        x = torch.full((cell["size"],), 0x00400000, dtype=torch.int32).view(torch.float32)
-        return [{"denormals": int((x * 1.0001 != 0).sum()),
+        products = denormal_products(cell["size"])
+        return [{"denormals": products["denormals"],
                  "tunables": os.environ.get("GLIBC_TUNABLES", "")}]  # fmt: skip
 
     def claims(self, df, cfg):
