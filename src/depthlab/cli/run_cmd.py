@@ -60,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="flush denormal floats to zero in every worker (faster where signals underflow, "
         "but not IEEE arithmetic: records can differ, and each claim's setup says so; cells "
-        "cached apart from an IEEE run's; local workers only). Default: on for --preset deep "
-        "where this CPU can, off otherwise; --no-flush-denormal keeps IEEE arithmetic",
+        "cached apart from an IEEE run's; local or Ray workers). Default: on for --preset "
+        "deep where its cells run on a CPU that can, off otherwise; --no-flush-denormal keeps "
+        "IEEE arithmetic",
     )
     add_memory_option(p)
     p.set_defaults(func=run_command)
