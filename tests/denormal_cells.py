@@ -14,6 +14,7 @@ from depthlab.experiments import EXPERIMENTS, Claim, Experiment
 class DenormalConfig:
     n: int = 2
     size: int = 1 << 20  # large enough for torch to split the product over its threads
+    device: str = "auto"  # where the sweep would run its cells (the products run on the CPU)
 
 
 @EXPERIMENTS.register()

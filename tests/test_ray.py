@@ -6,7 +6,6 @@ while the others finish."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,43 +23,17 @@ ray = pytest.importorskip("ray")
 import ray_cells  # noqa: E402,F401 - registers test-ray-faults (the workers import it too)
 from depthlab.cli import main  # noqa: E402
 from depthlab.experiments.runner import run  # noqa: E402
+from ray_head import head  # noqa: E402
 
 pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve().parent
-RAY = Path(sys.executable).with_name("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A real head node bound to 127.0.0.1 with 2 CPUs; stopped afterwards, also on failure.
-    Ray ≥ 2.59 turns token authentication on for a node started where ``~/.ray/auth_token``
-    exists; this throwaway node on the loopback runs without it (``RAY_AUTH_MODE=disabled`` for
-    the node and for the drivers of these tests), so that the tests do not depend on what
-    ``~/.ray`` holds."""
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    cmd = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
-           f"--temp-dir={temp}"]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=180)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """A real head node bound to 127.0.0.1 with 2 CPUs (:func:`ray_head.head`)."""
+    with head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 def _markers(log: Path) -> dict[int, int]:
@@ -186,3 +159,21 @@ def test_ray_workers_flush_when_the_sweep_does_and_start_with_huge_pages(cluster
     want = worker_environment().get(TUNABLES_VAR) or ""
     for r in (flushed, ieee):
         assert r.records["tunables"].fillna("").eq(want).all()
+
+
+def test_the_deep_default_on_a_cpu_cluster_flushes(cluster, tmp_path, monkeypatch):
+    """With ``--address``, the ``deep`` default (here the test experiment's ``smoke``) asks the
+    cluster for GPUs, not this machine: a CPU-only cluster runs the cells flushed even where
+    the driver's machine has CUDA."""
+    import torch
+
+    from depthlab.experiments import runner
+    from depthlab.experiments.ray_executor import cluster_gpus
+
+    assert cluster_gpus(cluster) == 0
+    monkeypatch.setattr(runner, "FLUSH_PRESETS", frozenset({"smoke"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the driver's machine
+    (res,) = run("test-ray-env", "smoke", tmp_path / "out", executor="ray", address=cluster,
+                 log=lambda s: None)  # fmt: skip
+    assert res.error is None and (res.records["denormals"] == 0).all()
+    assert res.records[runner.FLUSH_KEY].eq(True).all()

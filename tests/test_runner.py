@@ -427,6 +427,56 @@ def test_the_deep_default_flushes_only_cells_that_run_on_the_cpu(monkeypatch):
     assert resolve_flush(True, "deep", lambda s: None, "cuda") is True  # asked for: as given
 
 
+def test_the_deep_default_follows_the_gpus_of_the_machines_that_run_the_cells(monkeypatch):
+    """``gpus`` (a Ray cluster's) decides ``device=auto``, not this machine's CUDA: a cluster
+    with GPUs keeps IEEE and says why; a CPU-only one flushes even where the driver has CUDA."""
+    import torch
+
+    from depthlab.experiments.runner import flush_supported, resolve_flush
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    lines: list[str] = []
+    assert resolve_flush(None, "deep", lines.append, "auto", gpus=4.0) is False
+    assert lines == [
+        "(--preset deep on device auto: IEEE arithmetic — the cluster has 4 GPU(s); the flush "
+        "is for CPUs)"
+    ]
+    assert resolve_flush(None, "deep", lambda s: None, "auto", gpus=0.0) is flush_supported()
+    assert resolve_flush(None, "deep", lambda s: None, "cpu", gpus=4.0) is flush_supported()
+
+
+def test_a_ray_sweep_asks_the_cluster_for_gpus_before_its_deep_default(tmp_path, monkeypatch):
+    """``run(..., executor="ray", address=...)`` with the ``deep`` default and ``device=auto``
+    decides the flush from the cluster's GPUs (``ray_executor.cluster_gpus``), before its
+    workers start; an explicit flag, a device or a local Ray (no address) asks nothing."""
+    from depthlab.experiments import ray_executor, runner
+
+    class Started(Exception):
+        pass
+
+    class Backend:  # stands in for RayBackend: records the sweep's flush, connects nowhere
+        def __init__(self, address=None, cpus_per_cell=1, flush=False):
+            seen.append(flush)
+            raise Started
+
+    asked: list[str] = []
+    seen: list[bool] = []
+    monkeypatch.setattr(runner, "FLUSH_PRESETS", frozenset({"smoke"}))
+    monkeypatch.setattr(ray_executor, "RayBackend", Backend)
+    for gpus in (2.0, 0.0):
+        monkeypatch.setattr(ray_executor, "cluster_gpus", lambda a, g=gpus: asked.append(a) or g)
+        with pytest.raises(Started):
+            run("test-denormal-cells", "smoke", tmp_path / "o", executor="ray",
+                address="head:6379", log=lambda s: None)  # fmt: skip
+    assert asked == ["head:6379"] * 2 and seen == [False, runner.flush_supported()]
+    for kwargs in ({"flush_denormal": False}, {"overrides": {"device": "cpu"}}, {}):
+        address = None if not kwargs else "head:6379"
+        with pytest.raises(Started):
+            run("test-denormal-cells", "smoke", tmp_path / "o", executor="ray", address=address,
+                log=lambda s: None, **kwargs)  # fmt: skip
+    assert asked == ["head:6379"] * 2
+
+
 @needs_flush
 def test_a_flushing_preset_flushes_unless_told_not_to(tmp_path, monkeypatch):
     """A preset of ``FLUSH_PRESETS`` (``deep``; here the test experiment's ``smoke``) runs its

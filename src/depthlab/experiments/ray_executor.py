@@ -58,6 +58,39 @@ def flush_worker() -> None:
     flush_denormals()
 
 
+def _connect(ray: Any, address: str | None, runtime_env: dict[str, Any]) -> None:
+    """``ray.init`` for this sweep's driver, or a :class:`DepthlabError` that says what to do."""
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+            configure_logging=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DepthlabError(
+            f"could not connect to {where}: {first}; start one with `ray start --head` "
+            "and pass its address with --address (a cluster with token authentication also "
+            "needs its token in RAY_AUTH_TOKEN), or omit --address to start a local one"
+        ) from None
+
+
+def cluster_gpus(address: str) -> float:
+    """The GPUs of the Ray cluster at ``address`` (a short connection of its own, before the
+    sweep's, whose workers' setup depends on the answer: the ``deep`` preset flushes denormals
+    by default only where its cells run on CPUs,
+    :func:`depthlab.experiments.runner.resolve_flush`)."""
+    ray = require_ray()
+    _connect(ray, address, {})
+    try:
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    finally:
+        ray.shutdown()
+
+
 def _ray_cell(module: str, name: str, cell: dict[str, Any], threads: int):
     """The task: import the experiment's module (registers it), run one cell on this node."""
     import importlib
@@ -117,22 +150,7 @@ class RayBackend:
         runtime_env: dict[str, Any] = {"env_vars": env}
         if self.flush:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.{flush_worker.__name__}"
-        try:
-            ray.init(
-                address=self.address,
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env=runtime_env,
-                configure_logging=False,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise DepthlabError(
-                f"could not connect to {where}: {first}; start one with `ray start --head` "
-                "and pass its address with --address (a cluster with token authentication also "
-                "needs its token in RAY_AUTH_TOKEN), or omit --address to start a local one"
-            ) from None
+        _connect(ray, self.address, runtime_env)
         resources = ray.cluster_resources()
         self.gpus = float(resources.get("GPU", 0.0))
         # cells that can run at once, for the sweep's ETA (the cluster as it is now)
