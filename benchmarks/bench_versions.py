@@ -9,15 +9,19 @@ fixed random batch:
 * ``mlp-10000``: the 10,000-layer, width-256 ReZero MLP at batch 128 (α = 0.01 so that every
   block computes; its fused stack), lr 0.01;
 * ``resnet56-<scheme>``: a CIFAR ResNet-56 (3×32×32, batch 128) under ``fixup``, ``batchnorm``
-  and ``skipinit`` (each scheme's default network), lr 0.1, momentum 0.9.
+  and ``skipinit`` (each scheme's default network), lr 0.1, momentum 0.9;
+* ``resnet10004-<scheme>``: the 10,004-layer CIFAR ResNet of ``depth-sweep --preset deep`` on
+  1×8×8 inputs (batch 32, channels-last, freed memory kept for reuse as in the sweep's
+  workers), lr 0.1, momentum 0.9 — not in the default list (a child takes about a minute).
 
 For every round and workload, a fresh child process per checkout (``PYTHONPATH`` = that
 checkout's ``src``) builds the model, takes ``--warmup`` untimed steps and ``--steps`` timed
 ones; the two checkouts alternate in a rotated order within each round, so that drift in the
 machine's load falls on both. Per workload the table reports the median step time (wall clock
 and the process's CPU time) of each checkout over all rounds and the ratio after/before measured
-that way (< 1: faster after), with its range over rounds. A CSV of every figure is written to
-``benchmarks/results/versions.csv`` (atomically).
+that way (< 1: faster after), with its range over rounds, and each checkout's largest child
+peak memory (``ru_maxrss``: the model, its optimizer state and a step's activations). A CSV of
+every figure is written to ``benchmarks/results/versions.csv`` (atomically).
 """
 
 from __future__ import annotations
@@ -48,11 +52,16 @@ if kind == "mlp-10000":
     x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
 else:
-    scheme = kind.split("-", 1)[1]
-    m = dl.create_model("resnet", depth=56, scheme=scheme)
+    net, scheme = kind.split("-", 1)
+    depth, shape, batch = (56, (3, 32, 32), 128) if net == "resnet56" else (10004, (1, 8, 8), 32)
+    if depth > 56:
+        from depthlab.heap import keep_freed_memory
+
+        keep_freed_memory()
+    m = dl.create_model("resnet", depth=depth, in_channels=shape[0], scheme=scheme)
     m = m.to(memory_format=torch.channels_last)
-    x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (128,))
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
 wall, cpu = [], []
 for i in range(warmup + steps):
@@ -63,7 +72,11 @@ for i in range(warmup + steps):
     if i >= warmup:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-print(json.dumps({"wall": wall, "cpu": cpu, "version": getattr(dl, "__version__", "?")}))
+import resource
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+version = getattr(dl, "__version__", "?")
+threads = torch.get_num_threads()
+print(json.dumps({"wall": wall, "cpu": cpu, "rss": rss, "threads": threads, "version": version}))
 """
 
 
@@ -108,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             med = {}
             for label in order:
                 got = run_child(trees[label], kind, args.warmup, args.steps)
-                slot = times.setdefault((kind, label), {"wall": [], "cpu": []})
+                slot = times.setdefault((kind, label), {"wall": [], "cpu": [], "rss": []})
                 slot["wall"] += got["wall"]
                 slot["cpu"] += got["cpu"]
+                slot["rss"].append(got["rss"])
                 med[label] = statistics.median(got["cpu"])
+                threads = got.get("threads", "")
                 print(f"  round {r + 1} {kind:<20} {label:<6} "
                       f"wall {statistics.median(got['wall']):7.3f} s  cpu {med[label]:7.3f} s",
                       flush=True)  # fmt: skip
@@ -125,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         aw, ac = statistics.median(a["wall"]), statistics.median(a["cpu"])
         lo, hi = min(ratios[kind]), max(ratios[kind])
         print(f"{kind:<20} {bw:>10.3f} / {bc:<9.3f} {aw:>10.3f} / {ac:<9.3f} "
-              f"{ac / bc:>20.3f} {lo:>9.3f} – {hi:<8.3f}")  # fmt: skip
+              f"{ac / bc:>20.3f} {lo:>9.3f} – {hi:<8.3f}  peak memory "
+              f"{max(b['rss']):.2f} → {max(a['rss']):.2f} GiB")  # fmt: skip
         rows.append({
             "workload": kind, "rounds": args.rounds, "steps_per_child": args.steps,
+            "threads": threads,
             "before_wall_s": round(bw, 4), "before_cpu_s": round(bc, 4),
             "after_wall_s": round(aw, 4), "after_cpu_s": round(ac, 4),
             "ratio_cpu": round(ac / bc, 4), "ratio_wall": round(aw / bw, 4),
             "ratio_cpu_min": round(lo, 4), "ratio_cpu_max": round(hi, 4),
+            "before_maxrss_gib": round(max(b["rss"]), 2),
+            "after_maxrss_gib": round(max(a["rss"]), 2),
         })  # fmt: skip
     write_csv("versions.csv", rows, args.csv)
     return 0

@@ -59,6 +59,61 @@ def test_output_keeps_input_layout_and_float32_matches(fmt):
     torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+def test_its_backward_keeps_only_the_input_and_the_weight(x_fmt):
+    """One autograd node that saves the input and the weight, not the gathered 16-tap matrix
+    (4·C_in × 4·C_out, gathered again in the backward pass): what a 10,004-layer ResNet's last
+    stage would otherwise hold 3,334 of."""
+    x, w, b = _tensors(4, 8, 6, x_fmt, torch.channels_last, True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = conv3x3_2x2(x, w, b)
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), w.data_ptr()]
+    assert y.grad_fn.name().endswith("_Conv2x2Backward")
+
+
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_its_backward_is_autograds_to_the_bit(x_fmt, bias):
+    """The written-out backward gives float32 gradients identical to autograd's backward of the
+    same product as ordinary ops (the same kernels on the same operands): training records do
+    not move by a rounding."""
+    from depthlab.nn.conv import _gather, _product
+
+    x, w, b = _tensors(32, 64, 48, x_fmt, torch.channels_last, bias, torch.float32)
+    last = x_fmt == torch.channels_last
+    inputs = (x, w) if b is None else (x, w, b)
+    g = torch.randn(32, 48, 2, 2).contiguous(memory_format=x_fmt)
+    y = conv3x3_2x2(x, w, b)
+    ref = _product(x, _gather(w, last), b, last)
+    assert torch.equal(y, ref) and y.grad_fn.name().endswith("_Conv2x2Backward")
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+def test_transforms_forward_ad_and_autocast_run_it_as_ordinary_ops(x_fmt):
+    """Where a custom autograd node cannot run (``torch.func`` transforms, forward-mode AD) or
+    picks no dtypes (autocast), the same product runs as ordinary ops: Jacobians, JVPs and the
+    autocast output agree with ``F.conv2d``'s."""
+    x, w, b = _tensors(2, 3, 4, x_fmt, torch.contiguous_format, True)
+    jac = torch.func.jacrev(lambda x: conv3x3_2x2(x, w, b))(x)
+    ref = torch.func.jacrev(lambda x: F.conv2d(x, w, b, padding=1))(x)
+    torch.testing.assert_close(jac, ref, rtol=1e-12, atol=1e-12)
+    v = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        out = conv3x3_2x2(torch.autograd.forward_ad.make_dual(x, v), w, b)
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, F.conv2d(v, w, padding=1), rtol=1e-12, atol=1e-12)
+    x32, w32, b32 = (t.detach().float() for t in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv3x3_2x2(x32, w32, b32)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        got.float(), F.conv2d(x32, w32, b32, padding=1), rtol=0.05, atol=0.05
+    )
+
+
 def test_rejects_other_shapes():
     with pytest.raises(ValueError, match="F.conv2d"):
         conv3x3_2x2(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3))

@@ -44,7 +44,7 @@ import threading
 import torch
 from torch import nn
 
-from depthlab.nn.fusion.switch import blocked, hooked, transformed
+from depthlab.nn.fusion.switch import autocasting, blocked, forward_ad, hooked, transformed
 from depthlab.nn.residual import Branch, Residual
 from depthlab.nn.scalars import Gate, Scale
 from depthlab.registry import DepthlabError
@@ -101,17 +101,6 @@ def _plan_block(block: nn.Module, x: torch.Tensor) -> tuple | None:
     return kind, w, b, alpha, skip.value, norm
 
 
-def _autocast() -> bool:
-    """True inside ``torch.autocast`` for any device type."""
-    for device in ("cpu", "cuda", "xpu", "mps"):
-        try:
-            if torch.is_autocast_enabled(device):
-                return True
-        except (TypeError, RuntimeError):  # torch < 2.4 has no device argument
-            return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-    return False
-
-
 def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     """The per-block plans when every block of ``blocks`` can run fused on ``x`` (see module
     docstring) and fusing applies now (no global hooks, no ``torch.func`` transform,
@@ -123,9 +112,7 @@ def plan_stack(blocks: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
         return None
     if not torch.is_grad_enabled() or blocked() or transformed():
         return None
-    if _autocast():  # autocast picks dtypes per op; the hand-written backward does not
-        return None
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # no forward-mode rule
+    if autocasting() or forward_ad():  # per-op dtypes; no forward-mode rule
         return None
     plans = [first]
     for block in blocks[1:]:

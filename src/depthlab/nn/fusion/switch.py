@@ -71,3 +71,21 @@ def transformed() -> bool:
         return bool(torch._C._are_functorch_transforms_active())
     except AttributeError:  # pragma: no cover - older torch
         return True
+
+
+def autocasting() -> bool:
+    """True inside ``torch.autocast`` for any device type (it picks dtypes per op, which a
+    hand-written backward does not)."""
+    for device in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return True
+        except (TypeError, RuntimeError):  # torch < 2.4 has no device argument
+            return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return False
+
+
+def forward_ad() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level`` (a custom autograd Function without
+    a forward-mode rule cannot run there)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
