@@ -436,13 +436,15 @@ def test_the_deep_default_follows_the_gpus_of_the_machines_that_run_the_cells(mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     lines: list[str] = []
-    assert resolve_flush(None, "deep", lines.append, "auto", gpus=4.0) is False
+    assert resolve_flush(None, "deep", lines.append, "auto", gpus=lambda: 4.0) is False
     assert lines == [
         "(--preset deep on device auto: IEEE arithmetic — the cluster has 4 GPU(s); the flush "
         "is for CPUs)"
     ]
-    assert resolve_flush(None, "deep", lambda s: None, "auto", gpus=0.0) is flush_supported()
-    assert resolve_flush(None, "deep", lambda s: None, "cpu", gpus=4.0) is flush_supported()
+    assert (
+        resolve_flush(None, "deep", lambda s: None, "auto", gpus=lambda: 0.0) is flush_supported()
+    )
+    assert resolve_flush(None, "deep", lambda s: None, "cpu", gpus=lambda: 4.0) is flush_supported()
 
 
 def test_a_ray_sweep_asks_the_cluster_for_gpus_before_its_deep_default(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,15 @@ def resolve_flush(
     preset: str,
     log: Callable[[str], None] = print,
     device: Any = "auto",
-    gpus: float | None = None,
+    gpus: Callable[[], float] | None = None,
 ) -> bool:
     """Whether a sweep flushes denormals: ``flush`` when given (True or False), else the
     preset's default — on for :data:`FLUSH_PRESETS` where the cells run on CPUs (``device``
     ``cpu``, or ``auto`` where there is no GPU) and this CPU can flush; elsewhere the sweep keeps
-    IEEE arithmetic and ``log`` says why. ``gpus``: the GPUs of the machines that run the cells
-    (a Ray cluster's, :func:`depthlab.experiments.ray_executor.cluster_gpus`); None: this
-    machine's CUDA. Anything but True, False or None is refused."""
+    IEEE arithmetic and ``log`` says why. ``gpus``: counts the GPUs of the machines that run the
+    cells (a Ray cluster's, :func:`depthlab.experiments.ray_executor.cluster_gpus`), called only
+    where the default depends on it; None: this machine's CUDA. Anything but True, False or None
+    is refused."""
     if flush is not None and not isinstance(flush, bool):
         raise DepthlabError(f"flush_denormal must be True, False or None, got {flush!r}")
     if flush is not None or preset not in FLUSH_PRESETS:
@@ -153,7 +155,8 @@ def resolve_flush(
 
             there = "this machine has CUDA" if torch.cuda.is_available() else ""
         else:
-            there = f"the cluster has {gpus:g} GPU(s)" if gpus > 0 else ""
+            count = gpus()
+            there = f"the cluster has {count:g} GPU(s)" if count > 0 else ""
         if there:
             log(f"(--preset {preset} on device auto: IEEE arithmetic — {there}; "
                 "the flush is for CPUs)")  # fmt: skip
@@ -165,11 +168,6 @@ def resolve_flush(
         log(f"(--preset {preset}: IEEE arithmetic — this CPU cannot flush denormals)")
         return False
     return True
-
-
-def _flush_depends_on_gpus(flush: bool | None, preset: str, overrides: Any) -> bool:
-    """True when :func:`resolve_flush` would ask whether the cells' machines have GPUs."""
-    return flush is None and preset in FLUSH_PRESETS and _device(overrides) == "auto"
 
 
 def _device(overrides: Any) -> Any:
@@ -719,14 +717,10 @@ def run(
     if address is not None and executor != "ray":
         raise DepthlabError("--address is the Ray cluster's address: use it with --executor ray")
     gpus = None  # a Ray cluster's GPUs decide the deep default's arithmetic, not this machine's
-    if (
-        executor == "ray"
-        and address is not None
-        and _flush_depends_on_gpus(flush_denormal, preset, overrides)
-    ):
-        from depthlab.experiments.ray_executor import cluster_gpus
+    if executor == "ray" and address is not None:
+        from depthlab.experiments import ray_executor
 
-        gpus = cluster_gpus(address)
+        gpus = partial(ray_executor.cluster_gpus, address)
     flush_denormal = resolve_flush(flush_denormal, preset, log, _device(overrides), gpus)
     check_flush(flush_denormal)
     _check_jobs(jobs)
