@@ -25,6 +25,13 @@ cells of steps × the median step time, beside the estimate above; it writes
 it measured):
 
     python benchmarks/estimate_full.py --measure --experiments depth-sweep,deep-fc
+
+``--steps-from CSV`` adds the hours up again from step times timed earlier (a ``full_steps.csv``,
+or several runs' rows in one file; its optional ``gpu`` and ``torch`` columns name the machine)
+without timing anything: a cell whose network has no row there is counted as not timed:
+
+    python benchmarks/estimate_full.py --steps-from results/full_steps_cuda.csv \\
+        --measured-csv results/full_measured_cuda.csv --markdown
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ import csv
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from _results import write_csv
 from depthlab.experiments import get_experiment, list_experiments
 from depthlab.experiments.cost import cell_work
-from depthlab.experiments.timing import StepTimes
+from depthlab.experiments.timing import StepTimes, cell_step, cell_steps
 from depthlab.registry import DepthlabError
 
 RESULTS = Path(__file__).parent / "results" / "full_estimates.csv"
@@ -76,6 +85,31 @@ def estimate_experiment(name: str, rate: float, launch: float) -> dict:
     }
 
 
+def _name(device: str) -> str:
+    """The GPU's name for a CUDA device, else the device."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
+class _Recorded:
+    """Seconds of cells from step times read from a CSV (``--steps-from``); None for a cell
+    whose network was not timed."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"network", "s_per_step"} <= set(rows[0]):
+            raise SystemExit(f"{path}: not a full_steps.csv (columns network, s_per_step)")
+        self.times = {r["network"]: float(r["s_per_step"]) for r in rows}
+        self.gpu = rows[0].get("gpu") or rows[0].get("device", "?")
+        self.torch = rows[0].get("torch") or "?"
+
+    def seconds(self, exp, cell) -> float | None:
+        step, n = cell_step(exp, cell), cell_steps(cell)
+        if step is None or n is None or step.label() not in self.times:
+            return None
+        return n * self.times[step.label()]
+
+
 class _Clock(StepTimes):
     """:class:`StepTimes` that writes every network's step time as soon as it is timed (a run
     stopped by a time limit keeps them)."""
@@ -89,9 +123,10 @@ class _Clock(StepTimes):
         seconds = super().step_seconds(step)
         if new:
             rows = [
-                {"network": s.label(), "device": s.device, "s_per_step": round(t, 5)}
+                {"network": s.label(), "device": s.device, "gpu": _name(s.device),
+                 "torch": torch.__version__, "s_per_step": round(t, 5)}
                 for s, t in self.times.items()
-            ]
+            ]  # fmt: skip
             write_csv("full_steps.csv", rows, self.path)
         return seconds
 
@@ -99,40 +134,48 @@ class _Clock(StepTimes):
 def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
     """Time every distinct network of the chosen experiments' ``full`` grids on the device;
     write the measured hours per experiment and the timed networks."""
-    import torch
 
     from depthlab.train.loop import resolve_device
 
-    try:
-        resolve_device(args.device)
-    except DepthlabError as e:
-        raise SystemExit(f"--device {args.device}: {e}") from None
-    clock = _Clock(args.steps_csv, repeats=args.repeats, log=lambda s: print(s, flush=True))
+    if args.steps_from:
+        clock = _Recorded(args.steps_from)
+        device_name, torch_version = clock.gpu, clock.torch
+    else:
+        try:
+            resolve_device(args.device)
+        except DepthlabError as e:
+            raise SystemExit(f"--device {args.device}: {e}") from None
+        clock = _Clock(args.steps_csv, repeats=args.repeats, log=lambda s: print(s, flush=True))
+        device_name = (
+            torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
+            else "cpu"
+        )  # fmt: skip
+        torch_version = torch.__version__
     rows = []
     names = args.experiments.split(",") if args.experiments else list(estimates)
-    device_name = (
-        torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
-        else "cpu"
-    )  # fmt: skip
     for name in names:
         if name not in estimates:
             raise SystemExit(f"{name!r} has no full preset; choose from {', '.join(estimates)}")
         exp, cells = full_cells(name, args.device)
-        secs = [clock.seconds(exp, c) for c in cells]
-        known = [s for s in secs if s is not None]
+        training = [c for c in cells if cell_step(exp, c) and cell_steps(c) is not None]
+        if not training:
+            continue
+        known = [s for s in (clock.seconds(exp, c) for c in training) if s is not None]
         est = estimates[name]
+        complete = len(known) == len(training)
         row = {
-            "experiment": name, "device": device_name, "torch": torch.__version__,
-            "cells": len(cells), "timed_cells": len(known),
-            "measured_hours": round(sum(known) / 3600, 3),
+            "experiment": name, "device": device_name, "torch": torch_version,
+            "cells": len(cells), "training_cells": len(training), "timed_cells": len(known),
+            "complete": complete, "measured_hours": round(sum(known) / 3600, 3),
             "estimated_gpu_hours": est["gpu_hours"],
             "measured_vs_estimate": round(sum(known) / 3600 / est["gpu_hours"], 2)
-            if est["gpu_hours"] else "",
+            if est["gpu_hours"] and complete else "",
         }  # fmt: skip
         rows.append(row)
         print(
-            f"{name:26s} {row['timed_cells']:4d}/{row['cells']:<4d} cells timed: "
-            f"{row['measured_hours']:8.2f} h measured, {est['gpu_hours']:8.2f} h estimated",
+            f"{name:26s} {row['timed_cells']:4d}/{row['training_cells']:<4d} training cells "
+            f"timed: {row['measured_hours']:8.2f} h measured"
+            f"{'' if complete else ' (a lower bound)'}, {est['gpu_hours']:8.2f} h estimated",
             flush=True,
         )
         write_csv("full_measured.csv", rows, args.measured_csv)
@@ -140,11 +183,16 @@ def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
         print("| experiment | training cells timed | hours (measured) | GPU hours (estimate) |")
         print("|---|---|---|---|")
         for r in rows:
+            hours = (
+                "not timed" if not r["timed_cells"]
+                else f"{r['measured_hours']:.3g}" if r["complete"]
+                else f"≥ {r['measured_hours']:.3g} (part timed)"
+            )  # fmt: skip
             print(
-                f"| `{r['experiment']}` | {r['timed_cells']}/{r['cells']} | "
-                f"{r['measured_hours']:g} | {r['estimated_gpu_hours']:g} |"
+                f"| `{r['experiment']}` | {r['timed_cells']}/{r['training_cells']} | {hours} | "
+                f"{r['estimated_gpu_hours']:g} |"
             )
-        print(f"\nmeasured on {device_name} (torch {torch.__version__}): training steps only")
+        print(f"\nmeasured on {device_name} (torch {torch_version}): training steps only")
     return 0
 
 
@@ -164,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="with --measure: timed steps")
     ap.add_argument("--measured-csv", default=None)
     ap.add_argument("--steps-csv", default=None)
+    ap.add_argument("--steps-from", default=None,
+                    help="add up the hours from this CSV's step times (timed earlier)")  # fmt: skip
     args = ap.parse_args(argv)
     rate, launch = args.tflops * 1e12, args.launch_us * 1e-6
     rows = [
@@ -171,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in list_experiments()
         if "full" in get_experiment(n).presets
     ]
-    if args.measure:
+    if args.measure or args.steps_from:
         return measure(args, {r["experiment"]: r for r in rows})
     note = (
         f"estimate: {args.tflops:g} TFLOP/s sustained, {args.launch_us:g} µs per kernel, cells "

@@ -215,3 +215,27 @@ def test_timed_steps_run_on_the_cells_gpu():
     assert losses[-1] < 0.7 * losses[0]
     seconds = tm.time_step(step, repeats=2)
     assert math.isfinite(seconds) and seconds > 0
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "adagrad"])
+def test_every_optimizer_steps_cuda_parameters(name):
+    """make_optimizer's optimizers step a model on CUDA (torch 2.11 accepts ``fused=True`` for
+    Adagrad when it is built and refuses CUDA parameters at the first step) and take the CPU's
+    steps up to float rounding."""
+    from depthlab.train.optim import make_optimizer
+
+    cfg = TrainConfig(optimizer=name, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 10, (16,))
+    models = []
+    for device in ("cpu", CUDA):
+        torch.manual_seed(0)
+        m = dl.create_model("mlp", depth=4, width=16, in_dim=4, scheme="plain")
+        m = m.double().to(device)
+        opt = make_optimizer(m, cfg)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x.to(device)), y.to(device)).backward()
+            opt.step()
+        models.append(m)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-9)

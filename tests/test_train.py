@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 
@@ -115,6 +116,36 @@ def test_optimizer_is_fused_where_torch_has_it_and_equals_the_reference_loop(nam
     tol = 1e-6 if name == "sgd" else 1e-4
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=tol, msg=n)
+
+
+def test_fused_kernel_only_where_a_fused_step_runs(monkeypatch):
+    """``fused_supported`` answers by a fused step on the device: the CPU has all four kernels
+    (torch ≥ 2.4), the ``meta`` device none. Where torch refuses the fused kernel only at the
+    first step (torch 2.11's fused Adagrad on CUDA, simulated here by making its device check
+    refuse every parameter), make_optimizer builds the multi-tensor optimizer, which steps."""
+    from depthlab.train import optim
+
+    monkeypatch.setattr(optim, "_FUSED", {})
+    new_torch = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    for name in ("sgd", "adam", "adamw", "adagrad"):
+        assert optim.fused_supported(name, "cpu") is new_torch
+        assert optim.fused_supported(name, "meta") is False
+
+    def refuse(p, cuda_unsupported=False):
+        raise RuntimeError("`fused=True` requires all the params to be ... supported devices")
+
+    monkeypatch.setattr(optim, "_FUSED", {})
+    adagrad = importlib.import_module("torch.optim.adagrad")
+    monkeypatch.setattr(adagrad, "_device_dtype_check_for_fused", refuse)
+    model = dl.create_model("mlp", depth=3, width=8, in_dim=4, scheme="rezero")
+    opt = optim.make_optimizer(model, TrainConfig(optimizer="adagrad", lr=0.1))
+    assert not opt.defaults["fused"] and opt.defaults["foreach"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 10, (5,))).backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    sgd = optim.make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
+    assert sgd.defaults["fused"] is new_torch
 
 
 def test_lr_schedules_exact_values():

@@ -50,15 +50,43 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
     A 10,000-layer model has 30,000 parameter tensors, and a Python loop over them would cost
     more than the step's small matmuls. So the optimizer is torch's *fused* implementation (one
-    kernel over all tensors) where this torch has it for the parameters' device (CPU since torch
-    2.4; CUDA), else the multi-tensor (``foreach``) one, on every device (torch picks neither on
-    a CPU by default). Both compute the optimizer's update rule; they differ from the for-loop
-    implementation by float rounding only."""
+    kernel over all tensors) where this torch has one for the parameters' devices and dtypes
+    (:func:`fused_supported`: CPU since torch 2.4; CUDA for SGD and Adam/AdamW, for Adagrad only
+    in newer torch), else the multi-tensor (``foreach``) one, on every device (torch picks
+    neither on a CPU by default). Both compute the optimizer's update rule; they differ from the
+    for-loop implementation by float rounding only."""
     groups = param_groups(model, cfg)
-    try:
-        return _optimizer(groups, cfg, {"fused": True})
-    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype / torch
-        return _optimizer(groups, cfg, {"foreach": True})
+    kinds = {(p.device.type, p.dtype) for g in groups for p in g["params"]}
+    if kinds and all(fused_supported(cfg.optimizer, d, t) for d, t in kinds):
+        try:
+            return _optimizer(groups, cfg, {"fused": True})
+        except (RuntimeError, ValueError):  # torch refuses the combination of settings
+            pass
+    return _optimizer(groups, cfg, {"foreach": True})
+
+
+_FUSED: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
+def fused_supported(optimizer: str, device: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch steps ``optimizer`` (sgd | adam | adamw | adagrad) with its fused
+    kernel on parameters of ``device`` (a device type: ``"cpu"``, ``"cuda"``) and ``dtype``.
+
+    Torch accepts ``fused=True`` when an optimizer is built and checks the device only at its
+    first step, and which devices it accepts depends on its version (torch 2.11 had no fused
+    Adagrad for CUDA; 2.13 has one), so the answer is found by stepping a one-element parameter
+    of that device and dtype with the fused kernel once (then cached per process)."""
+    key = (optimizer, device, dtype)
+    if key not in _FUSED:
+        try:
+            p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+            p.grad = torch.ones_like(p)
+            cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9)
+            _optimizer([{"params": [p]}], cfg, {"fused": True}).step()
+            _FUSED[key] = True
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            _FUSED[key] = False
+    return _FUSED[key]
 
 
 def _optimizer(groups: list[dict], cfg: TrainConfig, kw: dict) -> torch.optim.Optimizer:
