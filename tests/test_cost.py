@@ -14,10 +14,13 @@ from depthlab.experiments import get_experiment
 from depthlab.experiments.cost import (
     CPU_FLOPS,
     CPU_LAUNCH_S,
+    MLP_MODULES,
     PRIOR_S,
+    RESNET_MODULES,
     TRAIN_SIZE,
     Eta,
     Work,
+    branches_skipped,
     cell_work,
     examples,
     macs_per_example,
@@ -82,6 +85,60 @@ def test_cell_work_of_a_deep_fc_cell():
     # activation checkpointing recomputes the forward pass: 4/3 of the work
     more = cell_work(exp, {**cell, "checkpointing": 10})
     assert more.flops == pytest.approx(4 / 3 * work.flops)
+
+
+def test_a_frozen_control_on_a_cpu_counts_no_branch_work():
+    """A gate fixed at 0 on a CPU skips its branches (``Residual.branch_unused``, checked on
+    the cell's own network): the cell's work is the MLP's input and output layers and one module
+    per block; on a GPU the branches run and the cell counts what the learnable arm counts."""
+    exp = get_experiment("deep-fc")
+    cells = exp.grid(exp.config("smoke"))
+    cpu = {"device": "cpu"}  # as on a host without a GPU, whatever this one has
+    frozen = {**next(c for c in cells if c["scheme"] == "frozen"), **cpu}
+    rezero = {**next(c for c in cells if c["scheme"] == "rezero"), "seed": frozen["seed"], **cpu}
+    name, kw, batch, *_ = exp.cell_model(frozen)
+    scheme, options = exp.cell_scheme(frozen)
+    model = dl.create_model(name, scheme=scheme, scheme_options=options, **kw)
+    blocks = [m for m in model.modules() if isinstance(m, dl.nn.Residual)]
+    assert len(blocks) == kw["depth"] and all(b.branch_unused() for b in blocks)
+    assert branches_skipped(exp, frozen) and not branches_skipped(exp, rezero)
+    work, full = cell_work(exp, frozen), cell_work(exp, rezero)
+    steps = frozen["steps"]
+    w, d_in = kw["width"], kw["in_dim"]
+    assert work.flops == 6 * (d_in * w + w * 10) * steps * frozen["batch_size"]
+    assert work.launches == 3 * (MLP_MODULES + kw["depth"]) * steps
+    assert work.seconds() < full.seconds() / 3
+    on_gpu = cell_work(exp, {**frozen, "device": "cuda"})
+    assert on_gpu == cell_work(exp, {**rezero, "device": "cuda"}) == full
+    # a ResNet's frozen arm: no block FLOPs, its stem/head modules and one per block
+    sweep = get_experiment("depth-sweep")
+    cell = {**next(c for c in sweep.grid(sweep.config("smoke")) if c["scheme"] == "frozen"), **cpu}
+    n = (sweep.cell_model(cell)[1]["depth"] - 2) // 6
+    got = cell_work(sweep, cell)
+    assert got.flops == 0
+    assert got.launches == 3 * (RESNET_MODULES + 3 * n) * cell["steps"]
+
+
+class _Arm:
+    """An experiment stand-in whose cells name their scheme and options directly."""
+
+    def cell_scheme(self, cell):
+        return cell["arm"]
+
+
+@pytest.mark.parametrize(
+    "arm,skipped",
+    [
+        (("skipinit", {"learnable": False}), True),
+        (("rezero", {"learnable": False, "alpha_init": 0.0}), True),
+        (("skipinit", {"learnable": False, "alpha_init": 0.5}), False),  # the branch counts
+        (("skipinit", {}), False),
+        (("plain", {"learnable": False}), False),
+    ],
+)
+def test_only_a_gate_fixed_at_zero_skips_branches(arm, skipped):
+    assert branches_skipped(_Arm(), {"arm": arm, "device": "cpu"}) is skipped
+    assert branches_skipped(_Arm(), {"arm": arm, "device": "cuda:0"}) is False
 
 
 def test_cells_without_a_network_have_no_work():

@@ -75,7 +75,11 @@ def examples(cell: dict[str, Any]) -> float | None:
 
 
 def cell_work(exp: Any, cell: dict[str, Any]) -> Work | None:
-    """The :class:`Work` of one cell of experiment ``exp``; None where it is not counted."""
+    """The :class:`Work` of one cell of experiment ``exp``; None where it is not counted.
+
+    A frozen-gate control on a CPU (:func:`branches_skipped`) runs none of its blocks'
+    branches: its work is the rest of the network (an MLP's input and output layers; a
+    ResNet's stem, shortcuts and head, counted as no FLOPs) and one module per block."""
     spec = exp.cell_model(cell)
     if spec is None:
         return None
@@ -85,9 +89,39 @@ def cell_work(exp: Any, cell: dict[str, Any]) -> Work | None:
     est = estimate(model, kw, one)
     if macs is None or n is None or est is None:
         return None
+    modules = est.modules
+    if model in ("mlp", "resnet") and branches_skipped(exp, cell):
+        depth = int(kw.get("depth", 8))
+        if model == "mlp":
+            w, d_in = int(kw.get("width", 256)), int(kw.get("in_dim", kw.get("width", 64)))
+            macs, modules = d_in * w + w * 10, MLP_MODULES + depth
+        else:
+            macs, modules = 0.0, RESNET_MODULES + 3 * max(1, (depth - 2) // 6)
     recompute = 4 / 3 if cell.get("checkpointing") else 1.0
     steps = n / max(1, int(cell.get("batch_size", batch)))
-    return Work(6 * macs * n * recompute, 3 * est.modules * steps * recompute)
+    return Work(6 * macs * n * recompute, 3 * modules * steps * recompute)
+
+
+#: the modules of an MLP and of a CIFAR ResNet outside their blocks (stem, head; the ResNet's
+#: pooling and stage shortcuts), as :func:`depthlab.resources.estimate` counts them
+MLP_MODULES, RESNET_MODULES = 8, 10
+
+
+def branches_skipped(exp: Any, cell: dict[str, Any]) -> bool:
+    """Whether the cell's network skips its blocks' branches: a gate fixed at α = 0
+    (``learnable=False`` with ``skipinit`` or ``rezero``, whose gates start at 0) on a CPU, where
+    :meth:`depthlab.nn.Residual.branch_unused` leaves the branch out (on a GPU it runs)."""
+    scheme, options = exp.cell_scheme(cell) or (None, {})
+    if scheme not in ("skipinit", "rezero") or options.get("learnable", True) is not False:
+        return False
+    if float(options.get("alpha_init", 0.0)) != 0.0:
+        return False
+    device = str(cell.get("device", "cpu"))
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
 
 
 #: how much predicted work (seconds) the prior rate counts for, beside the measured cells, when
