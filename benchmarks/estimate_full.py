@@ -26,9 +26,12 @@ it measured):
 
     python benchmarks/estimate_full.py --measure --experiments depth-sweep,deep-fc
 
-``--steps-from CSV`` adds the hours up again from step times timed earlier (a ``full_steps.csv``,
-or several runs' rows in one file; its optional ``gpu`` and ``torch`` columns name the machine)
-without timing anything: a cell whose network has no row there is counted as not timed:
+``--known CSV`` (with ``--measure``) takes the step time of every network that CSV has a row for,
+timed on a GPU of the same name, instead of timing it again, so a run can finish what an earlier
+one left; the steps CSV it writes holds both. ``--steps-from CSV`` adds the hours up again from
+step times timed earlier (a ``full_steps.csv``, or several runs' rows in one file; its optional
+``gpu`` and ``torch`` columns name the machine) without timing anything: a cell whose network
+has no row there is counted as not timed:
 
     python benchmarks/estimate_full.py --steps-from results/full_steps_cuda.csv \\
         --measured-csv results/full_measured_cuda.csv --markdown
@@ -112,22 +115,34 @@ class _Recorded:
 
 class _Clock(StepTimes):
     """:class:`StepTimes` that writes every network's step time as soon as it is timed (a run
-    stopped by a time limit keeps them)."""
+    stopped by a time limit keeps them). ``known`` (``--known``): rows of an earlier
+    ``full_steps.csv``; a network with a row timed on a GPU of this name is not timed again, and
+    its row is written with the new ones."""
 
-    def __init__(self, path: str | None, **kw) -> None:
+    def __init__(self, path: str | None, known: str | None = None, **kw) -> None:
         super().__init__(**kw)
         self.path = path
+        self.rows: dict[str, dict] = {}
+        if known and Path(known).is_file():
+            with open(known, newline="", encoding="utf-8") as f:
+                self.rows = {r["network"]: r for r in csv.DictReader(f)}
 
     def step_seconds(self, step) -> float:
+        label, gpu = step.label(), _name(step.device)
+        old = self.rows.get(label)
+        if step not in self.times and old is not None and old.get("gpu") == gpu:
+            self.times[step] = float(old["s_per_step"])
+            if self.log is not None:
+                self.log(f"  known {label} on {gpu}: {self.times[step]:.3g} s/step")
+            return self.times[step]
         new = step not in self.times
         seconds = super().step_seconds(step)
         if new:
-            rows = [
-                {"network": s.label(), "device": s.device, "gpu": _name(s.device),
-                 "torch": torch.__version__, "s_per_step": round(t, 5)}
-                for s, t in self.times.items()
-            ]  # fmt: skip
-            write_csv("full_steps.csv", rows, self.path)
+            self.rows[label] = {
+                "network": label, "device": step.device, "gpu": gpu,
+                "torch": torch.__version__, "s_per_step": round(seconds, 5),
+            }  # fmt: skip
+            write_csv("full_steps.csv", list(self.rows.values()), self.path)
         return seconds
 
 
@@ -145,7 +160,9 @@ def measure(args: argparse.Namespace, estimates: dict[str, dict]) -> int:
             resolve_device(args.device)
         except DepthlabError as e:
             raise SystemExit(f"--device {args.device}: {e}") from None
-        clock = _Clock(args.steps_csv, repeats=args.repeats, log=lambda s: print(s, flush=True))
+        clock = _Clock(
+            args.steps_csv, args.known, repeats=args.repeats, log=lambda s: print(s, flush=True)
+        )
         device_name = (
             torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
             else "cpu"
@@ -212,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="with --measure: timed steps")
     ap.add_argument("--measured-csv", default=None)
     ap.add_argument("--steps-csv", default=None)
+    ap.add_argument("--known", default=None,
+                    help="with --measure: a full_steps.csv whose networks timed on this GPU "
+                         "are not timed again")  # fmt: skip
     ap.add_argument("--steps-from", default=None,
                     help="add up the hours from this CSV's step times (timed earlier)")  # fmt: skip
     args = ap.parse_args(argv)

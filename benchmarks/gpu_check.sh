@@ -9,12 +9,14 @@
 #         experiment with --set device=cuda (deep-fc: the fused MLP stack on the GPU); ~40 s.
 # resnet: bench_deep_resnet.py on the device: 1,004 and 10,004 layers, 1x8x8 and 3x32x32,
 #         channels-last, BN, Fixup and SkipInit; ~60 s for 1,004 layers, ~20 s per 10,004-layer
-#         model on an H200 (limit RESNET_S, default 200 s).
+#         model on an H200 (limit RESNET_S, default 200 s; RESNET_ARGS replaces --depths 1004,10004,
+#         e.g. "--depths 10004 --inputs 3x32x32").
 # full:   estimate_full.py --measure: timed training steps of every network of the `full` grids
 #         of the experiments in FULL (default: all training experiments, the deepest first), the
 #         hours each should take on this GPU (limit FULL_S, default 240 s; all of them take
-#         ~10 min on an H200: depth-sweep's 10,004-layer networks ~35 s each). Add up what
-#         several runs timed with estimate_full.py --steps-from.
+#         ~10 min on an H200: depth-sweep's 10,004-layer networks ~35 s each). Networks that
+#         KNOWN (default benchmarks/results/full_steps_cuda.csv; KNOWN= for none) has timed on a
+#         GPU of this name are not timed again; OUT/full_steps.csv holds them and the new ones.
 #
 # `check` checks correctness only, so its two runs share the GPU; `resnet` and `full` time, one
 # at a time. Each part has its own time limit and writes as it goes, so a part cut short keeps
@@ -56,11 +58,11 @@ if [[ " $PARTS " == *" check "* ]]; then
 fi
 if [[ " $PARTS " == *" resnet "* ]]; then
     part deep_resnet "${RESNET_S:-200}" "$PY" benchmarks/bench_deep_resnet.py --device "$DEVICE" \
-        --layouts nhwc --depths 1004,10004 --steps 2 --rounds 1 --max-act-gb 60 \
+        --layouts nhwc ${RESNET_ARGS:---depths 1004,10004} --steps 2 --rounds 1 --max-act-gb 60 \
         --csv "$OUT/deep_resnet_cuda.csv"
 fi
 if [[ " $PARTS " == *" full "* ]]; then
     part full "${FULL_S:-240}" "$PY" benchmarks/estimate_full.py --measure --device "$DEVICE" \
         --repeats 2 --experiments "$FULL" --measured-csv "$OUT/full_measured.csv" \
-        --steps-csv "$OUT/full_steps.csv"
+        --steps-csv "$OUT/full_steps.csv" --known "${KNOWN-benchmarks/results/full_steps_cuda.csv}"
 fi
