@@ -84,8 +84,8 @@ def fused_supported(optimizer: str, device: str, dtype: torch.dtype = torch.floa
             cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9)
             _optimizer([{"params": [p]}], cfg, {"fused": True}).step()
             _FUSED[key] = True
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
-            _FUSED[key] = False
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError):
+            _FUSED[key] = False  # (AssertionError: a torch built without that device)
     return _FUSED[key]
 
 
