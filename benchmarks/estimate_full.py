@@ -68,7 +68,7 @@ def full_cells(name: str, device: str = "auto") -> tuple:
 
 
 def estimate_experiment(name: str, rate: float, launch: float) -> dict:
-    exp, cells = full_cells(name)
+    exp, cells = full_cells(name, "cuda")  # a GPU's work (a frozen control runs its branches)
     flops = seconds = 0.0
     counted = 0
     for cell in cells:

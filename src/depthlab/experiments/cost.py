@@ -92,9 +92,9 @@ def cell_work(exp: Any, cell: dict[str, Any]) -> Work | None:
     modules = est.modules
     if model in ("mlp", "resnet") and branches_skipped(exp, cell):
         depth = int(kw.get("depth", 8))
-        if model == "mlp":
-            w, d_in = int(kw.get("width", 256)), int(kw.get("in_dim", kw.get("width", 64)))
-            macs, modules = d_in * w + w * 10, MLP_MODULES + depth
+        if model == "mlp":  # the input and output layers: the net with no blocks
+            macs = macs_per_example(model, {**kw, "depth": 0}, one)
+            modules = MLP_MODULES + depth
         else:
             macs, modules = 0.0, RESNET_MODULES + 3 * max(1, (depth - 2) // 6)
     recompute = 4 / 3 if cell.get("checkpointing") else 1.0
@@ -103,8 +103,13 @@ def cell_work(exp: Any, cell: dict[str, Any]) -> Work | None:
 
 
 #: the modules of an MLP and of a CIFAR ResNet outside their blocks (stem, head; the ResNet's
-#: pooling and stage shortcuts), as :func:`depthlab.resources.estimate` counts them
-MLP_MODULES, RESNET_MODULES = 8, 10
+#: pooling and stage shortcuts), as :func:`depthlab.resources.estimate` counts them: a net's
+#: count less its blocks', which are the difference to the net with one more block (MLP) or
+#: one more per stage (ResNet, depth 8 → 14)
+MLP_MODULES = 2 * estimate("mlp", {"depth": 1}).modules - estimate("mlp", {"depth": 2}).modules
+RESNET_MODULES = (
+    2 * estimate("resnet", {"depth": 8}).modules - estimate("resnet", {"depth": 14}).modules
+)
 
 
 def branches_skipped(exp: Any, cell: dict[str, Any]) -> bool:
