@@ -123,7 +123,9 @@ class _Clock(StepTimes):
         super().__init__(**kw)
         self.path = path
         self.rows: dict[str, dict] = {}
-        if known and Path(known).is_file():
+        if known:
+            if not Path(known).is_file():
+                raise SystemExit(f"--known {known}: no such file (a full_steps.csv; '' for none)")
             with open(known, newline="", encoding="utf-8") as f:
                 self.rows = {r["network"]: r for r in csv.DictReader(f)}
 
