@@ -17,10 +17,14 @@
 #         ~10 min on an H200: depth-sweep's 10,004-layer networks ~35 s each). Networks that
 #         KNOWN (default benchmarks/results/full_steps_cuda.csv; KNOWN= for none) has timed on a
 #         GPU of this name are not timed again; OUT/full_steps.csv holds them and the new ones.
+# compile: bench_compile.py on the device (not in the default PARTS): eager against compiled
+#         blocks and blocks replayed as CUDA graphs; COMPILE_ARGS (default
+#         "--depths 1004 --schemes batchnorm,fixup --rounds 1 --warmup 3") picks the nets, limit
+#         COMPILE_S (default 240 s).
 #
 # `check` checks correctness only, so its two runs share the GPU; `resnet` and `full` time, one
 # at a time. Each part has its own time limit and writes as it goes, so a part cut short keeps
-# what it measured and the next part still runs. OUT_DIR gets at most eight files, none in
+# what it measured and the next part still runs. OUT_DIR gets at most ten files, none in
 # subfolders. DEVICE=cpu runs the same commands on the CPU (to try the script where no GPU is).
 set -u
 OUT=${1:-gpu-check}
@@ -60,6 +64,11 @@ if [[ " $PARTS " == *" resnet "* ]]; then
     part deep_resnet "${RESNET_S:-200}" "$PY" benchmarks/bench_deep_resnet.py --device "$DEVICE" \
         --layouts nhwc ${RESNET_ARGS:---depths 1004,10004} --steps 2 --rounds 1 --max-act-gb 60 \
         --csv "$OUT/deep_resnet_cuda.csv"
+fi
+if [[ " $PARTS " == *" compile "* ]]; then
+    part compile "${COMPILE_S:-240}" "$PY" benchmarks/bench_compile.py --device "$DEVICE" \
+        ${COMPILE_ARGS:---depths 1004 --schemes batchnorm,fixup --rounds 1 --warmup 3} \
+        --csv "$OUT/compile_resnet_cuda.csv"
 fi
 if [[ " $PARTS " == *" full "* ]]; then
     part full "${FULL_S:-240}" "$PY" benchmarks/estimate_full.py --measure --device "$DEVICE" \

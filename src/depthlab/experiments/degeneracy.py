@@ -122,6 +122,7 @@ class Degeneracy(Experiment):
         import depthlab as dl
         from depthlab.data import create_dataset
         from depthlab.diagnostics import gradient_norms
+        from depthlab.train.loop import resolve_device
 
         torch.manual_seed(cell["seed"])
         w = cell["width"]
@@ -130,12 +131,13 @@ class Degeneracy(Experiment):
         model = dl.create_model(
             "linear", depth=cell["depth"], width=w, init="standard" if init == "fold:0" else init
         )
+        model.to(resolve_device(cell.get("device", "cpu")))  # step 0 is measured there too
         xb, yb = data.x_train[:256], data.y_train[:256]
         norms: dict[int, float] = {}
 
         def grad_norm(step: int, m: torch.nn.Module, _hist: object = None) -> None:
-            """‖∂L/∂h‖ over every block output h, on a fixed batch."""
-            dev = next(m.parameters()).device  # the cell's device once training started
+            """‖∂L/∂h‖ over every block output h, on a fixed batch, on the cell's device."""
+            dev = next(m.parameters()).device
             df = gradient_norms(m, xb.to(dev), yb.to(dev), loss_fn=F.mse_loss)
             act = df[df["kind"] == "activation"]["norm"].to_numpy(float)
             norms[step] = float(np.sqrt(np.sum(act**2))) if len(act) else math.nan

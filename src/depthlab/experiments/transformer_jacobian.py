@@ -152,6 +152,7 @@ class TransformerJacobian(Experiment):
         import depthlab as dl
         from depthlab.data import create_dataset
         from depthlab.diagnostics.jacobian import jacobian_spectrum
+        from depthlab.train.loop import resolve_device
 
         scheme, depth = cell["model"].rsplit("-", 1)
         depth = int(depth)
@@ -163,13 +164,14 @@ class TransformerJacobian(Experiment):
         )  # fmt: skip
         g = torch.Generator().manual_seed(cell["seed"])
         tokens = torch.randint(0, 256, (cell["examples"], cell["context"]), generator=g)
+        device = resolve_device(cell.get("device", "cpu"))
 
         def spectrum(phase: str) -> list[dict]:
-            model.cpu()  # the spectra are computed on the CPU, wherever the model trained
+            model.to(device)  # the spectra are computed on the cell's device, like its training
             model.eval()
             with torch.no_grad():
-                h = model.embed(tokens)  # (B, T, C)
-            with warnings.catch_warnings():  # vmap has no batching rule for CPU flash attention
+                h = model.embed(tokens.to(device))  # (B, T, C)
+            with warnings.catch_warnings():  # vmap has no batching rule for fused attention
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 df = jacobian_spectrum(model.blocks, h.detach(), method="dense")
             model.train()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.nn.conv import Conv2d
-from depthlab.nn.fusion.switch import blocked, hooked, transformed
+from depthlab.nn.fusion.switch import blocked, compiling, hooked, transformed
 from depthlab.nn.scalars import Bias, Gate
 
 #: layer types whose forward is exactly ``F.linear``/``Conv._conv_forward`` (subclasses with their
@@ -243,7 +243,7 @@ def run_branch(
     """``skip + scale·branch(x)`` (``skip``/``scale`` None: left out), with the planned rewrites
     where this call allows them (see the module docstring)."""
     mods = list(branch._modules.values())
-    if blocked():
+    if blocked() or compiling():
         return _finish(_calls(mods, x), scale, skip)
     pre = None  # a bias deferred into the next weight layer
     for step in _plan(branch, mods):

@@ -60,12 +60,20 @@ def blocked() -> bool:
     return not _ENABLED or global_hooks()
 
 
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: its compiler fuses the pointwise ops by itself, and the
+    per-module caches keyed on object identity that the eager rewrites use would make Dynamo
+    guard on every block's identity (one recompilation per block, not one graph per block
+    shape)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn is not None and fn())
+
+
 def transformed() -> bool:
     """True inside ``torch.func`` transforms (vmap, jacrev, ...), which a custom autograd Function
     without a vmap rule cannot run under, or while ``torch.compile`` traces (it fuses the ReLU
     and the add by itself, and ``Tensor.item`` would break its graph)."""
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if compiling is not None and compiling():
+    if compiling():
         return True
     try:
         return bool(torch._C._are_functorch_transforms_active())
