@@ -12,7 +12,11 @@ fixed random batch:
   and ``skipinit`` (each scheme's default network), lr 0.1, momentum 0.9;
 * ``resnet10004-<scheme>``: the 10,004-layer CIFAR ResNet of ``depth-sweep --preset deep`` on
   1×8×8 inputs (batch 32, channels-last, freed memory kept for reuse as in the sweep's
-  workers), lr 0.1, momentum 0.9 — not in the default list (a child takes about a minute).
+  workers), lr 0.1, momentum 0.9 — not in the default list (a child takes about a minute);
+  ``resnet1004-<scheme>`` the same at 1,004 layers.
+
+``--threads N`` sets each child's torch threads (the sweep's cells run with one; default:
+torch's own).
 
 For every round and workload, a fresh child process per checkout (``PYTHONPATH`` = that
 checkout's ``src``) builds the model, takes ``--warmup`` untimed steps and ``--steps`` timed
@@ -42,7 +46,9 @@ import torch
 import torch.nn.functional as F
 import depthlab as dl
 
-kind, warmup, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+kind, warmup, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if threads:
+    torch.set_num_threads(threads)
 torch.manual_seed(0)
 if kind == "mlp-10000":
     m = dl.create_model("mlp", depth=10_000, width=256, scheme="rezero")
@@ -53,7 +59,8 @@ if kind == "mlp-10000":
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
 else:
     net, scheme = kind.split("-", 1)
-    depth, shape, batch = (56, (3, 32, 32), 128) if net == "resnet56" else (10004, (1, 8, 8), 32)
+    depth = int(net.removeprefix("resnet"))
+    shape, batch = ((3, 32, 32), 128) if depth == 56 else ((1, 8, 8), 32)
     if depth > 56:
         from depthlab.heap import keep_freed_memory
 
@@ -80,10 +87,10 @@ print(json.dumps({"wall": wall, "cpu": cpu, "rss": rss, "threads": threads, "ver
 """
 
 
-def run_child(src: str, kind: str, warmup: int, steps: int) -> dict:
+def run_child(src: str, kind: str, warmup: int, steps: int, threads: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, str(warmup), str(steps)],
+        [sys.executable, "-c", CHILD, kind, str(warmup), str(steps), str(threads)],
         env=env,
         capture_output=True,
         text=True,
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workloads", default="mlp-10000,resnet56-fixup,resnet56-batchnorm,resnet56-skipinit"
     )
     ap.add_argument("--quick", action="store_true", help="one round, ResNet-56 Fixup only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: default)")
     ap.add_argument("--csv", default=None, help="default benchmarks/results/versions.csv")
     args = ap.parse_args(argv)
     for key in ("before", "after"):
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
             med = {}
             for label in order:
-                got = run_child(trees[label], kind, args.warmup, args.steps)
+                got = run_child(trees[label], kind, args.warmup, args.steps, args.threads)
                 slot = times.setdefault((kind, label), {"wall": [], "cpu": [], "rss": []})
                 slot["wall"] += got["wall"]
                 slot["cpu"] += got["cpu"]

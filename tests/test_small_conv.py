@@ -91,6 +91,61 @@ def test_its_backward_is_autograds_to_the_bit(x_fmt, bias):
         assert torch.equal(got, want)
 
 
+def _stack(x, ws, conv):
+    for w in ws:
+        x = torch.relu(conv(x, w))
+    return x
+
+
+@pytest.mark.parametrize("x_fmt", LAYOUTS)
+def test_reused_buffers_do_not_leak_between_calls(x_fmt):
+    """The gathered matrix and the product behind the weight's gradient go to per-thread buffers
+    reused from call to call (they stay in the cache): a stack of layers of one shape, every
+    call writing the same buffers, has ``F.conv2d``'s outputs and gradients — with grad mode
+    on and off, and in four threads at once (float64: a buffer read after another call wrote it
+    would be off by O(1), not by the 1e-12 of rounding through four layers)."""
+    import threading
+
+    def case(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, 16, 2, 2, generator=g, dtype=torch.float64)
+        x = x.contiguous(memory_format=x_fmt).requires_grad_()
+        ws = [torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+              for _ in range(4)]  # fmt: skip
+        return x, ws
+
+    def check(seed, errors):
+        try:
+            x, ws = case(seed)
+            y = _stack(x, ws, conv3x3_2x2)
+            ref = _stack(x, ws, lambda x, w: F.conv2d(x, w, padding=1))
+            torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+            got = torch.autograd.grad(y.square().sum(), [x, *ws])
+            want = torch.autograd.grad(ref.square().sum(), [x, *ws])
+            for a, e in zip(got, want, strict=True):
+                torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+            with torch.no_grad():
+                torch.testing.assert_close(
+                    _stack(x, ws, conv3x3_2x2), ref.detach(), rtol=1e-9, atol=1e-9
+                )
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    errors: list[Exception] = []
+    check(0, errors)
+
+    def repeat(seed, errors):
+        for _ in range(5):
+            check(seed, errors)
+
+    threads = [threading.Thread(target=repeat, args=(seed, errors)) for seed in (1, 2, 3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("x_fmt", LAYOUTS)
 def test_transforms_forward_ad_and_autocast_run_it_as_ordinary_ops(x_fmt):
     """Where a custom autograd node cannot run (``torch.func`` transforms, forward-mode AD) or

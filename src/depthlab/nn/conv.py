@@ -26,14 +26,21 @@ weight and gathers the weight's taps again for the input's gradient, rather than
 gathered matrix from the forward pass (16/9 of the weight, 256 KB for 64 channels), which a
 10,004-layer ResNet on 8×8 inputs would hold 3,334 of until its backward pass; the weight's
 gradient is the matrix product's, its 16 blocks summed back onto the 9 taps (``index_add``).
-Every gradient is computed by the same kernels, on the same operands and in the same order as
-autograd's backward of those ops, so the two agree to the bit (tested). The backward is
-itself made of differentiable ops, so double backward works; inside
-``torch.func`` transforms, ``torch.compile`` tracing, forward-mode AD and autocast the same
-product runs as ordinary autograd ops (``index_select``, ``addmm``) instead.
+The gathered matrix and the product behind the weight's gradient (each used once, right
+away) go to buffers each thread reuses from call to call where nothing can keep them (grad mode
+off, as in the autograd node): in a deep net's step a fresh allocation is memory the cache has
+not seen, which made these products several times slower per call in the 4,004- and
+10,004-layer ResNets on 8×8 inputs than in the 1,004-layer one (``benchmarks/bench_versions.py``
+measures the step with and without the buffers). Every gradient is computed by the same
+kernels, on the same operands and in the same order as autograd's backward of those ops, so the
+two agree to the bit (tested). The backward is itself made of differentiable ops, so double
+backward works; inside ``torch.func`` transforms, ``torch.compile`` tracing, forward-mode AD and
+autocast the same product runs as ordinary autograd ops (``index_select``, ``addmm``) instead.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -57,6 +64,24 @@ def _taps(out_major: bool, device: torch.device) -> torch.Tensor:
     return _TAPS[key]
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """A buffer of ``shape`` this thread reuses from call to call for ``name`` — it stays in
+    the cache, where a fresh allocation of a deep net's step is memory the cache has not seen —
+    or None when grad mode is on (double backward, the ops outside the autograd node), where
+    autograd may keep the result."""
+    if torch.is_grad_enabled():
+        return None
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    key = (name, shape, like.dtype, like.device)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = bufs[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -68,9 +93,21 @@ def _gather(weight: torch.Tensor, last: bool) -> torch.Tensor:
     c_out, c_in = weight.shape[:2]
     if last:
         taps = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)
-        return taps.index_select(1, _taps(True, weight.device)).view(c_out * 4, 4 * c_in)
+        out = _scratch("gather", (c_out, 16, c_in), weight)
+        m = (
+            torch.index_select(taps, 1, _taps(True, weight.device), out=out)
+            if out is not None
+            else taps.index_select(1, _taps(True, weight.device))
+        )
+        return m.view(c_out * 4, 4 * c_in)
     taps = weight.reshape(c_out, c_in, 9).permute(1, 2, 0)
-    return taps.index_select(1, _taps(False, weight.device)).view(c_in * 4, 4 * c_out)
+    out = _scratch("gather", (c_in, 16, c_out), weight)
+    m = (
+        torch.index_select(taps, 1, _taps(False, weight.device), out=out)
+        if out is not None
+        else taps.index_select(1, _taps(False, weight.device))
+    )
+    return m.view(c_in * 4, 4 * c_out)
 
 
 def _product(x: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None, last: bool):
@@ -85,6 +122,13 @@ def _product(x: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None, last: 
     rows = x.reshape(n, c_in * 4)
     y = rows @ m if bias is None else torch.addmm(bias.repeat(4), rows, m)
     return y.view(n, 2, 2, c_out).permute(0, 3, 1, 2).contiguous()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (the weight's gradient before its taps are summed), into a reused buffer where
+    :func:`_scratch` gives one."""
+    out = _scratch("mm", (a.shape[0], b.shape[1]), a)
+    return a @ b if out is None else torch.mm(a, b, out=out)
 
 
 class _Conv2x2(torch.autograd.Function):
@@ -111,7 +155,7 @@ class _Conv2x2(torch.autograd.Function):
                 gx = (g_rows @ _gather(weight, True)).view(n, 2, 2, c_in).permute(0, 3, 1, 2)
             if need_w:
                 rows = x.permute(0, 2, 3, 1).reshape(n, 4 * c_in)
-                gm = (g_rows.t() @ rows).view(c_out, 16, c_in)
+                gm = _mm(g_rows.t(), rows).view(c_out, 16, c_in)
                 gt = gm.new_zeros(c_out, 9, c_in).index_add_(1, _taps(True, x.device), gm)
                 gw = gt.view(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
             if need_b and ctx.has_bias:
@@ -121,7 +165,7 @@ class _Conv2x2(torch.autograd.Function):
         if need_x:
             gx = (g_rows @ _gather(weight, False).t()).view(n, c_in, 2, 2)
         if need_w:
-            gm = (x.reshape(n, c_in * 4).t() @ g_rows).view(c_in, 16, c_out)
+            gm = _mm(x.reshape(n, c_in * 4).t(), g_rows).view(c_in, 16, c_out)
             gt = gm.new_zeros(c_in, 9, c_out).index_add_(1, _taps(False, x.device), gm)
             gw = gt.permute(2, 0, 1).view(c_out, c_in, 3, 3)
         if need_b and ctx.has_bias:
