@@ -16,7 +16,10 @@ lr/10). Each model is timed in NCHW and in channels-last (NHWC) memory, each in 
 own, as ``depthlab run``'s workers train one cell's model per process (a net steps more slowly
 in a process where other models have stepped, on the heap they left behind). Models take
 turns, one process each per round (``--rounds``, ``--steps`` timed steps each after
-``--warmup``), so that drift in the machine's load is spread over all of them. Where a
+``--warmup``, default 2), so that drift in the machine's load is spread over all of them. A
+deep net's first steps fault its memory in — a 10,004-layer net's second step took 1.3–1.5×
+a later one's, with 10⁵ minor page faults where later steps have none — so the CSV gives the
+median ``minor_faults_per_step`` of the timed steps (and the ``warmup`` they followed). Where a
 model's activations would exceed ``--max-act-gb``, it runs with activation checkpointing
 (``checkpoint_segments`` = √blocks; the recomputation is an extra forward pass, so its FLOP rate
 counts only the model's own FLOPs). The processes keep freed memory for reuse
@@ -52,6 +55,7 @@ import argparse
 import csv
 import math
 import multiprocessing
+import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -219,8 +223,13 @@ def _time_model(spec: dict) -> dict:
         r.count()
     for _ in range(spec["warmup"]):
         r.step()
-    times = [r.step() for _ in range(spec["steps"])]
-    return {"times": times, "flops": r.flops, "executed": r.flops_executed, "segments": r.segments}
+    times, faults = [], []
+    for _ in range(spec["steps"]):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        times.append(r.step())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {"times": times, "faults": faults, "flops": r.flops, "executed": r.flops_executed,
+            "segments": r.segments}  # fmt: skip
 
 
 class Timed:
@@ -229,6 +238,7 @@ class Timed:
     def __init__(self, scheme: str, layout: str, shape: tuple, depth: int) -> None:
         self.scheme, self.layout, self.shape, self.depth = scheme, layout, shape, depth
         self.times: list[float] = []
+        self.faults: list[int] = []
         self.flops = self.flops_executed = 0.0
         self.segments = 0
 
@@ -259,6 +269,7 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
             with huge, ProcessPoolExecutor(1, mp_context=ctx) as pool:
                 got = pool.submit(_time_model, spec).result()
             r.times += got["times"]
+            r.faults += got["faults"]
             if k == 0:
                 r.flops, r.flops_executed, r.segments = (
                     got["flops"],
@@ -275,7 +286,8 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
             "threads": torch.get_num_threads(), "device": args.device_name,
             "malloc": args.malloc,
             "s_per_step": round(t, 4), "s_min": round(min(r.times), 4),
-            "s_max": round(max(r.times), 4),
+            "s_max": round(max(r.times), 4), "warmup": args.warmup,
+            "minor_faults_per_step": int(statistics.median(r.faults)),
             "gflop_per_step": round(r.flops / 1e9, 2),
             "gflops": round(rate / 1e9, 2),
             "pct_conv_train_peak": round(100 * rate / peak["conv_train"], 1),
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     ap.add_argument("--rounds", type=int, default=2, help="processes per model, in turn")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     ap.add_argument("--max-act-gb", type=float, default=6.0,
                     help="checkpoint a model whose activations would exceed this")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
