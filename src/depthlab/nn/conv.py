@@ -92,22 +92,13 @@ def _gather(weight: torch.Tensor, last: bool) -> torch.Tensor:
     and columns (o, c_out)."""
     c_out, c_in = weight.shape[:2]
     if last:
-        taps = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in)
-        out = _scratch("gather", (c_out, 16, c_in), weight)
-        m = (
-            torch.index_select(taps, 1, _taps(True, weight.device), out=out)
-            if out is not None
-            else taps.index_select(1, _taps(True, weight.device))
-        )
-        return m.view(c_out * 4, 4 * c_in)
-    taps = weight.reshape(c_out, c_in, 9).permute(1, 2, 0)
-    out = _scratch("gather", (c_in, 16, c_out), weight)
-    m = (
-        torch.index_select(taps, 1, _taps(False, weight.device), out=out)
-        if out is not None
-        else taps.index_select(1, _taps(False, weight.device))
-    )
-    return m.view(c_in * 4, 4 * c_out)
+        taps, rows, cols = weight.permute(0, 2, 3, 1).reshape(c_out, 9, c_in), c_out, c_in
+    else:
+        taps, rows, cols = weight.reshape(c_out, c_in, 9).permute(1, 2, 0), c_in, c_out
+    index = _taps(last, weight.device)
+    out = _scratch("gather", (rows, 16, cols), weight)
+    m = taps.index_select(1, index) if out is None else torch.index_select(taps, 1, index, out=out)
+    return m.view(rows * 4, 4 * cols)
 
 
 def _product(x: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None, last: bool):
