@@ -262,7 +262,7 @@ def _measure_group(depth: int, shape: tuple, args: argparse.Namespace, peak: dic
         for r in runs[k % len(runs) :] + runs[: k % len(runs)]:
             spec = {
                 "run": (r.scheme, depth, shape, r.layout, args.batch, args.max_act_gb, args.device),
-                "threads": torch.get_num_threads(), "keep": args.malloc == "kept",
+                "threads": torch.get_num_threads(), "keep": args.malloc.startswith("kept"),
                 "count": k == 0, "warmup": args.warmup, "steps": args.steps,
             }  # fmt: skip
             huge = starting_workers() if args.malloc == "kept+huge" else nullcontext()
