@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -65,12 +64,10 @@ def _time(spec: dict) -> dict:
             torch.compiler.cudagraph_mark_step_begin()
         return r.step()
 
-    t0 = time.perf_counter()
     first = step()
     for _ in range(spec["warmup"] - 1):
         step()
-    warm = time.perf_counter() - t0
-    return {"first": first, "warm": warm, "times": [step() for _ in range(spec["steps"])]}
+    return {"first": first, "times": [step() for _ in range(spec["steps"])]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for depth in (int(d) for d in args.depths.split(",")):
         for scheme in args.schemes.split(","):
             runs = [m for m in modes if m != "model" or depth <= args.model_max_depth]
-            got: dict[str, dict] = {m: {"times": [], "first": [], "warm": []} for m in runs}
+            got: dict[str, dict] = {m: {"times": [], "first": []} for m in runs}
             for k in range(args.rounds):
                 for mode in runs[k % len(runs) :] + runs[: k % len(runs)]:
                     spec = {"scheme": scheme, "depth": depth, "shape": shape, "mode": mode,
@@ -123,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     got[mode]["times"] += res["times"]
                     got[mode]["first"].append(res["first"])
-                    got[mode]["warm"].append(res["warm"])
             got = {m: g for m, g in got.items() if g["times"]}
             eager = statistics.median(got["eager"]["times"]) if "eager" in got else None
             for mode, g in got.items():

@@ -29,9 +29,8 @@ gradient is the matrix product's, its 16 blocks summed back onto the 9 taps (``i
 The gathered matrix and the product behind the weight's gradient (each used once, right
 away) go to buffers each thread reuses from call to call where nothing can keep them (grad mode
 off, as in the autograd node): in a deep net's step a fresh allocation is memory the cache has
-not seen, which made these products several times slower per call in the 4,004- and
-10,004-layer ResNets on 8×8 inputs than in the 1,004-layer one (``benchmarks/bench_versions.py``
-measures the step with and without the buffers). Every gradient is computed by the same
+not seen (``benchmarks/bench_versions.py`` measures the step with and without the buffers).
+Every gradient is computed by the same
 kernels, on the same operands and in the same order as autograd's backward of those ops, so the
 two agree to the bit (tested). The backward is itself made of differentiable ops, so double
 backward works; inside ``torch.func`` transforms, ``torch.compile`` tracing, forward-mode AD and
@@ -45,7 +44,7 @@ import threading
 import torch
 from torch import nn
 
-from depthlab.nn.fusion.switch import autocasting, enabled, forward_ad, transformed
+from depthlab.nn.fusion.switch import autocasting, compiling, enabled, forward_ad, transformed
 
 _TAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
@@ -180,11 +179,6 @@ def conv3x3_2x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _Conv2x2.apply(x, weight, bias)
 
 
-def _compiling() -> bool:
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(compiling is not None and compiling())
-
-
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state-dict keys and function) whose CPU forward on 2×2
     feature maps — a 3×3 kernel, stride 1, zero padding 1, no dilation, one group — runs as one
@@ -207,7 +201,7 @@ class Conv2d(nn.Conv2d):
             and self.groups == 1
             and self.padding_mode == "zeros"
             and enabled()
-            and not _compiling()
+            and not compiling()
         )
 
     def _conv_forward(
